@@ -1,0 +1,4 @@
+//! ao-gpu-worker library.
+
+pub mod attest;
+pub mod protocol;

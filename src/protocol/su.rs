@@ -1,0 +1,139 @@
+//! JSON shapes of the scheduler unit's HTTP API (docs/ao-protocol.md §3). snake_case, as
+//! the deployed Rust SU writes them.
+
+use serde::{Deserialize, Serialize};
+
+use super::{DataItem, Tag, b64};
+
+/// `{"address": …, "key": …}`: the signer of an item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub address: String,
+    pub key: String,
+}
+
+/// An item as the SU lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemJson {
+    pub id: String,
+    pub owner: Owner,
+    /// UTF-8-lossy data, as the SU serves it.
+    #[serde(default)]
+    pub data: Option<String>,
+    pub tags: Vec<Tag>,
+    pub signature: String,
+    #[serde(default)]
+    pub anchor: Option<String>,
+    #[serde(default)]
+    pub target: Option<String>,
+}
+
+impl ItemJson {
+    /// The SU's view of a data item. Anchors that are not UTF-8 become `null`, targets that
+    /// are absent become `""`, as the SU writes them.
+    pub fn from_item(item: &DataItem) -> Self {
+        Self {
+            id: item.id(),
+            owner: Owner { address: item.owner_address(), key: b64::encode(&item.owner) },
+            data: Some(String::from_utf8_lossy(&item.data).into_owned()),
+            tags: item.tags.clone(),
+            signature: b64::encode(&item.signature),
+            anchor: item.anchor.and_then(|a| String::from_utf8(a.to_vec()).ok()),
+            target: Some(item.target_id().unwrap_or_default()),
+        }
+    }
+
+    /// The first value of a tag.
+    pub fn tag(&self, name: &str) -> Option<&str> {
+        self.tags.iter().find(|t| t.name == name).map(|t| t.value.as_str())
+    }
+}
+
+/// A message with its assignment: one entry of a process's schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageNode {
+    /// `null` for an assignment of a transaction the SU does not hold.
+    pub message: Option<ItemJson>,
+    pub assignment: ItemJson,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Edge {
+    pub cursor: String,
+    pub node: MessageNode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageInfo {
+    pub has_next_page: bool,
+}
+
+/// `GET /{process}?process-id=…`: one page of a process's schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    pub page_info: PageInfo,
+    pub edges: Vec<Edge>,
+}
+
+/// `GET /`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuInfo {
+    pub timestamp: String,
+    pub address: String,
+}
+
+/// `GET /timestamp`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuTimestamp {
+    pub timestamp: String,
+    pub block_height: String,
+}
+
+/// `POST /` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuPosted {
+    pub timestamp: u64,
+    pub id: String,
+}
+
+/// `GET /processes/{process}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub process_id: String,
+    pub block: String,
+    pub owner: Owner,
+    pub tags: Vec<Tag>,
+    pub timestamp: i64,
+    pub data: Option<String>,
+    pub anchor: Option<String>,
+    pub signature: Option<String>,
+    pub target: Option<String>,
+}
+
+/// Messenger `POST /` answer (202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MuAccepted {
+    pub message: String,
+    pub id: String,
+}
+
+/// Error body of every unit: `{"error": "…"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Hash chain of a process's assignments (§2.4): `HC_0 = sha256(process id)`,
+/// `HC_n = sha256(previous assignment id ‖ HC_{n-1})`, all raw 32-byte values.
+pub fn next_hash_chain(process_id: &[u8; 32], previous: Option<(&[u8; 32], &[u8; 32])>) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    match previous {
+        None => Sha256::digest(process_id).into(),
+        Some((prev_assignment, prev_chain)) => {
+            let mut h = Sha256::new();
+            h.update(prev_assignment);
+            h.update(prev_chain);
+            h.finalize().into()
+        }
+    }
+}
