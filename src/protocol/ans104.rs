@@ -161,6 +161,21 @@ pub struct DataItem {
 }
 
 impl DataItem {
+    /// An item from its fields, as another representation (JSON) carries them. The tag
+    /// bytes are re-encoded in the canonical form; verify the result before trusting it.
+    pub fn from_parts(
+        signature_type: SignatureType,
+        signature: Vec<u8>,
+        owner: Vec<u8>,
+        target: Option<[u8; 32]>,
+        anchor: Option<[u8; 32]>,
+        tags: Vec<Tag>,
+        data: Vec<u8>,
+    ) -> Self {
+        let raw_tags = avro::encode_tags(&tags);
+        Self { signature_type, signature, owner, target, anchor, tags, raw_tags, data }
+    }
+
     /// The raw 32-byte id: sha256 of the signature.
     pub fn id_raw(&self) -> [u8; 32] {
         Sha256::digest(&self.signature).into()

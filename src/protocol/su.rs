@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{DataItem, Tag, b64};
+use super::{DataItem, SignatureType, Tag, b64};
 
 /// `{"address": …, "key": …}`: the signer of an item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +41,28 @@ impl ItemJson {
             anchor: item.anchor.and_then(|a| String::from_utf8(a.to_vec()).ok()),
             target: Some(item.target_id().unwrap_or_default()),
         }
+    }
+
+    /// Rebuilds the signed item from the SU's JSON, so its signature can be checked. Fails
+    /// where the JSON lost information (a binary anchor, non-UTF-8 data).
+    pub fn to_item(&self) -> Result<DataItem, String> {
+        let owner = b64::decode(&self.owner.key).map_err(|_| "owner key is not base64url".to_owned())?;
+        let signature = b64::decode(&self.signature).map_err(|_| "signature is not base64url".to_owned())?;
+        let signature_type = match (owner.len(), signature.len()) {
+            (32, 64) => SignatureType::Ed25519,
+            (512, 512) => SignatureType::Arweave,
+            (o, s) => return Err(format!("cannot tell the signature type of a {o}-byte owner and {s}-byte signature")),
+        };
+        let target = match self.target.as_deref().filter(|t| !t.is_empty()) {
+            Some(t) => Some(b64::decode_id(t).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let anchor = match self.anchor.as_deref().filter(|a| !a.is_empty()) {
+            Some(a) => Some(<[u8; 32]>::try_from(a.as_bytes()).map_err(|_| format!("anchor {a:?} is not 32 bytes"))?),
+            None => None,
+        };
+        let data = self.data.clone().unwrap_or_default().into_bytes();
+        Ok(DataItem::from_parts(signature_type, signature, owner, target, anchor, self.tags.clone(), data))
     }
 
     /// The first value of a tag.

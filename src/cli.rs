@@ -1,0 +1,270 @@
+//! Command line: the subcommands and what each does, returning an exit code.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 64 configuration or usage error (EX_USAGE).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::attest::{KeyError, Keypair};
+use crate::config::{self, Config, ConfigError};
+use crate::daemon::Worker;
+use crate::devnet::{Devnet, DevnetOptions};
+use crate::net::{Policy, SchedulerClient};
+use crate::protocol::su::ItemJson;
+
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "ao-gpu-worker", version, about = "A GPU compute provider for AO: runs actors in wasmtime, offloads tensor ops to GPUs, posts signed results")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker daemon against the AO units named in the configuration.
+    Run {
+        /// Configuration file (default: $AO_WORKER_CONFIG, else the embedded config/worker.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run an embedded AO devnet (scheduler, messenger, gateway) on loopback plus a worker.
+    Devnet {
+        /// Where the devnet and its worker keep their data; reused across restarts.
+        #[arg(long, default_value = "devnet-data")]
+        data_dir: PathBuf,
+        /// Scheduler on N, messenger N+1, gateway N+2, worker API N+3; 0 picks free ports.
+        #[arg(long, default_value_t = 8700)]
+        port_base: u16,
+        /// Run the demo once, verify it, and exit 0 (non-zero if any step failed).
+        #[arg(long)]
+        once: bool,
+        /// Capacity heartbeat of the devnet's worker.
+        #[arg(long, default_value = "60s", value_parser = config::parse_duration)]
+        advertise_interval: std::time::Duration,
+        /// Start only the AO units, without a worker.
+        #[arg(long, conflicts_with = "once")]
+        no_worker: bool,
+    },
+    /// Create a new ed25519 key file (mode 0600); refuses to overwrite.
+    Keygen {
+        /// Where to write the key (a JWK).
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Validate a configuration file and report every problem at once.
+    CheckConfig {
+        /// The file to check (default: $AO_WORKER_CONFIG, else the embedded default).
+        file: Option<PathBuf>,
+    },
+    /// Detect this machine's capacity (CPU, memory, disk, wgpu adapters, CUDA devices) and print it as JSON.
+    Capacity {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Disk to report (default: worker.data_dir from the configuration).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn main(cli: Cli) -> ExitCode {
+    match run_command(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(c) = e.downcast_ref::<ConfigError>() {
+                eprint!("{c}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            if let Some(k) = e.downcast_ref::<KeyError>() {
+                eprintln!("error: {k}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => {
+            let config = Config::load(config.as_deref())?;
+            crate::logging::init(&config.log);
+            if config.registry.process.is_none() {
+                return Err(ConfigError {
+                    source_name: "configuration".into(),
+                    issues: vec![config::Issue {
+                        path: "registry.process".into(),
+                        message: format!(
+                            "required by `run`: the registry process id (`ao-gpu-worker devnet` prints one; or set {})",
+                            config::ENV_REGISTRY
+                        ),
+                    }],
+                }
+                .into());
+            }
+            let key = Keypair::load(&config.worker.key_file)?;
+            runtime()?.block_on(async {
+                let worker = Worker::start(config, key, None).await?;
+                wait_for_signal(worker.shutdown_token()).await;
+                worker.shutdown().await;
+                Ok(())
+            })
+        }
+        Command::Devnet { data_dir, port_base, once, advertise_interval, no_worker } => {
+            crate::logging::init(&config::LogSection { level: "info".into(), format: config::LogFormat::Text });
+            runtime()?.block_on(devnet(&data_dir, port_base, once, advertise_interval, no_worker))
+        }
+        Command::Keygen { out } => {
+            let key = Keypair::generate()?;
+            key.write_new(&out)?;
+            println!("{}", serde_json::json!({"key_file": out, "address": key.address(), "public_key": crate::protocol::b64::encode(&key.public_key())}));
+            Ok(())
+        }
+        Command::CheckConfig { file } => {
+            let source = config::Source::locate(file.as_deref())?;
+            let config = Config::parse(&source.name, &source.text, &config::Overrides::from_env())?;
+            println!("{}: ok", source.name);
+            println!("  data_dir   {}", config.worker.data_dir.display());
+            println!("  key_file   {}", config.worker.key_file.display());
+            println!("  scheduler  {}", config.network.scheduler_url);
+            println!("  messenger  {}", config.network.messenger_url);
+            println!("  gateway    {}", config.network.gateway_url);
+            println!("  registry   {}", config.registry.process.as_deref().unwrap_or("(not set: `run` will refuse to start)"));
+            println!("  api        {}", config.api.listen);
+            Ok(())
+        }
+        Command::Capacity { config, data_dir } => {
+            let config = Config::load(config.as_deref())?;
+            let data_dir = data_dir.unwrap_or(config.worker.data_dir);
+            let address = Keypair::load(&config.worker.key_file).ok().map(|k| k.address());
+            let manifest = crate::capacity::detect(&crate::capacity::DetectOptions { data_dir, worker_address: address });
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            token.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+        _ = token.cancelled() => {}
+    }
+    token.cancel();
+}
+
+/// The devnet plus a worker: the README's main job.
+async fn devnet(data_dir: &Path, port_base: u16, once: bool, advertise_interval: std::time::Duration, no_worker: bool) -> anyhow::Result<()> {
+    let mut net = Devnet::start(&DevnetOptions::new(data_dir, port_base)).await?;
+    println!("{}", serde_json::to_string(&net.urls)?);
+    if no_worker {
+        wait_for_signal(CancellationToken::new()).await;
+        net.shutdown().await;
+        return Ok(());
+    }
+    let worker_dir = data_dir.join("worker");
+    let key = Keypair::load_or_create(&worker_dir.join("worker.key"))?;
+    let config = devnet_worker_config(&worker_dir, &net, advertise_interval)?;
+    let worker = Worker::start(config, key, net.worker_listener.take()).await?;
+    let result = if once { demo_once(&net, &worker).await } else { serve_demo(&net, &worker).await };
+    worker.shutdown().await;
+    net.shutdown().await;
+    result
+}
+
+fn devnet_worker_config(worker_dir: &Path, net: &Devnet, advertise_interval: std::time::Duration) -> anyhow::Result<Config> {
+    let text = format!(
+        "[worker]\ndata_dir = {dir:?}\nkey_file = \"worker.key\"\n[network]\nscheduler_url = {su:?}\nmessenger_url = {mu:?}\ngateway_url = {gw:?}\nmax_attempts = 3\n[registry]\nprocess = {reg:?}\nadvertise_interval = \"{ms}ms\"\n",
+        dir = worker_dir.display().to_string(),
+        su = net.urls.scheduler,
+        mu = net.urls.messenger,
+        gw = net.urls.gateway,
+        reg = net.urls.registry,
+        ms = advertise_interval.as_millis(),
+    );
+    Ok(Config::parse("(devnet worker)", &text, &config::Overrides::default())?)
+}
+
+/// Reads an advertisement back from the scheduler, checks its assignment and its signature,
+/// and prints what it found.
+async fn read_back(net: &Devnet, id: &str) -> anyhow::Result<serde_json::Value> {
+    let su = SchedulerClient::new(&net.urls.scheduler, Policy::default());
+    let node = su.message(id, &net.urls.registry).await.context("advertisement not found on the scheduler")?;
+    let message = node.message.context("scheduler returned the assignment without the message")?;
+    let item = message.to_item().map_err(|e| anyhow::anyhow!("scheduler's copy does not rebuild into a data item: {e}"))?;
+    item.verify().context("scheduler's copy of the advertisement does not verify")?;
+    anyhow::ensure!(item.id() == id, "scheduler's copy has id {}, expected {id}", item.id());
+    let assignment = &node.assignment;
+    let tag = |j: &ItemJson, n: &str| j.tag(n).map(str::to_owned).unwrap_or_default();
+    anyhow::ensure!(tag(assignment, "Message") == id, "assignment does not name the advertisement");
+    let manifest: serde_json::Value = serde_json::from_slice(&item.data).context("advertisement data is not JSON")?;
+    Ok(serde_json::json!({
+        "advertisement": id,
+        "registry": net.urls.registry,
+        "nonce": tag(assignment, "Nonce").parse::<u64>().unwrap_or_default(),
+        "hash_chain": tag(assignment, "Hash-Chain"),
+        "timestamp": tag(assignment, "Timestamp"),
+        "worker": item.owner_address(),
+        "signature_verified": true,
+        "capacity": {
+            "cpu": manifest.pointer("/host/cpu/model"),
+            "logical_cores": manifest.pointer("/host/cpu/logical_cores"),
+            "wgpu_adapters": manifest.pointer("/gpus/wgpu/adapters").and_then(|a| a.as_array()).map(|a| a.iter().filter_map(|x| x.get("name")).cloned().collect::<Vec<_>>()),
+            "cuda": manifest.pointer("/gpus/cuda/status"),
+        },
+    }))
+}
+
+async fn demo_once(net: &Devnet, worker: &Worker) -> anyhow::Result<()> {
+    let ad = tokio::time::timeout(std::time::Duration::from_secs(120), worker.advertised())
+        .await
+        .context("the worker did not advertise its capacity within 120 s")?;
+    let summary = read_back(net, &ad.id).await?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+async fn serve_demo(net: &Devnet, worker: &Worker) -> anyhow::Result<()> {
+    let token = worker.shutdown_token();
+    let printer = async {
+        let mut last = None;
+        loop {
+            let ad = worker.advertised().await;
+            if last.as_ref() != Some(&ad.id) {
+                match read_back(net, &ad.id).await {
+                    Ok(summary) => println!("{}", serde_json::to_string(&summary).unwrap_or_default()),
+                    Err(e) => tracing::warn!(error = %e, "read-back of the advertisement failed"),
+                }
+                last = Some(ad.id);
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        _ = wait_for_signal(token) => {}
+        _ = printer => {}
+    }
+    Ok(())
+}

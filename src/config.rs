@@ -1,0 +1,448 @@
+//! Configuration: TOML (the embedded default is `config/worker.toml`) plus a few documented
+//! environment overrides, validated into types that cannot be invalid.
+//!
+//! Validation reports every problem at once as `section.key: message`, so an operator fixes a
+//! file in one pass instead of one restart per mistake.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The reference configuration, also the default when no file is given.
+pub const DEFAULT_TOML: &str = include_str!("../config/worker.toml");
+
+/// Environment variables that override the file. Nothing else is read from the environment.
+pub const ENV_CONFIG: &str = "AO_WORKER_CONFIG";
+pub const ENV_DATA_DIR: &str = "AO_WORKER_DATA_DIR";
+pub const ENV_KEY_FILE: &str = "AO_WORKER_KEY_FILE";
+pub const ENV_REGISTRY: &str = "AO_WORKER_REGISTRY";
+pub const ENV_LOG: &str = "AO_WORKER_LOG";
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub worker: WorkerSection,
+    pub network: NetworkSection,
+    pub registry: RegistrySection,
+    pub api: ApiSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSection {
+    pub data_dir: PathBuf,
+    /// Absolute, or resolved against `data_dir`.
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkSection {
+    pub scheduler_url: String,
+    pub messenger_url: String,
+    pub gateway_url: String,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_attempts: u32,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistrySection {
+    /// Empty when not configured.
+    pub process: Option<String>,
+    pub advertise_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiSection {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSection {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// One problem in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// `section.key`, or `section` / `<file>` for problems above key level.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub issues: Vec<Issue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration {} ({} problem{}):", self.source_name, self.issues.len(), if self.issues.len() == 1 { "" } else { "s" })?;
+        for issue in &self.issues {
+            writeln!(f, "  {issue}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a configuration came from, and its text.
+pub struct Source {
+    pub name: String,
+    pub text: String,
+}
+
+impl Source {
+    /// The file named by `path`, else `$AO_WORKER_CONFIG`, else the embedded default.
+    pub fn locate(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = path.map(Path::to_owned).or_else(|| std::env::var_os(ENV_CONFIG).map(PathBuf::from));
+        match path {
+            None => Ok(Self { name: "(embedded default config/worker.toml)".into(), text: DEFAULT_TOML.into() }),
+            Some(p) => {
+                let name = p.display().to_string();
+                match std::fs::read_to_string(&p) {
+                    Ok(text) => Ok(Self { name, text }),
+                    Err(e) => Err(ConfigError { source_name: name, issues: vec![Issue { path: "<file>".into(), message: format!("cannot read: {e}") }] }),
+                }
+            }
+        }
+    }
+}
+
+/// Environment overrides, gathered once so tests can pass their own.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<String>,
+    pub key_file: Option<String>,
+    pub registry: Option<String>,
+}
+
+impl Overrides {
+    pub fn from_env() -> Self {
+        let get = |k| std::env::var(k).ok().filter(|v: &String| !v.is_empty());
+        Self { data_dir: get(ENV_DATA_DIR), key_file: get(ENV_KEY_FILE), registry: get(ENV_REGISTRY) }
+    }
+}
+
+impl Config {
+    /// Loads the configuration: file or embedded default, environment overrides, validation.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let source = Source::locate(path)?;
+        Self::parse(&source.name, &source.text, &Overrides::from_env())
+    }
+
+    /// Parses and validates TOML text, reporting every problem at once.
+    pub fn parse(source_name: &str, text: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let fail = |issues| ConfigError { source_name: source_name.into(), issues };
+        let mut root: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                let message = e.message().to_owned();
+                let at = e.span().map(|s| line_of(text, s.start)).map(|l| format!(" (line {l})")).unwrap_or_default();
+                return Err(fail(vec![Issue { path: "<file>".into(), message: format!("not valid TOML{at}: {message}") }]));
+            }
+        };
+        let mut v = Validator::default();
+
+        let mut s = v.section(&mut root, "worker");
+        let data_dir = v.string(&mut s, "worker", "data_dir", "/var/lib/ao-gpu-worker", overrides.data_dir.as_deref());
+        let key_file = v.string(&mut s, "worker", "key_file", "worker.key", overrides.key_file.as_deref());
+        v.unknown(s, "worker");
+        if data_dir.is_empty() {
+            v.issue("worker.data_dir", "must not be empty");
+        }
+        if key_file.is_empty() {
+            v.issue("worker.key_file", "must not be empty");
+        }
+        let data_dir = PathBuf::from(data_dir);
+        let key_file = data_dir.join(key_file);
+
+        let mut s = v.section(&mut root, "network");
+        let scheduler_url = v.url(&mut s, "network", "scheduler_url", "http://127.0.0.1:8700");
+        let messenger_url = v.url(&mut s, "network", "messenger_url", "http://127.0.0.1:8701");
+        let gateway_url = v.url(&mut s, "network", "gateway_url", "http://127.0.0.1:8702");
+        let request_timeout = v.duration(&mut s, "network", "request_timeout", "30s");
+        let connect_timeout = v.duration(&mut s, "network", "connect_timeout", "5s");
+        let max_attempts = v.integer(&mut s, "network", "max_attempts", 5, 1, 20) as u32;
+        let backoff_min = v.duration(&mut s, "network", "backoff_min", "200ms");
+        let backoff_max = v.duration(&mut s, "network", "backoff_max", "10s");
+        v.unknown(s, "network");
+        if connect_timeout > request_timeout {
+            v.issue("network.connect_timeout", format!("{connect_timeout:?} is longer than network.request_timeout ({request_timeout:?})"));
+        }
+        if backoff_min > backoff_max {
+            v.issue("network.backoff_min", format!("{backoff_min:?} is longer than network.backoff_max ({backoff_max:?})"));
+        }
+
+        let mut s = v.section(&mut root, "registry");
+        let process = v.string(&mut s, "registry", "process", "", overrides.registry.as_deref());
+        let advertise_interval = v.duration(&mut s, "registry", "advertise_interval", "5m");
+        v.unknown(s, "registry");
+        if !process.is_empty() && !crate::protocol::b64::is_id(&process) {
+            v.issue("registry.process", format!("{process:?} is not a 43-character base64url process id"));
+        }
+        if advertise_interval < Duration::from_secs(1) {
+            v.issue("registry.advertise_interval", "must be at least 1s");
+        }
+
+        let mut s = v.section(&mut root, "api");
+        let listen = v.string(&mut s, "api", "listen", "127.0.0.1:8703", None);
+        v.unknown(s, "api");
+        let listen = match listen.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                v.issue("api.listen", format!("{listen:?} is not an address:port such as 127.0.0.1:8703"));
+                SocketAddr::from(([127, 0, 0, 1], 8703))
+            }
+        };
+
+        let mut s = v.section(&mut root, "log");
+        let level = v.string(&mut s, "log", "level", "info", None);
+        let format = v.string(&mut s, "log", "format", "text", None);
+        v.unknown(s, "log");
+        if !matches!(level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
+            v.issue("log.level", format!("{level:?} is not one of error, warn, info, debug, trace"));
+        }
+        let format = match format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                v.issue("log.format", format!("{other:?} is not one of text, json"));
+                LogFormat::Text
+            }
+        };
+
+        for (name, _) in root {
+            v.issue(&name, "unknown section (known: worker, network, registry, api, log)");
+        }
+        if !v.issues.is_empty() {
+            return Err(fail(v.issues));
+        }
+        Ok(Config {
+            worker: WorkerSection { data_dir, key_file },
+            network: NetworkSection {
+                scheduler_url,
+                messenger_url,
+                gateway_url,
+                request_timeout,
+                connect_timeout,
+                max_attempts,
+                backoff_min,
+                backoff_max,
+            },
+            registry: RegistrySection { process: Some(process).filter(|p| !p.is_empty()), advertise_interval },
+            api: ApiSection { listen },
+            log: LogSection { level, format },
+        })
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Parses durations such as `250ms`, `30s`, `5m`, `2h`, `1d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration such as 500ms, 30s, 5m, 1h"))?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        other => return Err(format!("unknown unit {other:?} in {text:?} (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+/// Pulls typed values out of TOML tables, recording every problem instead of stopping.
+#[derive(Default)]
+struct Validator {
+    issues: Vec<Issue>,
+}
+
+impl Validator {
+    fn issue(&mut self, path: &str, message: impl Into<String>) {
+        self.issues.push(Issue { path: path.into(), message: message.into() });
+    }
+
+    fn section(&mut self, root: &mut toml::Table, name: &str) -> BTreeMap<String, toml::Value> {
+        match root.remove(name) {
+            None => BTreeMap::new(),
+            Some(toml::Value::Table(t)) => t.into_iter().collect(),
+            Some(other) => {
+                self.issue(name, format!("must be a table ([{name}]), found {}", other.type_str()));
+                BTreeMap::new()
+            }
+        }
+    }
+
+    fn unknown(&mut self, rest: BTreeMap<String, toml::Value>, section: &str) {
+        for key in rest.keys() {
+            self.issue(&format!("{section}.{key}"), "unknown key");
+        }
+    }
+
+    fn string(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str, default: &str, env: Option<&str>) -> String {
+        let from_file = match s.remove(key) {
+            None => default.to_owned(),
+            Some(toml::Value::String(v)) => v,
+            Some(other) => {
+                self.issue(&format!("{section}.{key}"), format!("expected a string, found {}", other.type_str()));
+                default.to_owned()
+            }
+        };
+        env.map(str::to_owned).unwrap_or(from_file)
+    }
+
+    fn url(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str, default: &str) -> String {
+        let v = self.string(s, section, key, default, None);
+        match reqwest::Url::parse(&v) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => v.trim_end_matches('/').to_owned(),
+            Ok(u) => {
+                self.issue(&format!("{section}.{key}"), format!("{v:?} must be an http or https URL with a host (scheme {:?})", u.scheme()));
+                v
+            }
+            Err(e) => {
+                self.issue(&format!("{section}.{key}"), format!("{v:?} is not a URL: {e}"));
+                v
+            }
+        }
+    }
+
+    fn duration(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str, default: &str) -> Duration {
+        let v = self.string(s, section, key, default, None);
+        match parse_duration(&v) {
+            Ok(d) => d,
+            Err(e) => {
+                self.issue(&format!("{section}.{key}"), e);
+                parse_duration(default).expect("defaults parse")
+            }
+        }
+    }
+
+    fn integer(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str, default: i64, min: i64, max: i64) -> i64 {
+        let v = match s.remove(key) {
+            None => return default,
+            Some(toml::Value::Integer(v)) => v,
+            Some(other) => {
+                self.issue(&format!("{section}.{key}"), format!("expected an integer, found {}", other.type_str()));
+                return default;
+            }
+        };
+        if v < min || v > max {
+            self.issue(&format!("{section}.{key}"), format!("{v} is out of range {min}..={max}"));
+            return default;
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse("test.toml", text, &Overrides::default())
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_matches_documented_defaults() {
+        let from_file = parse(DEFAULT_TOML).unwrap();
+        let from_nothing = parse("").unwrap();
+        assert_eq!(from_file, from_nothing, "config/worker.toml must document the built-in defaults");
+        assert_eq!(from_file.network.max_attempts, 5);
+        assert_eq!(from_file.registry.advertise_interval, Duration::from_secs(300));
+        assert_eq!(from_file.worker.key_file, PathBuf::from("/var/lib/ao-gpu-worker/worker.key"));
+        assert_eq!(from_file.registry.process, None);
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let text = r#"
+            bogus = 1
+            [worker]
+            data_dir = 7
+            colour = "blue"
+            [network]
+            scheduler_url = "ftp://x"
+            messenger_url = "not a url"
+            request_timeout = "3 fortnights"
+            connect_timeout = "1m"
+            max_attempts = 0
+            [registry]
+            process = "short"
+            [api]
+            listen = "everywhere"
+            [log]
+            level = "loud"
+            format = "xml"
+        "#;
+        let err = parse(text).unwrap_err();
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        for expected in [
+            "worker.data_dir",
+            "worker.colour",
+            "network.scheduler_url",
+            "network.messenger_url",
+            "network.request_timeout",
+            "network.connect_timeout",
+            "network.max_attempts",
+            "registry.process",
+            "api.listen",
+            "log.level",
+            "log.format",
+            "bogus",
+        ] {
+            assert!(paths.contains(&expected), "missing {expected} in {err}");
+        }
+        let text = err.to_string();
+        assert!(text.contains("worker.colour: unknown key"), "{text}");
+        assert!(text.contains("network.max_attempts: 0 is out of range 1..=20"), "{text}");
+    }
+
+    #[test]
+    fn toml_syntax_error_names_the_line() {
+        let err = parse("[worker]\ndata_dir = \n").unwrap_err();
+        assert_eq!(err.issues.len(), 1);
+        assert!(err.issues[0].message.contains("line 2"), "{}", err.issues[0]);
+    }
+
+    #[test]
+    fn env_overrides_win() {
+        let o = Overrides { data_dir: Some("/tmp/x".into()), key_file: Some("/etc/k.json".into()), registry: Some("A".repeat(43)) };
+        let c = Config::parse("t", "[worker]\ndata_dir = \"/srv\"\n", &o).unwrap();
+        assert_eq!(c.worker.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.worker.key_file, PathBuf::from("/etc/k.json"), "absolute key_file is kept");
+        assert_eq!(c.registry.process.as_deref(), Some("A".repeat(43).as_str()));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! The worker daemon: wires configuration, identity, clients, the HTTP API and the
+//! capacity heartbeat; owns their tasks; drains them on shutdown.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::advertise;
+use crate::attest::Keypair;
+use crate::capacity::{self, CapacityManifest, DetectOptions};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::net::{MessengerClient, NetError, Policy, SchedulerClient};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// An advertisement the messenger accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Advertisement {
+    pub id: String,
+    pub at_ms: u64,
+    pub registry: String,
+}
+
+/// What the worker is doing, for the API and for callers that wait on it.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub ready: bool,
+    pub manifest: Option<CapacityManifest>,
+    pub last_advertisement: Option<Advertisement>,
+    pub last_error: Option<String>,
+}
+
+/// State shared by the daemon's tasks and its API.
+pub struct WorkerState {
+    pub address: String,
+    pub metrics: Arc<Metrics>,
+    status: Mutex<Status>,
+    advertised: watch::Sender<Option<Advertisement>>,
+}
+
+impl WorkerState {
+    pub fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running worker.
+pub struct Worker {
+    pub state: Arc<WorkerState>,
+    pub api_url: String,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts the worker: detects capacity, serves the API, starts the heartbeat.
+    /// `listener` is a pre-bound API socket (the devnet reserves one); else `api.listen`.
+    pub async fn start(config: Config, key: Keypair, listener: Option<TcpListener>) -> anyhow::Result<Self> {
+        let registry = config.registry.process.clone().context("registry.process is empty: set it to the registry process id")?;
+        std::fs::create_dir_all(&config.worker.data_dir)
+            .with_context(|| format!("cannot create worker.data_dir {}", config.worker.data_dir.display()))?;
+        let address = key.address();
+        let opts = DetectOptions { data_dir: config.worker.data_dir.clone(), worker_address: Some(address.clone()) };
+        let manifest = tokio::task::spawn_blocking(move || capacity::detect(&opts)).await.context("capacity detection failed")?;
+        tracing::info!(%address, capacity = %manifest.backends_summary(), "worker identity and capacity");
+        let metrics = Metrics::new(&address, &manifest.backends_summary());
+        let (advertised, _) = watch::channel(None);
+        let state = Arc::new(WorkerState {
+            address,
+            metrics,
+            status: Mutex::new(Status { manifest: Some(manifest.clone()), ..Status::default() }),
+            advertised,
+        });
+
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(config.api.listen).await.with_context(|| format!("cannot listen on api.listen {}", config.api.listen))?,
+        };
+        let api_url = format!("http://{}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let mut tasks = vec![crate::httpd::serve(listener, crate::api::router(state.clone()), shutdown.clone())];
+        tracing::info!(api = %api_url, "worker api listening");
+
+        let policy = Policy::from_config(&config.network);
+        let scheduler = SchedulerClient::new(&config.network.scheduler_url, policy.clone());
+        match scheduler.process(&registry).await {
+            Ok(_) => {}
+            Err(e @ NetError::NotFound { .. }) => {
+                shutdown.cancel();
+                anyhow::bail!("registry process {registry} is not known to the scheduler at {}: {e}", scheduler.base());
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot check the registry process yet; advertising anyway"),
+        }
+        let messenger = MessengerClient::new(&config.network.messenger_url, policy);
+        let heartbeat = Heartbeat {
+            state: state.clone(),
+            key,
+            messenger,
+            registry,
+            interval: config.registry.advertise_interval,
+            data_dir: config.worker.data_dir.clone(),
+            manifest,
+        };
+        tasks.push(tokio::spawn(heartbeat.run(shutdown.clone())));
+        if let Some(period) = sd_notify::watchdog_enabled() {
+            tasks.push(tokio::spawn(watchdog(period / 2, shutdown.clone())));
+        }
+        Ok(Self { state, api_url, shutdown, tasks })
+    }
+
+    /// Waits until an advertisement has been accepted, and returns it.
+    pub async fn advertised(&self) -> Advertisement {
+        let mut rx = self.state.advertised.subscribe();
+        loop {
+            if let Some(a) = rx.borrow_and_update().clone() {
+                return a;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// A token that stops the worker when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops every task, letting in-flight work finish.
+    pub async fn shutdown(self) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+struct Heartbeat {
+    state: Arc<WorkerState>,
+    key: Keypair,
+    messenger: MessengerClient,
+    registry: String,
+    interval: Duration,
+    data_dir: std::path::PathBuf,
+    manifest: CapacityManifest,
+}
+
+/// Wait before retrying a failed advertisement: soon, but never more often than the
+/// client's own retries already allow, and never later than the heartbeat.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15);
+
+impl Heartbeat {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut first = true;
+        loop {
+            if !first {
+                // Re-measure what changes (free memory and disk, devices coming and going).
+                let opts = DetectOptions { data_dir: self.data_dir.clone(), worker_address: Some(self.state.address.clone()) };
+                match tokio::task::spawn_blocking(move || capacity::detect(&opts)).await {
+                    Ok(m) => self.manifest = m,
+                    Err(e) => tracing::warn!(error = %e, "capacity re-detection failed; advertising the previous manifest"),
+                }
+            }
+            first = false;
+            let wait = match self.advertise_once().await {
+                Ok(a) => {
+                    tracing::info!(id = %a.id, registry = %a.registry, "capacity advertised");
+                    self.interval
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "capacity advertisement failed");
+                    self.state.metrics.advertisements.get_or_create(&[("result", "error")]).inc();
+                    self.state.status().last_error = Some(e.to_string());
+                    RETRY_AFTER_FAILURE.min(self.interval)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn advertise_once(&self) -> anyhow::Result<Advertisement> {
+        let at_ms = now_ms();
+        let item = advertise::build(&self.key, &self.registry, &self.manifest, at_ms)?;
+        self.messenger.post_item(&item).await?;
+        let ad = Advertisement { id: item.id(), at_ms, registry: self.registry.clone() };
+        let m = &self.state.metrics;
+        m.advertisements.get_or_create(&[("result", "ok")]).inc();
+        m.last_advertisement_seconds.set((at_ms / 1000) as i64);
+        m.ready.set(1);
+        {
+            let mut s = self.state.status();
+            let was_ready = s.ready;
+            s.ready = true;
+            s.manifest = Some(self.manifest.clone());
+            s.last_advertisement = Some(ad.clone());
+            s.last_error = None;
+            if !was_ready {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("registered; serving")]);
+            }
+        }
+        self.state.advertised.send_replace(Some(ad.clone()));
+        Ok(ad)
+    }
+}
+
+async fn watchdog(every: Duration, shutdown: CancellationToken) {
+    loop {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

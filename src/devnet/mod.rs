@@ -1,0 +1,199 @@
+//! The embedded devnet: a scheduler, a messenger and a gateway on loopback, each rooted at
+//! `/` on its own port like the deployed AO units, so the worker's clients talk to it
+//! exactly as they talk to the real network. State lives in `--data-dir` and survives
+//! restarts. At first start it publishes the registry module and spawns the registry
+//! process through its own messenger, as any AO client would.
+
+pub mod gateway;
+pub mod messenger;
+pub mod scheduler;
+pub mod store;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::attest::Keypair;
+use crate::net::{GatewayClient, MessengerClient, Policy, SchedulerClient};
+use crate::protocol::ao::{self, ItemType};
+use crate::protocol::{DataItemBuilder, Tag};
+
+/// Block height of the devnet's genesis: above 1,440,000, from which compute units verify
+/// hash chains.
+pub const GENESIS_HEIGHT: u64 = 1_500_000;
+/// One devnet block every two minutes, as on Arweave.
+pub const BLOCK_MS: u64 = 120_000;
+
+/// The devnet's clock: wall time, and block heights counted from its genesis.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    genesis_ms: u64,
+}
+
+impl Clock {
+    pub fn now_ms() -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    }
+
+    pub fn block_height(&self, at_ms: u64) -> u64 {
+        GENESIS_HEIGHT + at_ms.saturating_sub(self.genesis_ms) / BLOCK_MS
+    }
+}
+
+/// Where the devnet listens and keeps its data.
+#[derive(Debug, Clone)]
+pub struct DevnetOptions {
+    pub data_dir: PathBuf,
+    /// Scheduler on `port_base`, messenger +1, gateway +2, worker API +3. 0 picks free ports.
+    pub port_base: u16,
+    pub host: IpAddr,
+}
+
+impl DevnetOptions {
+    pub fn new(data_dir: impl Into<PathBuf>, port_base: u16) -> Self {
+        Self { data_dir: data_dir.into(), port_base, host: IpAddr::V4(Ipv4Addr::LOCALHOST) }
+    }
+}
+
+/// The line the devnet prints at start, for scripts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DevnetUrls {
+    pub scheduler: String,
+    pub messenger: String,
+    pub gateway: String,
+    pub worker: String,
+    pub registry: String,
+}
+
+/// A running devnet. Dropping it does not stop it; call [`Devnet::shutdown`].
+pub struct Devnet {
+    pub urls: DevnetUrls,
+    /// The registry's authority: it spawned the registry and signs workload assignments.
+    pub authority: Keypair,
+    pub scheduler_address: String,
+    /// The listener reserved for the worker API (port base + 3).
+    pub worker_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(host: IpAddr, port_base: u16, offset: u16) -> anyhow::Result<TcpListener> {
+    let port = if port_base == 0 { 0 } else { port_base.checked_add(offset).context("port base too high")? };
+    let addr = SocketAddr::new(host, port);
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
+}
+
+fn url_of(l: &TcpListener) -> anyhow::Result<String> {
+    Ok(format!("http://{}", l.local_addr()?))
+}
+
+/// Fast-failing policy for the devnet's own calls between its units.
+fn local_policy() -> Policy {
+    Policy { max_attempts: 3, ..Policy::default() }
+}
+
+impl Devnet {
+    /// Opens (or creates) the devnet in `opts.data_dir` and starts its units.
+    pub async fn start(opts: &DevnetOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("cannot create data dir {}", opts.data_dir.display()))?;
+        let store = store::Store::open(&opts.data_dir.join("devnet.redb")).context("cannot open devnet storage")?;
+        let su_key = Keypair::load_or_create(&opts.data_dir.join("scheduler.key"))?;
+        let authority = Keypair::load_or_create(&opts.data_dir.join("authority.key"))?;
+        let genesis_ms = match store.meta("genesis_ms")? {
+            Some(v) => v.parse().context("corrupt genesis time")?,
+            None => {
+                let now = Clock::now_ms();
+                store.set_meta("genesis_ms", &now.to_string())?;
+                now
+            }
+        };
+        let clock = Clock { genesis_ms };
+
+        let su_listener = bind(opts.host, opts.port_base, 0).await?;
+        let mu_listener = bind(opts.host, opts.port_base, 1).await?;
+        let gw_listener = bind(opts.host, opts.port_base, 2).await?;
+        let worker_listener = bind(opts.host, opts.port_base, 3).await?;
+        let (su_url, mu_url, gw_url, worker_url) =
+            (url_of(&su_listener)?, url_of(&mu_listener)?, url_of(&gw_listener)?, url_of(&worker_listener)?);
+
+        let shutdown = CancellationToken::new();
+        let su = scheduler::SchedulerUnit::new(store.clone(), su_key, GatewayClient::new(&gw_url, local_policy()), clock);
+        let scheduler_address = su.address().to_owned();
+        let mu = messenger::MessengerUnit::new(SchedulerClient::new(&su_url, local_policy()));
+        let gw = gateway::GatewayUnit::new(store.clone(), clock);
+        let tasks = vec![
+            crate::httpd::serve(gw_listener, gw.router(), shutdown.clone()),
+            crate::httpd::serve(su_listener, su.router(), shutdown.clone()),
+            crate::httpd::serve(mu_listener, mu.router(), shutdown.clone()),
+        ];
+
+        let registry = match store.meta("registry")? {
+            Some(r) => r,
+            None => {
+                let r = create_registry(&authority, &scheduler_address, &gw_url, &mu_url).await.context("cannot create the registry process")?;
+                store.set_meta("registry", &r)?;
+                r
+            }
+        };
+        tracing::info!(scheduler = %su_url, messenger = %mu_url, gateway = %gw_url, %registry, "devnet up");
+        Ok(Self {
+            urls: DevnetUrls { scheduler: su_url, messenger: mu_url, gateway: gw_url, worker: worker_url, registry },
+            authority,
+            scheduler_address,
+            worker_listener: Some(worker_listener),
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops the units, letting in-flight requests finish.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The registry module: a real JSON-1 actor (examples/actors/registry.wat).
+pub const REGISTRY_WAT: &str = include_str!("../../examples/actors/registry.wat");
+
+/// Publishes the registry module and spawns the registry process. Both items are
+/// deterministic (ed25519 and fixed anchors), so a retry after a crash yields the same ids.
+async fn create_registry(authority: &Keypair, scheduler: &str, gateway_url: &str, messenger_url: &str) -> anyhow::Result<String> {
+    let wasm = wat::parse_str(REGISTRY_WAT).context("registry module does not assemble")?;
+    let mut module_tags = vec![Tag::new("Data-Protocol", ao::DATA_PROTOCOL), Tag::new("Variant", ao::VARIANT), Tag::new("Type", "Module")];
+    module_tags.extend([
+        Tag::new("Module-Format", ao::MODULE_FORMAT),
+        Tag::new("Input-Encoding", "JSON-1"),
+        Tag::new("Output-Encoding", "JSON-1"),
+        Tag::new("Content-Type", "application/wasm"),
+        Tag::new("Memory-Limit", "1-mb"),
+        Tag::new("Compute-Limit", "1000000"),
+        Tag::new("Name", "ao-gpu-worker-registry"),
+    ]);
+    let module = DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(module_tags).data(wasm).sign(authority)?;
+    GatewayClient::new(gateway_url, local_policy()).upload(&module).await?;
+    let mut tags = ao::base_tags(ItemType::Process);
+    tags.extend([
+        Tag::new("Module", module.id()),
+        Tag::new("Scheduler", scheduler),
+        Tag::new("Authority", authority.address()),
+        Tag::new("Name", "ao-gpu-worker-registry"),
+        Tag::new("Content-Type", "text/plain"),
+    ]);
+    let process = DataItemBuilder::new().anchor(ao::numeric_anchor(1)).tags(tags).data(b"ao-gpu-worker registry".to_vec()).sign(authority)?;
+    MessengerClient::new(messenger_url, local_policy()).post_item(&process).await?;
+    Ok(process.id())
+}
+
+/// The path of the devnet's storage inside a data dir (for tools and tests).
+pub fn storage_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("devnet.redb")
+}

@@ -1,0 +1,54 @@
+//! Prometheus metrics. Each subsystem registers its own; label values are fixed strings
+//! from this crate, never free text from the network or a guest.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+type Result1 = [(&'static str, &'static str); 1];
+
+/// The worker's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    /// Capacity advertisements by result (`ok`, `error`).
+    pub advertisements: Family<Result1, Counter>,
+    /// Unix time of the last advertisement the messenger accepted.
+    pub last_advertisement_seconds: Gauge,
+    /// 1 once the worker is registered (ready), else 0.
+    pub ready: Gauge,
+}
+
+impl Metrics {
+    pub fn new(address: &str, backends: &str) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("ao_worker");
+        let info = Info::new(vec![
+            ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+            ("address".to_owned(), address.to_owned()),
+            ("backends".to_owned(), backends.to_owned()),
+        ]);
+        registry.register("build", "Worker version, address and detected backends", info);
+        let advertisements = Family::<Result1, Counter>::default();
+        registry.register("advertisements", "Capacity advertisements posted, by result", advertisements.clone());
+        let last_advertisement_seconds = Gauge::default();
+        registry.register(
+            "last_advertisement_timestamp_seconds",
+            "Unix time of the last capacity advertisement the messenger accepted",
+            last_advertisement_seconds.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register("ready", "1 when the worker is registered and serving", ready.clone());
+        Arc::new(Self { registry, advertisements, last_advertisement_seconds, ready })
+    }
+
+    /// OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
