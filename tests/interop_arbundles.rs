@@ -6,66 +6,15 @@
 //! "skipped" line and pass, unless `CI` is set or `REQUIRE_INTEROP=1`, where they fail.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ao_gpu_worker::attest::Keypair;
 use ao_gpu_worker::protocol::ans104::{Ans104Error, MAX_TAG_BYTES, MAX_TAG_NAME, MAX_TAG_VALUE, MAX_TAGS};
 use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, SignatureType, Tag, b64};
 use serde::Deserialize;
 
-const ARBUNDLES_VERSION: &str = "0.11.2";
-const INSTALL_HINT: &str = "run `npm ci --ignore-scripts --prefix tests/js` from the crate root (needs Node 20+)";
+mod common;
 
-/// True when a missing node setup must fail the test instead of skipping it.
-fn interop_required() -> bool {
-    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"));
-    ci || std::env::var("REQUIRE_INTEROP").is_ok_and(|v| v == "1")
-}
-
-/// The `tests/js` directory when node and the pinned arbundles are installed. Otherwise panics
-/// (in CI or with `REQUIRE_INTEROP=1`) or prints a loud skip line and returns `None`.
-fn interop_dir(test: &str) -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("js");
-    let problem = match Command::new("node").arg("--version").output() {
-        Err(e) => Some(format!("`node` cannot be run ({e})")),
-        Ok(out) if !out.status.success() => {
-            Some(format!("`node --version` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)))
-        }
-        Ok(_) if !dir.join("node_modules").is_dir() => Some(format!("{} is missing", dir.join("node_modules").display())),
-        Ok(_) => None,
-    };
-    if let Some(problem) = problem {
-        if interop_required() {
-            panic!("{test}: arbundles interop cannot run: {problem}; {INSTALL_HINT}");
-        }
-        eprintln!("\n*** {test} skipped: {problem}; {INSTALL_HINT} (set REQUIRE_INTEROP=1 to make this fail) ***\n");
-        return None;
-    }
-    let manifest = dir.join("node_modules/arbundles/package.json");
-    let text = std::fs::read_to_string(&manifest).unwrap_or_else(|e| panic!("{}: {e}; {INSTALL_HINT}", manifest.display()));
-    let package: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", manifest.display()));
-    assert_eq!(
-        package["version"].as_str(),
-        Some(ARBUNDLES_VERSION),
-        "{} is not arbundles {ARBUNDLES_VERSION} (stale install?); {INSTALL_HINT}",
-        manifest.display()
-    );
-    Some(dir)
-}
-
-/// Runs `node <script> <args>` in `dir` and returns its stdout; panics with stderr on failure.
-fn run_node(dir: &Path, script: &str, args: &[String]) -> String {
-    let out = Command::new("node")
-        .arg(dir.join(script))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run node {script}: {e}"));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "node {script} failed ({}); stderr:\n{stderr}", out.status);
-    String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("node {script} wrote non-UTF-8 output: {e}; stderr:\n{stderr}"))
-}
+use common::{interop_dir, run_node};
 
 /// One line of `verify.js` output.
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,173 @@
+//! End to end with the real binary: `devnet --no-worker` in one process, `keygen` and `run`
+//! in another, as an operator would. The worker's capacity advertisement must be read back
+//! from the scheduler, verify here and with npm arbundles, and the worker must serve its
+//! API and stop cleanly on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ao_gpu_worker::devnet::DevnetUrls;
+use ao_gpu_worker::net::scheduler::Range;
+use ao_gpu_worker::net::{Policy, SchedulerClient};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ao-gpu-worker");
+
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn command() -> Command {
+    let mut c = Command::new(BIN);
+    for var in ["AO_WORKER_CONFIG", "AO_WORKER_DATA_DIR", "AO_WORKER_KEY_FILE", "AO_WORKER_REGISTRY"] {
+        c.env_remove(var);
+    }
+    c.env("AO_WORKER_LOG", "info");
+    c
+}
+
+fn start_devnet(dir: &Path) -> (Guard, DevnetUrls) {
+    let mut child = command()
+        .args(["devnet", "--no-worker", "--port-base", "0", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("devnet starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("devnet prints its urls");
+    let urls: DevnetUrls = serde_json::from_str(&line).unwrap_or_else(|e| panic!("devnet line {line:?}: {e}"));
+    (Guard(child), urls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_posts_a_capacity_advertisement_that_verifies_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_devnet, urls) = start_devnet(&tmp.path().join("devnet"));
+
+    let key_file = tmp.path().join("worker.key");
+    let out = command().args(["keygen", "--out"]).arg(&key_file).output().unwrap();
+    assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+    let keygen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let address = keygen["address"].as_str().unwrap().to_owned();
+
+    let api_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = tmp.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\ndata_dir = {data:?}\nkey_file = {key:?}\n[network]\nscheduler_url = {su:?}\nmessenger_url = {mu:?}\ngateway_url = {gw:?}\n\
+             [registry]\nprocess = {reg:?}\nadvertise_interval = \"1s\"\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n[log]\nformat = \"json\"\n",
+            data = tmp.path().join("worker").display().to_string(),
+            key = key_file.display().to_string(),
+            su = urls.scheduler,
+            mu = urls.messenger,
+            gw = urls.gateway,
+            reg = urls.registry,
+        ),
+    )
+    .unwrap();
+    let worker = command().args(["run", "--config"]).arg(&config).stderr(Stdio::piped()).spawn().unwrap();
+    let mut worker = Guard(worker);
+
+    // Wait for at least two heartbeats from this worker in the registry's schedule.
+    let su = SchedulerClient::new(&urls.scheduler, Policy::default());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let adverts = loop {
+        let nodes = su.all(&urls.registry, Range::default()).await.unwrap();
+        let adverts: Vec<_> = nodes
+            .into_iter()
+            .filter_map(|n| n.message)
+            .filter(|m| m.owner.address == address && m.tag("Action") == Some("Advertise-Capacity"))
+            .collect();
+        if adverts.len() >= 2 {
+            break adverts;
+        }
+        if let Some(status) = worker.0.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(worker.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("worker exited early ({status}): {err}");
+        }
+        assert!(Instant::now() < deadline, "no two advertisements within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(adverts[0].id, adverts[1].id, "each heartbeat is a new message");
+
+    // The scheduler's copy verifies here ...
+    let advert = &adverts[0];
+    let item = advert.to_item().unwrap();
+    item.verify().unwrap();
+    assert_eq!(item.id(), advert.id);
+    assert_eq!(item.target_id().as_deref(), Some(urls.registry.as_str()));
+    for (name, value) in [("Data-Protocol", "ao"), ("Variant", "ao.TN.1"), ("Type", "Message"), ("Content-Type", "application/json")] {
+        assert_eq!(item.tag(name), Some(value), "tag {name}");
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&item.data).unwrap();
+    assert_eq!(manifest["worker"]["address"], address);
+    assert!(manifest["host"]["cpu"]["logical_cores"].as_u64().unwrap() >= 1);
+    assert!(manifest["gpus"]["cuda"]["status"].is_string());
+
+    // ... and with arbundles, byte for byte the item the worker signed.
+    if let Some(js) = common::interop_dir("run_posts_a_capacity_advertisement_that_verifies_everywhere") {
+        let file = tmp.path().join("advert.bin");
+        std::fs::write(&file, item.to_bytes()).unwrap();
+        let out = common::run_node(&js, "verify.js", &[file.display().to_string()]);
+        let verdict: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(verdict["valid"], true, "{out}");
+        assert_eq!(verdict["id"], advert.id.as_str(), "{out}");
+    }
+
+    // The worker's API: CU-shaped root, readiness, metrics, capacity.
+    let api = format!("http://127.0.0.1:{api_port}");
+    let http = reqwest::Client::new();
+    let root: serde_json::Value = http.get(format!("{api}/")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(root["address"], address);
+    let ready = http.get(format!("{api}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let metrics = http.get(format!("{api}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("ao_worker_advertisements_total{result=\"ok\"}"), "{metrics}");
+    assert!(metrics.contains("ao_worker_ready 1"), "{metrics}");
+    let capacity: serde_json::Value = http.get(format!("{api}/capacity")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(capacity["manifest"]["worker"]["address"], address);
+
+    // SIGTERM drains and exits 0.
+    let pid = worker.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = worker.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "worker did not stop within 20 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devnet_once_runs_the_demo_and_exits_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = command().args(["devnet", "--once", "--port-base", "0", "--data-dir"]).arg(tmp.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "devnet --once failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(lines[0]["registry"].is_string());
+    assert_eq!(lines[1]["signature_verified"], true);
+    assert_eq!(lines[1]["registry"], lines[0]["registry"]);
+    // A second run reuses the same devnet: same registry, the schedule continues.
+    let again = command().args(["devnet", "--once", "--port-base", "0", "--data-dir"]).arg(tmp.path()).output().unwrap();
+    assert!(again.status.success());
+    let again: Vec<serde_json::Value> = String::from_utf8_lossy(&again.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(again[0]["registry"], lines[0]["registry"]);
+    assert!(again[1]["nonce"].as_u64().unwrap() > lines[1]["nonce"].as_u64().unwrap());
+}
