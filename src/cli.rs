@@ -20,7 +20,11 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "ao-gpu-worker", version, about = "A GPU compute provider for AO: runs actors in wasmtime, offloads tensor ops to GPUs, posts signed results")]
+#[command(
+    name = "ao-gpu-worker",
+    version,
+    about = "A GPU compute provider for AO: runs actors in wasmtime, offloads tensor ops to GPUs, posts signed results"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -129,7 +133,10 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Keygen { out } => {
             let key = Keypair::generate()?;
             key.write_new(&out)?;
-            println!("{}", serde_json::json!({"key_file": out, "address": key.address(), "public_key": crate::protocol::b64::encode(&key.public_key())}));
+            println!(
+                "{}",
+                serde_json::json!({"key_file": out, "address": key.address(), "public_key": crate::protocol::b64::encode(&key.public_key())})
+            );
             Ok(())
         }
         Command::CheckConfig { file } => {
@@ -176,7 +183,13 @@ async fn wait_for_signal(token: CancellationToken) {
 }
 
 /// The devnet plus a worker: the README's main job.
-async fn devnet(data_dir: &Path, port_base: u16, once: bool, advertise_interval: std::time::Duration, no_worker: bool) -> anyhow::Result<()> {
+async fn devnet(
+    data_dir: &Path,
+    port_base: u16,
+    once: bool,
+    advertise_interval: std::time::Duration,
+    no_worker: bool,
+) -> anyhow::Result<()> {
     let mut net = Devnet::start(&DevnetOptions::new(data_dir, port_base)).await?;
     println!("{}", serde_json::to_string(&net.urls)?);
     if no_worker {

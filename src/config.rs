@@ -96,7 +96,13 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "invalid configuration {} ({} problem{}):", self.source_name, self.issues.len(), if self.issues.len() == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "invalid configuration {} ({} problem{}):",
+            self.source_name,
+            self.issues.len(),
+            if self.issues.len() == 1 { "" } else { "s" }
+        )?;
         for issue in &self.issues {
             writeln!(f, "  {issue}")?;
         }
@@ -120,7 +126,10 @@ impl Source {
                 let name = p.display().to_string();
                 match std::fs::read_to_string(&p) {
                     Ok(text) => Ok(Self { name, text }),
-                    Err(e) => Err(ConfigError { source_name: name, issues: vec![Issue { path: "<file>".into(), message: format!("cannot read: {e}") }] }),
+                    Err(e) => Err(ConfigError {
+                        source_name: name,
+                        issues: vec![Issue { path: "<file>".into(), message: format!("cannot read: {e}") }],
+                    }),
                 }
             }
         }
@@ -321,7 +330,10 @@ impl Validator {
         match reqwest::Url::parse(&v) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => v.trim_end_matches('/').to_owned(),
             Ok(u) => {
-                self.issue(&format!("{section}.{key}"), format!("{v:?} must be an http or https URL with a host (scheme {:?})", u.scheme()));
+                self.issue(
+                    &format!("{section}.{key}"),
+                    format!("{v:?} must be an http or https URL with a host (scheme {:?})", u.scheme()),
+                );
                 v
             }
             Err(e) => {

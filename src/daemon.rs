@@ -83,7 +83,9 @@ impl Worker {
 
         let listener = match listener {
             Some(l) => l,
-            None => TcpListener::bind(config.api.listen).await.with_context(|| format!("cannot listen on api.listen {}", config.api.listen))?,
+            None => {
+                TcpListener::bind(config.api.listen).await.with_context(|| format!("cannot listen on api.listen {}", config.api.listen))?
+            }
         };
         let api_url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();

@@ -116,34 +116,49 @@ const ANCHOR_FLAG: usize = TARGET_FLAG + 33;
 const TAG_COUNT: usize = ANCHOR_FLAG + 33;
 const TAG_BYTES: usize = TAG_COUNT + 8;
 
+/// A malformed item: its name, its bytes, and the error it must be refused with.
+type Case = (&'static str, Vec<u8>, Box<dyn Fn(&Ans104Error) -> bool>);
+
 #[test]
 fn malformed_corpus_is_refused_with_specific_errors() {
     let good = bytes(B1);
-    let mut cases: Vec<(&str, Vec<u8>, Box<dyn Fn(&Ans104Error) -> bool>)> = Vec::new();
+    let mut cases: Vec<Case> = Vec::new();
 
     cases.push(("empty", vec![], Box::new(|e| matches!(e, Ans104Error::Empty { len: 0 }))));
     cases.push(("one byte", vec![2], Box::new(|e| matches!(e, Ans104Error::Empty { len: 1 }))));
-    cases.push(("unknown signature type", [&[9u8, 0][..], &good[2..]].concat(), Box::new(|e| matches!(e, Ans104Error::UnknownSignatureType(9)))));
+    cases.push((
+        "unknown signature type",
+        [&[9u8, 0][..], &good[2..]].concat(),
+        Box::new(|e| matches!(e, Ans104Error::UnknownSignatureType(9))),
+    ));
     for cut in [10, 70, TARGET_FLAG, TARGET_FLAG + 10, ANCHOR_FLAG + 5, TAG_COUNT + 3, TAG_BYTES + 4, TAG_BYTES + 8 + 20] {
         let what = format!("truncated at {cut}");
-        cases.push((
-            Box::leak(what.into_boxed_str()),
-            good[..cut].to_vec(),
-            Box::new(|e| matches!(e, Ans104Error::Truncated { .. })),
-        ));
+        cases.push((Box::leak(what.into_boxed_str()), good[..cut].to_vec(), Box::new(|e| matches!(e, Ans104Error::Truncated { .. }))));
     }
     let mut bad_target = good.clone();
     bad_target[TARGET_FLAG] = 2;
-    cases.push(("bad target presence byte", bad_target, Box::new(|e| matches!(e, Ans104Error::BadPresenceByte { field: "target", value: 2 }))));
+    cases.push((
+        "bad target presence byte",
+        bad_target,
+        Box::new(|e| matches!(e, Ans104Error::BadPresenceByte { field: "target", value: 2 })),
+    ));
     let mut bad_anchor = good.clone();
     bad_anchor[ANCHOR_FLAG] = 0xff;
-    cases.push(("bad anchor presence byte", bad_anchor, Box::new(|e| matches!(e, Ans104Error::BadPresenceByte { field: "anchor", value: 0xff }))));
+    cases.push((
+        "bad anchor presence byte",
+        bad_anchor,
+        Box::new(|e| matches!(e, Ans104Error::BadPresenceByte { field: "anchor", value: 0xff })),
+    ));
     let mut count_high = good.clone();
     count_high[TAG_COUNT] = 5;
     cases.push(("tag count above decoded", count_high, Box::new(|e| matches!(e, Ans104Error::TagCountMismatch { header: 5, decoded: 4 }))));
     let mut count_zero = good.clone();
     count_zero[TAG_COUNT] = 0;
-    cases.push(("tag count zero with tags", count_zero, Box::new(|e| matches!(e, Ans104Error::TagCountMismatch { header: 0, decoded: 4 }))));
+    cases.push((
+        "tag count zero with tags",
+        count_zero,
+        Box::new(|e| matches!(e, Ans104Error::TagCountMismatch { header: 0, decoded: 4 })),
+    ));
     let mut huge_tag_len = good.clone();
     huge_tag_len[TAG_BYTES..TAG_BYTES + 8].copy_from_slice(&u64::MAX.to_le_bytes());
     cases.push(("tag byte count past the end", huge_tag_len, Box::new(|e| matches!(e, Ans104Error::Truncated { field: "tags", .. }))));
@@ -161,7 +176,11 @@ fn malformed_corpus_is_refused_with_specific_errors() {
     cases.push(("flipped tag byte", flipped_tag, Box::new(|e| matches!(e, Ans104Error::BadSignature))));
     cases.push(("oversized tags", oversized_tag_item(), Box::new(|e| matches!(e, Ans104Error::TagBytesTooLarge { .. }))));
     cases.push(("too many tags", too_many_tags_item(), Box::new(|e| matches!(e, Ans104Error::TooManyTags { count: 129 }))));
-    cases.push(("rsa item cannot be verified", rsa_shaped_item(), Box::new(|e| matches!(e, Ans104Error::UnsupportedSignatureType(SignatureType::Arweave)))));
+    cases.push((
+        "rsa item cannot be verified",
+        rsa_shaped_item(),
+        Box::new(|e| matches!(e, Ans104Error::UnsupportedSignatureType(SignatureType::Arweave))),
+    ));
 
     for (name, raw, expect) in &cases {
         let result = std::panic::catch_unwind(|| DataItem::parse_verified(raw));

@@ -20,7 +20,12 @@ struct Net {
 }
 
 fn quick() -> Policy {
-    Policy { max_attempts: 2, backoff_min: std::time::Duration::from_millis(5), backoff_max: std::time::Duration::from_millis(20), ..Policy::default() }
+    Policy {
+        max_attempts: 2,
+        backoff_min: std::time::Duration::from_millis(5),
+        backoff_max: std::time::Duration::from_millis(20),
+        ..Policy::default()
+    }
 }
 
 async fn start_in(dir: &std::path::Path) -> Net {

@@ -75,12 +75,7 @@ impl Keypair {
     }
 
     fn to_jwk(&self) -> Zeroizing<String> {
-        let jwk = Jwk {
-            kty: "OKP".into(),
-            crv: "Ed25519".into(),
-            d: b64::encode(self.key.as_bytes()),
-            x: b64::encode(&self.public_key()),
-        };
+        let jwk = Jwk { kty: "OKP".into(), crv: "Ed25519".into(), d: b64::encode(self.key.as_bytes()), x: b64::encode(&self.public_key()) };
         Zeroizing::new(serde_json::to_string_pretty(&jwk).expect("jwk serializes") + "\n")
     }
 
@@ -197,11 +192,8 @@ mod tests {
         let path = dir.path().join("k.json");
         let a = Keypair::from_secret(&[1; 32]);
         let b = Keypair::from_secret(&[2; 32]);
-        let text = format!(
-            r#"{{"kty":"OKP","crv":"Ed25519","d":"{}","x":"{}"}}"#,
-            b64::encode(a.key.as_bytes()),
-            b64::encode(&b.public_key())
-        );
+        let text =
+            format!(r#"{{"kty":"OKP","crv":"Ed25519","d":"{}","x":"{}"}}"#, b64::encode(a.key.as_bytes()), b64::encode(&b.public_key()));
         fs::write(&path, text).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(matches!(Keypair::load(&path), Err(KeyError::Format { .. })));

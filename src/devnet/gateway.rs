@@ -13,8 +13,8 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 use super::Clock;
-use crate::httpd::{ApiError, body, no_route, wrong_method};
 use super::store::Store;
+use crate::httpd::{ApiError, body, no_route, wrong_method};
 use crate::net::gateway::Uploaded;
 use crate::protocol::{DataItem, b64};
 
@@ -48,7 +48,9 @@ impl GatewayUnit {
 
 async fn info(State(gw): State<GatewayUnit>) -> Json<serde_json::Value> {
     let height = gw.clock.block_height(Clock::now_ms());
-    Json(json!({"network": "ao-gpu-worker.devnet", "version": 5, "release": 1, "height": height, "blocks": height, "peers": 0, "queue_length": 0}))
+    Json(
+        json!({"network": "ao-gpu-worker.devnet", "version": 5, "release": 1, "height": height, "blocks": height, "peers": 0, "queue_length": 0}),
+    )
 }
 
 async fn upload(State(gw): State<GatewayUnit>, raw: Result<Bytes, BytesRejection>) -> Result<Json<Uploaded>, ApiError> {
@@ -67,7 +69,8 @@ async fn raw(State(gw): State<GatewayUnit>, Path(id): Path<String>) -> Result<Re
     let id2 = id.clone();
     let bytes = tokio::task::spawn_blocking(move || store.gateway_get(&id2)).await??;
     let bytes = bytes.ok_or_else(|| ApiError::not_found(format!("item {id} not found")))?;
-    let item = DataItem::parse(&bytes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored item {id} is corrupt: {e}")))?;
+    let item = DataItem::parse(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored item {id} is corrupt: {e}")))?;
     // A tag value that is not a valid header value is served as plain bytes.
     let content_type = item
         .tag("Content-Type")

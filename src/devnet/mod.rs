@@ -136,7 +136,9 @@ impl Devnet {
         let registry = match store.meta("registry")? {
             Some(r) => r,
             None => {
-                let r = create_registry(&authority, &scheduler_address, &gw_url, &mu_url).await.context("cannot create the registry process")?;
+                let r = create_registry(&authority, &scheduler_address, &gw_url, &mu_url)
+                    .await
+                    .context("cannot create the registry process")?;
                 store.set_meta("registry", &r)?;
                 r
             }
@@ -188,7 +190,8 @@ async fn create_registry(authority: &Keypair, scheduler: &str, gateway_url: &str
         Tag::new("Name", "ao-gpu-worker-registry"),
         Tag::new("Content-Type", "text/plain"),
     ]);
-    let process = DataItemBuilder::new().anchor(ao::numeric_anchor(1)).tags(tags).data(b"ao-gpu-worker registry".to_vec()).sign(authority)?;
+    let process =
+        DataItemBuilder::new().anchor(ao::numeric_anchor(1)).tags(tags).data(b"ao-gpu-worker registry".to_vec()).sign(authority)?;
     MessengerClient::new(messenger_url, local_policy()).post_item(&process).await?;
     Ok(process.id())
 }

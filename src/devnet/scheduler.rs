@@ -14,9 +14,9 @@ use axum::http::StatusCode;
 use axum::routing::get;
 
 use super::Clock;
-use crate::httpd::{ApiError, MAX_BODY, body, no_route, wrong_method};
 use super::store::{Entry, ProcessState, Scheduled, Store};
 use crate::attest::Keypair;
+use crate::httpd::{ApiError, MAX_BODY, body, no_route, wrong_method};
 use crate::net::GatewayClient;
 use crate::protocol::ao::{self, ItemType};
 use crate::protocol::su::{Edge, ItemJson, MessageNode, Page, PageInfo, ProcessInfo, SuInfo, SuPosted, SuTimestamp, next_hash_chain};
@@ -192,7 +192,8 @@ impl SchedulerUnit {
     fn node(&self, entry: &Entry) -> Result<MessageNode, ApiError> {
         let load = |id: &str| -> Result<DataItem, ApiError> {
             let bytes = self.inner.store.su_item(id)?.ok_or_else(|| ApiError::not_found(format!("item {id} missing from storage")))?;
-            DataItem::parse(&bytes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored item {id} is corrupt: {e}")))
+            DataItem::parse(&bytes)
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored item {id} is corrupt: {e}")))
         };
         let message = match &entry.message_id {
             Some(id) => Some(ItemJson::from_item(&load(id)?)),
@@ -218,7 +219,9 @@ async fn post(
 ) -> Result<Json<SuPosted>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     if query.contains_key("assign") || query.contains_key("process-id") {
-        return Err(ApiError::bad_request("assigning an existing transaction (?process-id=&assign=) is not supported by the devnet scheduler"));
+        return Err(ApiError::bad_request(
+            "assigning an existing transaction (?process-id=&assign=) is not supported by the devnet scheduler",
+        ));
     }
     let raw = body(raw)?;
     Ok(Json(su.schedule(&raw).await?))
@@ -300,7 +303,8 @@ async fn process(State(su): State<SchedulerUnit>, Path(id): Path<String>) -> Res
     let store = &su.inner.store;
     let state = store.process_state(&id)?.ok_or_else(|| ApiError::not_found(format!("Process not found: {id}")))?;
     let bytes = store.su_item(&id)?.ok_or_else(|| ApiError::not_found(format!("Process not found: {id}")))?;
-    let item = DataItem::parse(&bytes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored process is corrupt: {e}")))?;
+    let item =
+        DataItem::parse(&bytes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored process is corrupt: {e}")))?;
     let json = ItemJson::from_item(&item);
     Ok(Json(ProcessInfo {
         process_id: id,

@@ -168,7 +168,13 @@ impl Store {
     }
 
     /// Up to `limit` entries with nonce in `(from, to]`, in nonce order.
-    pub fn entries_by_nonce(&self, process: &str, from: Option<u64>, to: Option<u64>, limit: usize) -> Result<Vec<(u64, Entry)>, StoreError> {
+    pub fn entries_by_nonce(
+        &self,
+        process: &str,
+        from: Option<u64>,
+        to: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Entry)>, StoreError> {
         let lo = match from {
             None => 0,
             Some(f) => match f.checked_add(1) {
@@ -191,7 +197,13 @@ impl Store {
     }
 
     /// Up to `limit` entries with timestamp in `(from, to]`, in order.
-    pub fn entries_by_time(&self, process: &str, from: Option<u64>, to: Option<u64>, limit: usize) -> Result<Vec<(u64, Entry)>, StoreError> {
+    pub fn entries_by_time(
+        &self,
+        process: &str,
+        from: Option<u64>,
+        to: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Entry)>, StoreError> {
         let lo = match from {
             None => 0,
             Some(f) => match f.checked_add(1) {
@@ -210,7 +222,10 @@ impl Store {
         for row in by_time.range((process, lo)..=(process, hi)).map_err(se)?.take(limit) {
             let (_, nonce) = row.map_err(se)?;
             let nonce = nonce.value();
-            let v = schedule.get((process, nonce)).map_err(se)?.ok_or_else(|| StoreError(format!("index points at missing entry {process}/{nonce}")))?;
+            let v = schedule
+                .get((process, nonce))
+                .map_err(se)?
+                .ok_or_else(|| StoreError(format!("index points at missing entry {process}/{nonce}")))?;
             out.push((nonce, serde_json::from_slice(v.value()).map_err(se)?));
         }
         Ok(out)

@@ -33,7 +33,11 @@ impl GatewayClient {
         let id = item.id();
         let up: Uploaded = self.http.json(Method::POST, "/tx", Some(("application/octet-stream", item.to_bytes()))).await?;
         if up.id != id {
-            return Err(NetError::BadAnswer { unit: Unit::Gateway, url: self.base().to_owned(), reason: format!("stored id {} for item {id}", up.id) });
+            return Err(NetError::BadAnswer {
+                unit: Unit::Gateway,
+                url: self.base().to_owned(),
+                reason: format!("stored id {} for item {id}", up.id),
+            });
         }
         Ok(up)
     }

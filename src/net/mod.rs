@@ -192,7 +192,12 @@ impl HttpClient {
     }
 
     /// Sends and decodes a JSON answer of a 2xx status; maps 4xx to `Rejected`.
-    pub async fn json<T: DeserializeOwned>(&self, method: Method, path_and_query: &str, body: Option<(&'static str, Vec<u8>)>) -> Result<T, NetError> {
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<T, NetError> {
         let answer = self.expect_success(method, path_and_query, body).await?;
         serde_json::from_slice(&answer.body).map_err(|e| NetError::BadAnswer {
             unit: self.unit,
@@ -202,7 +207,12 @@ impl HttpClient {
     }
 
     /// Sends and returns the answer of a 2xx status; maps other statuses to `Rejected`.
-    pub async fn expect_success(&self, method: Method, path_and_query: &str, body: Option<(&'static str, Vec<u8>)>) -> Result<Answer, NetError> {
+    pub async fn expect_success(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<Answer, NetError> {
         let answer = self.send(method.clone(), path_and_query, body).await?;
         if answer.status.is_success() {
             return Ok(answer);

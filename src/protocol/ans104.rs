@@ -432,7 +432,16 @@ impl DataItemBuilder {
         if signature.len() != signature_type.signature_len() {
             return Err(Ans104Error::SignerLength { got: signature.len(), expected: signature_type.signature_len() });
         }
-        let item = DataItem { signature_type, signature, owner, target: self.target, anchor: self.anchor, tags: self.tags, raw_tags, data: self.data };
+        let item = DataItem {
+            signature_type,
+            signature,
+            owner,
+            target: self.target,
+            anchor: self.anchor,
+            tags: self.tags,
+            raw_tags,
+            data: self.data,
+        };
         let len = item.len();
         if len < MIN_ITEM_SIZE {
             return Err(Ans104Error::TooSmall { len });

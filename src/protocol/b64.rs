@@ -10,11 +10,7 @@ pub fn encode(bytes: &[u8]) -> String {
 
 /// Decodes base64url, with or without padding.
 pub fn decode(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
-    if text.ends_with('=') {
-        URL_SAFE.decode(text)
-    } else {
-        URL_SAFE_NO_PAD.decode(text)
-    }
+    if text.ends_with('=') { URL_SAFE.decode(text) } else { URL_SAFE_NO_PAD.decode(text) }
 }
 
 /// Decodes a 43-character id (process, message, wallet address) into its 32 raw bytes.

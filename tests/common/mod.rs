@@ -56,4 +56,3 @@ pub fn run_node(dir: &Path, script: &str, args: &[String]) -> String {
     assert!(out.status.success(), "node {script} failed ({}); stderr:\n{stderr}", out.status);
     String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("node {script} wrote non-UTF-8 output: {e}; stderr:\n{stderr}"))
 }
-
