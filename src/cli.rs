@@ -16,6 +16,22 @@ use crate::devnet::{Devnet, DevnetOptions};
 use crate::net::{Policy, SchedulerClient};
 use crate::protocol::su::ItemJson;
 
+/// `println!` that treats a closed stdout (`ao-gpu-worker capacity | head`) as the reader's
+/// choice rather than a panic.
+macro_rules! emit {
+    ($($arg:tt)*) => {
+        print_line(&format!($($arg)*))?
+    };
+}
+
+fn print_line(line: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write to stdout"),
+    }
+}
+
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_CONFIG: u8 = 64;
 
@@ -133,7 +149,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Keygen { out } => {
             let key = Keypair::generate()?;
             key.write_new(&out)?;
-            println!(
+            emit!(
                 "{}",
                 serde_json::json!({"key_file": out, "address": key.address(), "public_key": crate::protocol::b64::encode(&key.public_key())})
             );
@@ -142,14 +158,14 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::CheckConfig { file } => {
             let source = config::Source::locate(file.as_deref())?;
             let config = Config::parse(&source.name, &source.text, &config::Overrides::from_env())?;
-            println!("{}: ok", source.name);
-            println!("  data_dir   {}", config.worker.data_dir.display());
-            println!("  key_file   {}", config.worker.key_file.display());
-            println!("  scheduler  {}", config.network.scheduler_url);
-            println!("  messenger  {}", config.network.messenger_url);
-            println!("  gateway    {}", config.network.gateway_url);
-            println!("  registry   {}", config.registry.process.as_deref().unwrap_or("(not set: `run` will refuse to start)"));
-            println!("  api        {}", config.api.listen);
+            emit!("{}: ok", source.name);
+            emit!("  data_dir   {}", config.worker.data_dir.display());
+            emit!("  key_file   {}", config.worker.key_file.display());
+            emit!("  scheduler  {}", config.network.scheduler_url);
+            emit!("  messenger  {}", config.network.messenger_url);
+            emit!("  gateway    {}", config.network.gateway_url);
+            emit!("  registry   {}", config.registry.process.as_deref().unwrap_or("(not set: `run` will refuse to start)"));
+            emit!("  api        {}", config.api.listen);
             Ok(())
         }
         Command::Capacity { config, data_dir } => {
@@ -157,7 +173,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let data_dir = data_dir.unwrap_or(config.worker.data_dir);
             let address = Keypair::load(&config.worker.key_file).ok().map(|k| k.address());
             let manifest = crate::capacity::detect(&crate::capacity::DetectOptions { data_dir, worker_address: address });
-            println!("{}", serde_json::to_string_pretty(&manifest)?);
+            emit!("{}", serde_json::to_string_pretty(&manifest)?);
             Ok(())
         }
     }
@@ -191,7 +207,7 @@ async fn devnet(
     no_worker: bool,
 ) -> anyhow::Result<()> {
     let mut net = Devnet::start(&DevnetOptions::new(data_dir, port_base)).await?;
-    println!("{}", serde_json::to_string(&net.urls)?);
+    emit!("{}", serde_json::to_string(&net.urls)?);
     if no_worker {
         wait_for_signal(CancellationToken::new()).await;
         net.shutdown().await;
@@ -255,7 +271,7 @@ async fn demo_once(net: &Devnet, worker: &Worker) -> anyhow::Result<()> {
         .await
         .context("the worker did not advertise its capacity within 120 s")?;
     let summary = read_back(net, &ad.id).await?;
-    println!("{}", serde_json::to_string(&summary)?);
+    emit!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
 
@@ -267,7 +283,11 @@ async fn serve_demo(net: &Devnet, worker: &Worker) -> anyhow::Result<()> {
             let ad = worker.advertised().await;
             if last.as_ref() != Some(&ad.id) {
                 match read_back(net, &ad.id).await {
-                    Ok(summary) => println!("{}", serde_json::to_string(&summary).unwrap_or_default()),
+                    Ok(summary) => {
+                        if let Err(e) = print_line(&serde_json::to_string(&summary).unwrap_or_default()) {
+                            tracing::warn!(error = %e, "cannot print");
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "read-back of the advertisement failed"),
                 }
                 last = Some(ad.id);

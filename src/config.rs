@@ -194,6 +194,11 @@ impl Config {
         let backoff_min = v.duration(&mut s, "network", "backoff_min", "200ms");
         let backoff_max = v.duration(&mut s, "network", "backoff_max", "10s");
         v.unknown(s, "network");
+        for (key, d) in [("request_timeout", request_timeout), ("connect_timeout", connect_timeout), ("backoff_max", backoff_max)] {
+            if d.is_zero() {
+                v.issue(&format!("network.{key}"), "must be greater than 0");
+            }
+        }
         if connect_timeout > request_timeout {
             v.issue("network.connect_timeout", format!("{connect_timeout:?} is longer than network.request_timeout ({request_timeout:?})"));
         }
@@ -403,6 +408,7 @@ mod tests {
             request_timeout = "3 fortnights"
             connect_timeout = "1m"
             max_attempts = 0
+            backoff_max = "0ms"
             [registry]
             process = "short"
             [api]
@@ -421,6 +427,7 @@ mod tests {
             "network.request_timeout",
             "network.connect_timeout",
             "network.max_attempts",
+            "network.backoff_max",
             "registry.process",
             "api.listen",
             "log.level",

@@ -106,9 +106,16 @@ impl Keypair {
             Err(e) => return Err(io(e)),
         };
         // create_new honours the umask; make sure the mode is exactly 0600 whatever it was.
-        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io)?;
-        file.write_all(self.to_jwk().as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)
+        let written = file
+            .set_permissions(fs::Permissions::from_mode(0o600))
+            .and_then(|()| file.write_all(self.to_jwk().as_bytes()))
+            .and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            // Leave no empty or partial key behind: it would block the next keygen.
+            let _ = fs::remove_file(path);
+            return Err(io(e));
+        }
+        Ok(())
     }
 
     /// Loads a key file, refusing one that group or others can read.

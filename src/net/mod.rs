@@ -179,7 +179,12 @@ impl HttpClient {
                         Err(e) => format!("reading the answer failed: {e}"),
                     }
                 }
-                Err(e) if e.is_timeout() => format!("timed out after {:?}", self.policy.request_timeout),
+                Err(e) if e.is_timeout() => {
+                    format!(
+                        "timed out (connect timeout {:?}, request timeout {:?})",
+                        self.policy.connect_timeout, self.policy.request_timeout
+                    )
+                }
                 Err(e) => format!("request failed: {}", error_chain(&e)),
             };
             if attempt >= self.policy.max_attempts {
