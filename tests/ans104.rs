@@ -287,3 +287,41 @@ proptest! {
         let _ = DataItem::parse_verified(&raw);
     }
 }
+
+// ---- published RSA items (the AO scheduler's own test data) -------------------------------
+
+fn rsa_vector(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors").join(name);
+    b64::decode(std::fs::read_to_string(&path).unwrap().trim()).unwrap()
+}
+
+#[test]
+fn published_rsa_items_parse_with_their_ids_and_cannot_be_verified() {
+    let cases = [
+        ("su_rsa_message.b64", 1152, "6oYAxVAnH8yKsZKpMgHSbRv7uVWey68PAqYuSXeZBbg", Some("4QKhXnyl1z3HEPprMKfTeXrWPRuQjK6O99k5SFKGuck")),
+        ("su_rsa_assignment.b64", 1303, "P_N-NEMtNRpNXemOHMNu9Gjx4AbNhAl-7_5CGtPC6PM", None),
+        ("su_rsa_process.b64", 1262, "boxXWZqkBaZmOKJ3Vh7PZzC07Q9OXmxF4QT_ikodfNY", Some("4QKhXnyl1z3HEPprMKfTeXrWPRuQjK6O99k5SFKGuck")),
+    ];
+    for (file, len, id, owner) in cases {
+        let raw = rsa_vector(file);
+        assert_eq!(raw.len(), len, "{file}");
+        let item = DataItem::parse(&raw).unwrap();
+        assert_eq!(item.signature_type, SignatureType::Arweave);
+        assert_eq!(item.id(), id, "{file}");
+        if let Some(owner) = owner {
+            assert_eq!(item.owner_address(), owner, "{file}");
+        }
+        assert_eq!(item.to_bytes(), raw, "{file} round trip");
+        assert_eq!(item.verify(), Err(Ans104Error::UnsupportedSignatureType(SignatureType::Arweave)));
+    }
+    let message = DataItem::parse(&rsa_vector("su_rsa_message.b64")).unwrap();
+    assert_eq!(message.target_id().as_deref(), Some("-oM8CYgbqsRcpI3tE_cpGM3kgDlamnYjSGA4nptPao0"));
+    assert_eq!(message.data, b"6583");
+    assert_eq!(message.tags.len(), 5);
+    assert!(message.raw_tags().starts_with(&hex::decode("0a1a446174612d").unwrap()));
+    assert!(message.raw_tags().ends_with(&hex::decode("04616f00").unwrap()));
+    let assignment = DataItem::parse(&rsa_vector("su_rsa_assignment.b64")).unwrap();
+    for (name, value) in [("Epoch", "0"), ("Nonce", "1"), ("Block-Height", "000001393008"), ("Timestamp", "1711676638471")] {
+        assert_eq!(assignment.tag(name), Some(value), "{name}");
+    }
+}
