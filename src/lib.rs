@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod devnet;
 pub mod httpd;
+pub mod journal;
 pub mod logging;
 pub mod metrics;
 pub mod net;
