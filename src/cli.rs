@@ -225,13 +225,14 @@ async fn devnet(
 
 fn devnet_worker_config(worker_dir: &Path, net: &Devnet, advertise_interval: std::time::Duration) -> anyhow::Result<Config> {
     let text = format!(
-        "[worker]\ndata_dir = {dir:?}\nkey_file = \"worker.key\"\n[network]\nscheduler_url = {su:?}\nmessenger_url = {mu:?}\ngateway_url = {gw:?}\nmax_attempts = 3\n[registry]\nprocess = {reg:?}\nadvertise_interval = \"{ms}ms\"\n",
+        "[worker]\ndata_dir = {dir:?}\nkey_file = \"worker.key\"\n[network]\nscheduler_url = {su:?}\nmessenger_url = {mu:?}\ngateway_url = {gw:?}\nmax_attempts = 3\n[registry]\nprocess = {reg:?}\nadvertise_interval = \"{ms}ms\"\nauthorities = [{auth:?}]\npoll_interval = \"200ms\"\n",
         dir = worker_dir.display().to_string(),
         su = net.urls.scheduler,
         mu = net.urls.messenger,
         gw = net.urls.gateway,
         reg = net.urls.registry,
         ms = advertise_interval.as_millis(),
+        auth = net.authority.address(),
     );
     Ok(Config::parse("(devnet worker)", &text, &config::Overrides::default())?)
 }
@@ -272,11 +273,15 @@ async fn demo_once(net: &Devnet, worker: &Worker) -> anyhow::Result<()> {
         .context("the worker did not advertise its capacity within 120 s")?;
     let summary = read_back(net, &ad.id).await?;
     emit!("{}", serde_json::to_string(&summary)?);
-    Ok(())
+    crate::demo::run(net, worker, &|v| {
+        let _ = print_line(&v.to_string());
+    })
+    .await
 }
 
 async fn serve_demo(net: &Devnet, worker: &Worker) -> anyhow::Result<()> {
     let token = worker.shutdown_token();
+    demo_once(net, worker).await?;
     let printer = async {
         let mut last = None;
         loop {

@@ -26,6 +26,9 @@ pub struct Config {
     pub worker: WorkerSection,
     pub network: NetworkSection,
     pub registry: RegistrySection,
+    pub jobs: JobsSection,
+    pub limits: LimitsSection,
+    pub attestation: AttestationSection,
     pub api: ApiSection,
     pub log: LogSection,
 }
@@ -54,6 +57,27 @@ pub struct RegistrySection {
     /// Empty when not configured.
     pub process: Option<String>,
     pub advertise_interval: Duration,
+    pub authorities: Vec<String>,
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobsSection {
+    pub processes: Vec<String>,
+    pub max_concurrent: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsSection {
+    pub max_memory: u64,
+    pub max_compute: u64,
+    pub deadline: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttestationSection {
+    /// `None`: the registry process.
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -209,12 +233,45 @@ impl Config {
         let mut s = v.section(&mut root, "registry");
         let process = v.string(&mut s, "registry", "process", "", overrides.registry.as_deref());
         let advertise_interval = v.duration(&mut s, "registry", "advertise_interval", "5m");
+        let authorities = v.ids(&mut s, "registry", "authorities");
+        let poll_interval = v.duration(&mut s, "registry", "poll_interval", "1s");
         v.unknown(s, "registry");
+        if poll_interval.is_zero() {
+            v.issue("registry.poll_interval", "must be greater than 0");
+        }
         if !process.is_empty() && !crate::protocol::b64::is_id(&process) {
             v.issue("registry.process", format!("{process:?} is not a 43-character base64url process id"));
         }
         if advertise_interval < Duration::from_secs(1) {
             v.issue("registry.advertise_interval", "must be at least 1s");
+        }
+
+        let mut s = v.section(&mut root, "jobs");
+        let processes = v.ids(&mut s, "jobs", "processes");
+        let max_concurrent = v.integer(&mut s, "jobs", "max_concurrent", 4, 1, 1024) as usize;
+        v.unknown(s, "jobs");
+
+        let mut s = v.section(&mut root, "limits");
+        let max_memory_text = v.string(&mut s, "limits", "max_memory", "1-gb", None);
+        let max_compute = v.integer(&mut s, "limits", "max_compute", 9_000_000_000_000, 1, i64::MAX) as u64;
+        let deadline = v.duration(&mut s, "limits", "deadline", "60s");
+        v.unknown(s, "limits");
+        let max_memory = crate::runtime::limits::parse_memory_limit(&max_memory_text).unwrap_or_else(|| {
+            v.issue("limits.max_memory", format!("{max_memory_text:?} is not a size such as 512-mb or 1-gb"));
+            1 << 30
+        });
+        if max_memory > 4 << 30 {
+            v.issue("limits.max_memory", format!("{max_memory_text} is more than the 4 GiB a wasm32 memory can hold"));
+        }
+        if deadline.is_zero() {
+            v.issue("limits.deadline", "must be greater than 0");
+        }
+
+        let mut s = v.section(&mut root, "attestation");
+        let target = v.string(&mut s, "attestation", "target", "", None);
+        v.unknown(s, "attestation");
+        if !target.is_empty() && !crate::protocol::b64::is_id(&target) {
+            v.issue("attestation.target", format!("{target:?} is not a 43-character base64url process id"));
         }
 
         let mut s = v.section(&mut root, "api");
@@ -245,7 +302,7 @@ impl Config {
         };
 
         for (name, _) in root {
-            v.issue(&name, "unknown section (known: worker, network, registry, api, log)");
+            v.issue(&name, "unknown section (known: worker, network, registry, jobs, limits, attestation, api, log)");
         }
         if !v.issues.is_empty() {
             return Err(fail(v.issues));
@@ -262,7 +319,10 @@ impl Config {
                 backoff_min,
                 backoff_max,
             },
-            registry: RegistrySection { process: Some(process).filter(|p| !p.is_empty()), advertise_interval },
+            registry: RegistrySection { process: Some(process).filter(|p| !p.is_empty()), advertise_interval, authorities, poll_interval },
+            jobs: JobsSection { processes, max_concurrent },
+            limits: LimitsSection { max_memory, max_compute, deadline },
+            attestation: AttestationSection { target: Some(target).filter(|t| !t.is_empty()) },
             api: ApiSection { listen },
             log: LogSection { level, format },
         })
@@ -328,6 +388,31 @@ impl Validator {
             }
         };
         env.map(str::to_owned).unwrap_or(from_file)
+    }
+
+    /// A list of 43-character ids (process ids or addresses).
+    fn ids(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str) -> Vec<String> {
+        let path = format!("{section}.{key}");
+        match s.remove(key) {
+            None => Vec::new(),
+            Some(toml::Value::Array(items)) => {
+                let mut out = Vec::new();
+                for (i, item) in items.into_iter().enumerate() {
+                    match item {
+                        toml::Value::String(id) if crate::protocol::b64::is_id(&id) => out.push(id),
+                        toml::Value::String(id) => {
+                            self.issue(&format!("{path}[{i}]"), format!("{id:?} is not a 43-character base64url id"))
+                        }
+                        other => self.issue(&format!("{path}[{i}]"), format!("expected a string, found {}", other.type_str())),
+                    }
+                }
+                out
+            }
+            Some(other) => {
+                self.issue(&path, format!("expected an array of ids, found {}", other.type_str()));
+                Vec::new()
+            }
+        }
     }
 
     fn url(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str, default: &str) -> String {
@@ -411,6 +496,13 @@ mod tests {
             backoff_max = "0ms"
             [registry]
             process = "short"
+            authorities = ["nope", 3]
+            [jobs]
+            max_concurrent = 0
+            [limits]
+            max_memory = "lots"
+            [attestation]
+            target = "x"
             [api]
             listen = "everywhere"
             [log]
@@ -429,6 +521,11 @@ mod tests {
             "network.max_attempts",
             "network.backoff_max",
             "registry.process",
+            "registry.authorities[0]",
+            "registry.authorities[1]",
+            "jobs.max_concurrent",
+            "limits.max_memory",
+            "attestation.target",
             "api.listen",
             "log.level",
             "log.format",

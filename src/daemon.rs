@@ -15,8 +15,11 @@ use crate::advertise;
 use crate::attest::Keypair;
 use crate::capacity::{self, CapacityManifest, DetectOptions};
 use crate::config::Config;
+use crate::jobs;
+use crate::journal::Journal;
 use crate::metrics::Metrics;
-use crate::net::{MessengerClient, NetError, Policy, SchedulerClient};
+use crate::net::{GatewayClient, MessengerClient, NetError, Policy, SchedulerClient};
+use crate::runtime::{Runtime, RuntimeConfig};
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -43,6 +46,8 @@ pub struct Status {
 pub struct WorkerState {
     pub address: String,
     pub metrics: Arc<Metrics>,
+    /// The work loop: journal, runtime and served processes, for the compute-unit API.
+    pub jobs: Arc<jobs::Context>,
     status: Mutex<Status>,
     advertised: watch::Sender<Option<Advertisement>>,
 }
@@ -73,10 +78,38 @@ impl Worker {
         let manifest = tokio::task::spawn_blocking(move || capacity::detect(&opts)).await.context("capacity detection failed")?;
         tracing::info!(%address, capacity = %manifest.backends_summary(), "worker identity and capacity");
         let metrics = Metrics::new(&address, &manifest.backends_summary());
-        let (advertised, _) = watch::channel(None);
+        let (advertised, advertised_rx) = watch::channel(None);
+        let data_dir = &config.worker.data_dir;
+        let runtime = Runtime::new(RuntimeConfig {
+            cache_dir: data_dir.join("modules"),
+            max_memory: config.limits.max_memory,
+            max_compute: config.limits.max_compute,
+            deadline: config.limits.deadline,
+        })
+        .context("cannot start the wasm runtime")?;
+        let journal = Journal::open(&data_dir.join("journal.redb")).context("cannot open the journal")?;
+        let policy = Policy::from_config(&config.network);
+        let scheduler = SchedulerClient::new(&config.network.scheduler_url, policy.clone());
+        let messenger = MessengerClient::new(&config.network.messenger_url, policy.clone());
+        let gateway = GatewayClient::new(&config.network.gateway_url, policy.clone());
+        let key = Arc::new(key);
+        let jobs = jobs::Context::new(
+            journal,
+            Arc::new(runtime),
+            key.clone(),
+            (scheduler.clone(), messenger.clone(), gateway),
+            registry.clone(),
+            config.registry.authorities.clone(),
+            config.attestation.target.clone().unwrap_or_else(|| registry.clone()),
+            config.registry.poll_interval,
+            config.jobs.max_concurrent,
+            advertised_rx,
+            manifest.host.cpu.model.clone(),
+        );
         let state = Arc::new(WorkerState {
             address,
             metrics,
+            jobs: jobs.clone(),
             status: Mutex::new(Status { manifest: Some(manifest.clone()), ..Status::default() }),
             advertised,
         });
@@ -92,8 +125,6 @@ impl Worker {
         let mut tasks = vec![crate::httpd::serve(listener, crate::api::router(state.clone()), shutdown.clone())];
         tracing::info!(api = %api_url, "worker api listening");
 
-        let policy = Policy::from_config(&config.network);
-        let scheduler = SchedulerClient::new(&config.network.scheduler_url, policy.clone());
         match scheduler.process(&registry).await {
             Ok(_) => {}
             Err(e @ NetError::NotFound { .. }) => {
@@ -102,7 +133,6 @@ impl Worker {
             }
             Err(e) => tracing::warn!(error = %e, "cannot check the registry process yet; advertising anyway"),
         }
-        let messenger = MessengerClient::new(&config.network.messenger_url, policy);
         let heartbeat = Heartbeat {
             state: state.clone(),
             key,
@@ -113,6 +143,12 @@ impl Worker {
             manifest,
         };
         tasks.push(tokio::spawn(heartbeat.run(shutdown.clone())));
+        let (processes, token) = (config.jobs.processes.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = jobs::run(jobs, processes, token).await {
+                tracing::error!(error = %e, "work loop stopped");
+            }
+        }));
         if let Some(period) = sd_notify::watchdog_enabled() {
             tasks.push(tokio::spawn(watchdog(period / 2, shutdown.clone())));
         }
@@ -149,7 +185,7 @@ impl Worker {
 
 struct Heartbeat {
     state: Arc<WorkerState>,
-    key: Keypair,
+    key: Arc<Keypair>,
     messenger: MessengerClient,
     registry: String,
     interval: Duration,

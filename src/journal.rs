@@ -116,6 +116,9 @@ pub struct Outgoing {
     #[serde(with = "b64_bytes")]
     pub bytes: Vec<u8>,
     pub confirmed: bool,
+    /// Why the network refused it for good, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 mod b64_bytes {
@@ -249,10 +252,8 @@ impl Journal {
             let mut progress = tx.open_table(PROGRESS).map_err(st)?;
             let previous: Option<Progress> =
                 progress.get(process).map_err(st)?.map(|v| serde_json::from_slice(v.value())).transpose().map_err(corrupt)?;
-            if let Some(p) = &previous {
-                if c.progress.nonce <= p.nonce {
-                    return Err(corrupt(format!("commit of nonce {} after nonce {} for {process}", c.progress.nonce, p.nonce)));
-                }
+            if let Some(p) = previous.as_ref().filter(|p| c.progress.nonce <= p.nonce) {
+                return Err(corrupt(format!("commit of nonce {} after nonce {} for {process}", c.progress.nonce, p.nonce)));
             }
             // Content-addressed state with reference counts: identical images are stored once,
             // and an image no process points at any more is dropped.
@@ -319,7 +320,14 @@ impl Journal {
     }
 
     /// Results of a process with nonce in `(from, to]`, ascending or descending, at most `limit`.
-    pub fn results(&self, process: &str, from: Option<u64>, to: Option<u64>, limit: usize, descending: bool) -> Result<Vec<ResultRecord>, JournalError> {
+    pub fn results(
+        &self,
+        process: &str,
+        from: Option<u64>,
+        to: Option<u64>,
+        limit: usize,
+        descending: bool,
+    ) -> Result<Vec<ResultRecord>, JournalError> {
         let lo = match from {
             Some(f) => match f.checked_add(1) {
                 Some(l) => l,
@@ -368,6 +376,15 @@ impl Journal {
 
     /// Marks an item as accepted by the network; idempotent.
     pub fn confirm(&self, id: &str) -> Result<(), JournalError> {
+        self.settle(id, None)
+    }
+
+    /// Sets an item aside that the network refused for good; it is kept with the reason.
+    pub fn refuse(&self, id: &str, reason: &str) -> Result<(), JournalError> {
+        self.settle(id, Some(reason))
+    }
+
+    fn settle(&self, id: &str, refused: Option<&str>) -> Result<(), JournalError> {
         let tx = self.db.begin_write().map_err(st)?;
         {
             let mut pending_key = tx.open_table(PENDING_KEY).map_err(st)?;
@@ -378,7 +395,8 @@ impl Journal {
                 let record = outgoing.get(id).map_err(st)?.map(|v| v.value().to_vec());
                 if let Some(bytes) = record {
                     let mut item: Outgoing = serde_json::from_slice(&bytes).map_err(corrupt)?;
-                    item.confirmed = true;
+                    item.confirmed = refused.is_none();
+                    item.refused = refused.map(str::to_owned);
                     let v = serde_json::to_vec(&item).map_err(corrupt)?;
                     outgoing.insert(id, v.as_slice()).map_err(st)?;
                 }
@@ -429,12 +447,26 @@ mod tests {
     }
 
     fn out(id: &str, process: &str, nonce: u64) -> Outgoing {
-        Outgoing { id: id.into(), kind: OutKind::Message, process: process.into(), nonce, bytes: id.as_bytes().to_vec(), confirmed: false }
+        Outgoing {
+            id: id.into(),
+            kind: OutKind::Message,
+            process: process.into(),
+            nonce,
+            bytes: id.as_bytes().to_vec(),
+            confirmed: false,
+            refused: None,
+        }
     }
 
     fn commit(j: &Journal, process: &str, nonce: u64, image: Option<&[u8]>, items: &[Outgoing]) {
         let state_hash = image.map(sha256_hex).or_else(|| j.progress(process).unwrap().and_then(|p| p.state_hash));
-        let progress = Progress { nonce, hash_chain: format!("hc{nonce}"), assignment: format!("a{nonce}"), state_hash: state_hash.clone(), timestamp: nonce };
+        let progress = Progress {
+            nonce,
+            hash_chain: format!("hc{nonce}"),
+            assignment: format!("a{nonce}"),
+            state_hash: state_hash.clone(),
+            timestamp: nonce,
+        };
         let result = record(process, nonce, state_hash, items.iter().map(|i| i.id.clone()).collect());
         j.commit(&Commit { progress: &progress, result: &result, state: image, outgoing: items }).unwrap();
     }

@@ -383,3 +383,23 @@ async fn gateway_stores_and_serves_items() {
     assert!(info["height"].as_u64().unwrap() >= 1_500_000);
     net.devnet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_serves_verifiable_items() {
+    let net = start().await;
+    let key = Keypair::generate().unwrap();
+    let item = DataItemBuilder::new()
+        .anchor([0xfe; 32])
+        .target([4; 32])
+        .tags(vec![Tag::new("Type", "Module"), Tag::new("Module-Format", ao::MODULE_FORMAT)])
+        .data(vec![0, 1, 2, 255])
+        .sign(&key)
+        .unwrap();
+    net.gw.upload(&item).await.unwrap();
+    let fetched = net.gw.item(&item.id()).await.unwrap();
+    assert_eq!(fetched, item, "binary anchor and data survive");
+    let meta = net.gw.meta(&item.id()).await.unwrap();
+    assert!(meta.verified_item(vec![0, 1, 2, 254]).is_err(), "other data does not verify");
+    assert!(matches!(net.gw.item(&b64::encode(&[1; 32])).await, Err(NetError::NotFound { .. })));
+    net.devnet.shutdown().await;
+}

@@ -160,14 +160,26 @@ async fn devnet_once_runs_the_demo_and_exits_zero() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "devnet --once failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(lines.len() >= 4, "{stdout}");
     assert!(lines[0]["registry"].is_string());
     assert_eq!(lines[1]["signature_verified"], true);
     assert_eq!(lines[1]["registry"], lines[0]["registry"]);
+    // The demo: every message evaluated and attested, the failed one rolled back, the Pong
+    // delivered through the messenger to the second process.
+    let last = lines.last().unwrap();
+    assert_eq!(last["demo"], "ok", "{stdout}");
+    assert_eq!(last["count"], "count=7");
+    assert_eq!(last["pong_output"], "ignored: Pong");
+    let evaluated: Vec<_> = lines.iter().filter(|l| l.get("action").is_some()).collect();
+    assert_eq!(evaluated.len(), 7, "{stdout}");
+    assert!(evaluated.iter().all(|l| l["attestation"].is_string()), "every message is attested");
+    let fail = evaluated.iter().find(|l| l["action"] == "Fail").unwrap();
+    assert_eq!(fail["error"], "failed on purpose");
     // A second run reuses the same devnet: same registry, the schedule continues.
     let again = command().args(["devnet", "--once", "--port-base", "0", "--data-dir"]).arg(tmp.path()).output().unwrap();
     assert!(again.status.success());
     let again: Vec<serde_json::Value> = String::from_utf8_lossy(&again.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(again[0]["registry"], lines[0]["registry"]);
     assert!(again[1]["nonce"].as_u64().unwrap() > lines[1]["nonce"].as_u64().unwrap());
+    assert_eq!(again.last().unwrap()["demo"], "ok");
 }

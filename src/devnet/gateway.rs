@@ -15,7 +15,7 @@ use serde_json::json;
 use super::Clock;
 use super::store::Store;
 use crate::httpd::{ApiError, body, no_route, wrong_method};
-use crate::net::gateway::Uploaded;
+use crate::net::gateway::{ItemMeta, Uploaded};
 use crate::protocol::{DataItem, b64};
 
 /// Largest item the devnet gateway takes (modules and model weights go through it).
@@ -38,6 +38,7 @@ impl GatewayUnit {
             .route("/tx", post(upload))
             .route("/tx/arweave", post(upload))
             .route("/raw/{id}", get(raw))
+            .route("/tx/{id}", get(meta))
             .route("/health", get(|| async { StatusCode::OK }))
             .fallback(no_route)
             .method_not_allowed_fallback(wrong_method)
@@ -61,6 +62,19 @@ async fn upload(State(gw): State<GatewayUnit>, raw: Result<Bytes, BytesRejection
     let id2 = id.clone();
     let timestamp = tokio::task::spawn_blocking(move || store.gateway_put(&id2, &raw, Clock::now_ms())).await??;
     Ok(Json(Uploaded { id, timestamp }))
+}
+
+/// `GET /tx/{id}`: the item's signed fields without its data, as bundler nodes describe
+/// the items they hold. With `GET /raw/{id}` it rebuilds the signed item for verification.
+async fn meta(State(gw): State<GatewayUnit>, Path(id): Path<String>) -> Result<Json<ItemMeta>, ApiError> {
+    b64::decode_id(&id).map_err(|e| ApiError::bad_request(format!("invalid id: {e}")))?;
+    let store = gw.store.clone();
+    let id2 = id.clone();
+    let bytes = tokio::task::spawn_blocking(move || store.gateway_get(&id2)).await??;
+    let bytes = bytes.ok_or_else(|| ApiError::not_found(format!("item {id} not found")))?;
+    let item = DataItem::parse(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored item {id} is corrupt: {e}")))?;
+    Ok(Json(ItemMeta::from_item(&item)))
 }
 
 async fn raw(State(gw): State<GatewayUnit>, Path(id): Path<String>) -> Result<Response, ApiError> {

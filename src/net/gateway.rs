@@ -5,13 +5,61 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use super::{HttpClient, NetError, Policy, Unit};
-use crate::protocol::DataItem;
+use crate::protocol::{DataItem, SignatureType, Tag, b64};
 
 /// Answer of `POST /tx`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Uploaded {
     pub id: String,
     pub timestamp: u64,
+}
+
+/// `GET /tx/{id}`: an item's signed fields, without its data (binary fields base64url).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemMeta {
+    pub id: String,
+    pub signature_type: u16,
+    pub signature: String,
+    pub owner: String,
+    pub owner_address: String,
+    pub target: Option<String>,
+    pub anchor: Option<String>,
+    pub tags: Vec<Tag>,
+    pub data_size: u64,
+}
+
+impl ItemMeta {
+    pub fn from_item(item: &DataItem) -> Self {
+        Self {
+            id: item.id(),
+            signature_type: item.signature_type.code(),
+            signature: b64::encode(&item.signature),
+            owner: b64::encode(&item.owner),
+            owner_address: item.owner_address(),
+            target: item.target_id(),
+            anchor: item.anchor.map(|a| b64::encode(&a)),
+            tags: item.tags.clone(),
+            data_size: item.data.len() as u64,
+        }
+    }
+
+    /// Rebuilds the signed item from these fields and its data, and verifies it: proof that
+    /// the data is what the owner signed under this id.
+    pub fn verified_item(&self, data: Vec<u8>) -> Result<DataItem, String> {
+        let signature_type =
+            SignatureType::from_code(self.signature_type).ok_or_else(|| format!("unknown signature type {}", self.signature_type))?;
+        let bad = |what: &str| format!("{what} is not base64url");
+        let signature = b64::decode(&self.signature).map_err(|_| bad("signature"))?;
+        let owner = b64::decode(&self.owner).map_err(|_| bad("owner"))?;
+        let target = self.target.as_deref().map(b64::decode_id).transpose().map_err(|e| e.to_string())?;
+        let anchor = self.anchor.as_deref().map(b64::decode_id).transpose().map_err(|e| e.to_string())?;
+        let item = DataItem::from_parts(signature_type, signature, owner, target, anchor, self.tags.clone(), data);
+        item.verify().map_err(|e| e.to_string())?;
+        if item.id() != self.id {
+            return Err(format!("item rebuilds to id {}, not {}", item.id(), self.id));
+        }
+        Ok(item)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +97,25 @@ impl GatewayClient {
             Err(NetError::Rejected { status: 404, .. }) => Err(NetError::NotFound { unit: Unit::Gateway, what: "item", id: id.to_owned() }),
             Err(e) => Err(e),
         }
+    }
+
+    /// `GET /tx/{id}`: an item's signed fields.
+    pub async fn meta(&self, id: &str) -> Result<ItemMeta, NetError> {
+        match self.http.json(Method::GET, &format!("/tx/{id}"), None).await {
+            Err(NetError::Rejected { status: 404, .. }) => Err(NetError::NotFound { unit: Unit::Gateway, what: "item", id: id.to_owned() }),
+            other => other,
+        }
+    }
+
+    /// The whole signed item: its fields and data, verified against each other.
+    pub async fn item(&self, id: &str) -> Result<DataItem, NetError> {
+        let meta = self.meta(id).await?;
+        let data = self.raw(id).await?;
+        meta.verified_item(data).map_err(|reason| NetError::BadAnswer {
+            unit: Unit::Gateway,
+            url: format!("{}/tx/{id}", self.base()),
+            reason,
+        })
     }
 
     /// `HEAD /raw/{id}`: whether the gateway holds the item, without downloading it.

@@ -1,0 +1,375 @@
+//! The work loop: follow the registry for workloads assigned to this worker, pull each served
+//! process's schedule in nonce order (hash chain verified), evaluate every message, commit
+//! the result to the journal, and post what it produced through the messenger.
+//!
+//! Invariants: messages of one process are evaluated strictly in nonce order, each exactly
+//! once (the journal's progress is the only cursor, advanced in the same transaction as the
+//! result); processes run concurrently up to `jobs.max_concurrent`; nothing is posted that
+//! is not first in the journal.
+
+pub mod eval;
+mod poster;
+mod registry;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::attest::Keypair;
+use crate::attest::attestation::Attestation;
+use crate::daemon::Advertisement;
+use crate::journal::{Commit, Journal, OutKind, Outgoing, Progress, ResultRecord, sha256_hex};
+use crate::net::scheduler::Range;
+use crate::net::{GatewayClient, MessengerClient, NetError, SchedulerClient};
+use crate::protocol::su::{ItemJson, MessageNode, next_hash_chain};
+use crate::protocol::{DataItem, b64};
+use crate::runtime::{ActorModule, EvalInput, Limits, Runtime};
+
+use eval::Slot;
+
+/// Everything the work loop needs, shared by its tasks.
+pub struct Context {
+    pub journal: Journal,
+    pub runtime: Arc<Runtime>,
+    pub key: Arc<Keypair>,
+    pub address: String,
+    pub scheduler: SchedulerClient,
+    pub messenger: MessengerClient,
+    pub gateway: GatewayClient,
+    pub registry: String,
+    pub authorities: Vec<String>,
+    pub attestation_target: String,
+    pub poll: Duration,
+    pub max_concurrent: usize,
+    /// The latest capacity advertisement, named in each attestation.
+    pub advertised: watch::Receiver<Option<Advertisement>>,
+    pub backend: String,
+    pub device: String,
+    processes: Mutex<HashMap<String, Arc<ProcessSetup>>>,
+    halted: Mutex<HashMap<String, String>>,
+}
+
+/// A served process with its verified module, loaded once.
+pub struct ProcessSetup {
+    pub process: ItemJson,
+    pub module_item: DataItem,
+    pub module: Arc<ActorModule>,
+    pub limits: Limits,
+    pub env_json: String,
+}
+
+/// Why a process stopped being evaluated. Transient failures are retried at the next poll.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("process {process} halted: {reason}")]
+    Halted { process: String, reason: String },
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+}
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        journal: Journal,
+        runtime: Arc<Runtime>,
+        key: Arc<Keypair>,
+        clients: (SchedulerClient, MessengerClient, GatewayClient),
+        registry: String,
+        authorities: Vec<String>,
+        attestation_target: String,
+        poll: Duration,
+        max_concurrent: usize,
+        advertised: watch::Receiver<Option<Advertisement>>,
+        device: String,
+    ) -> Arc<Self> {
+        let address = key.address();
+        Arc::new(Self {
+            journal,
+            runtime,
+            key,
+            address,
+            scheduler: clients.0,
+            messenger: clients.1,
+            gateway: clients.2,
+            registry,
+            authorities,
+            attestation_target,
+            poll,
+            max_concurrent,
+            advertised,
+            backend: "cpu".into(),
+            device,
+            processes: Mutex::new(HashMap::new()),
+            halted: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Processes that stopped on an error that retrying cannot fix, with the reason.
+    pub fn halted(&self) -> HashMap<String, String> {
+        self.halted.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The process's setup: its item from the scheduler, its module from the gateway
+    /// (verified against its signed item), compiled, with limits resolved.
+    pub async fn setup(&self, process: &str) -> Result<Arc<ProcessSetup>, JobError> {
+        if let Some(s) = self.processes.lock().unwrap_or_else(|p| p.into_inner()).get(process) {
+            return Ok(s.clone());
+        }
+        let halt = |reason: String| JobError::Halted { process: process.to_owned(), reason };
+        let info = self.scheduler.process(process).await?;
+        let process_item = ItemJson {
+            id: info.process_id.clone(),
+            owner: info.owner.clone(),
+            data: info.data.clone(),
+            tags: info.tags.clone(),
+            signature: info.signature.clone().unwrap_or_default(),
+            anchor: info.anchor.clone(),
+            target: info.target.clone(),
+        };
+        let module_id = process_item.tag("Module").ok_or_else(|| halt("process has no Module tag".into()))?.to_owned();
+        let module_item = match self.gateway.item(&module_id).await {
+            Ok(m) => m,
+            Err(NetError::BadAnswer { reason, .. }) => return Err(halt(format!("module {module_id} does not verify: {reason}"))),
+            Err(NetError::NotFound { .. }) => return Err(halt(format!("module {module_id} not found on the gateway"))),
+            Err(e) => return Err(e.into()),
+        };
+        let runtime = self.runtime.clone();
+        let (data, tags) = (module_item.data.clone(), module_item.tags.clone());
+        let module = tokio::task::spawn_blocking(move || runtime.load(&data, &tags))
+            .await
+            .map_err(|e| halt(format!("module load task failed: {e}")))?
+            .map_err(|e| halt(format!("module {module_id}: {e}")))?;
+        let limits = self.runtime.limits(&module_item.tags, &process_item.tags).map_err(|e| halt(e.to_string()))?;
+        let env_json = eval::env_json(&process_item, &module_item);
+        let setup = Arc::new(ProcessSetup { process: process_item, module_item, module, limits, env_json });
+        self.processes.lock().unwrap_or_else(|p| p.into_inner()).insert(process.to_owned(), setup.clone());
+        Ok(setup)
+    }
+
+    /// Evaluates every message of `process` the scheduler has and the journal has not.
+    pub async fn catch_up(&self, process: &str) -> Result<usize, JobError> {
+        let setup = self.setup(process).await?;
+        let process_raw = b64::decode_id(process).map_err(|e| JobError::Halted { process: process.into(), reason: e.to_string() })?;
+        let mut evaluated = 0;
+        loop {
+            let progress = self.journal.progress(process)?;
+            let range = Range { from: progress.as_ref().map(|p| p.nonce), limit: Some(100), by_nonce: true, ..Range::default() };
+            let page = self.scheduler.page(process, &range).await?;
+            if page.edges.is_empty() {
+                return Ok(evaluated);
+            }
+            let mut prev = progress;
+            for edge in page.edges {
+                let slot =
+                    Slot::from_assignment(&edge.node.assignment).map_err(|reason| JobError::Halted { process: process.into(), reason })?;
+                check_chain(process, &process_raw, prev.as_ref(), &slot)?;
+                let next = self.evaluate(&setup, prev.as_ref(), &edge.node, &slot).await?;
+                prev = Some(next);
+                evaluated += 1;
+            }
+            if !page.page_info.has_next_page {
+                return Ok(evaluated);
+            }
+        }
+    }
+
+    /// Evaluates one scheduled message and commits everything it changes.
+    async fn evaluate(&self, setup: &ProcessSetup, prev: Option<&Progress>, node: &MessageNode, slot: &Slot) -> Result<Progress, JobError> {
+        let process = setup.process.id.clone();
+        let message = match &node.message {
+            Some(m) => m.clone(),
+            None => {
+                // An assignment of a transaction the scheduler does not hold: hydrate it.
+                let id = node.assignment.tag("Message").ok_or_else(|| JobError::Halted {
+                    process: process.clone(),
+                    reason: format!("assignment {} names no message", node.assignment.id),
+                })?;
+                ItemJson::from_item(&self.gateway.item(id).await?)
+            }
+        };
+        let module_id = setup.module_item.id();
+        let msg_json = eval::message_json(&message, slot, &module_id, false);
+        let state = match prev.and_then(|p| p.state_hash.clone()) {
+            Some(h) => Some(
+                self.journal
+                    .state(&h)?
+                    .ok_or_else(|| JobError::Halted { process: process.clone(), reason: format!("state {h} missing from the journal") })?,
+            ),
+            None => None,
+        };
+        let runtime = self.runtime.clone();
+        let module = setup.module.clone();
+        let (env_json, limits, message_id, msg) = (setup.env_json.clone(), setup.limits, message.id.clone(), msg_json.clone());
+        let timestamp = slot.timestamp;
+        let evaluation = tokio::task::spawn_blocking(move || {
+            let input = EvalInput { msg_json: &msg, env_json: &env_json, timestamp_ms: timestamp, message_id: &message_id, limits };
+            runtime.evaluate(&module, state.as_deref(), &input)
+        })
+        .await
+        .map_err(|e| JobError::Halted { process: process.clone(), reason: format!("evaluation task failed: {e}") })?;
+
+        let outcome: Result<serde_json::Value, String> = match &evaluation.outcome {
+            Ok(v) => Ok(v.clone()),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut response = eval::result_object(&outcome, evaluation.gas_used);
+        let new_state_hash = evaluation.memory.as_deref().map(sha256_hex).or_else(|| prev.and_then(|p| p.state_hash.clone()));
+        let mut outgoing = Vec::new();
+        if outcome.is_ok() {
+            let scheduler = self.scheduler_address().await;
+            let out = eval::outbox(&self.key, &process, &module_id, &message.id, slot.nonce, &response, &scheduler);
+            for d in &out.dropped {
+                tracing::warn!(%process, msg = %message.id, "{d}");
+            }
+            outgoing.extend(out.items.into_iter().map(|(kind, item)| to_outgoing(kind, &process, slot.nonce, &item)));
+        }
+        if let Err(e) = &outcome {
+            tracing::info!(%process, msg = %message.id, nonce = slot.nonce, error = %e, "evaluation failed; state rolled back");
+        }
+        let result_hash = sha256_hex(response.to_string().as_bytes());
+        let attestation = Attestation {
+            version: crate::attest::attestation::VERSION,
+            process: process.clone(),
+            message: message.id.clone(),
+            nonce: slot.nonce,
+            hash_chain: slot.hash_chain.clone(),
+            module: module_id.clone(),
+            message_sha256: sha256_hex(msg_json.as_bytes()),
+            env_sha256: sha256_hex(setup.env_json.as_bytes()),
+            result_sha256: result_hash.clone(),
+            state_sha256: new_state_hash.clone(),
+            gas_used: evaluation.gas_used,
+            backend: self.backend.clone(),
+            device: self.device.clone(),
+            capacity_advertisement: self.advertised.borrow().as_ref().map(|a| a.id.clone()),
+        };
+        let attestation_item = attestation
+            .sign(&self.key, &self.attestation_target)
+            .map_err(|e| JobError::Halted { process: process.clone(), reason: format!("cannot sign the attestation: {e}") })?;
+        outgoing.push(to_outgoing(OutKind::Attestation, &process, slot.nonce, &attestation_item));
+        if !evaluation.log.is_empty() {
+            response.as_object_mut().expect("result is an object").insert("Log".into(), serde_json::json!(evaluation.log));
+        }
+
+        let progress = Progress {
+            nonce: slot.nonce,
+            hash_chain: slot.hash_chain.clone(),
+            assignment: slot.assignment.clone(),
+            state_hash: new_state_hash.clone(),
+            timestamp: slot.timestamp,
+        };
+        let record = ResultRecord {
+            process: process.clone(),
+            message: message.id.clone(),
+            nonce: slot.nonce,
+            timestamp: slot.timestamp,
+            block_height: slot.block_height,
+            response,
+            message_hash: attestation.message_sha256.clone(),
+            result_hash,
+            state_hash: new_state_hash,
+            gas_used: evaluation.gas_used,
+            posted: outgoing.iter().map(|o| o.id.clone()).collect(),
+        };
+        let journal = self.journal.clone();
+        let memory = evaluation.memory;
+        tokio::task::spawn_blocking(move || {
+            journal
+                .commit(&Commit { progress: &progress, result: &record, state: memory.as_deref(), outgoing: &outgoing })
+                .map(|()| progress)
+        })
+        .await
+        .map_err(|e| JobError::Halted { process: process.clone(), reason: format!("commit task failed: {e}") })?
+        .map_err(JobError::from)
+    }
+
+    async fn scheduler_address(&self) -> String {
+        match self.scheduler.info().await {
+            Ok(i) => i.address,
+            Err(_) => String::new(),
+        }
+    }
+}
+
+fn to_outgoing(kind: OutKind, process: &str, nonce: u64, item: &DataItem) -> Outgoing {
+    Outgoing { id: item.id(), kind, process: process.to_owned(), nonce, bytes: item.to_bytes(), confirmed: false, refused: None }
+}
+
+/// Refuses a schedule entry that does not follow the last one: wrong nonce or broken chain.
+fn check_chain(process: &str, process_raw: &[u8; 32], prev: Option<&Progress>, slot: &Slot) -> Result<(), JobError> {
+    let halt = |reason: String| JobError::Halted { process: process.to_owned(), reason };
+    let expected_nonce = prev.map_or(0, |p| p.nonce + 1);
+    if slot.nonce != expected_nonce {
+        return Err(halt(format!("scheduler sent nonce {} where {expected_nonce} was next", slot.nonce)));
+    }
+    let previous = match prev {
+        None => None,
+        Some(p) => Some((
+            b64::decode_id(&p.assignment).map_err(|e| halt(e.to_string()))?,
+            b64::decode_id(&p.hash_chain).map_err(|e| halt(e.to_string()))?,
+        )),
+    };
+    let expected = b64::encode(&next_hash_chain(process_raw, previous.as_ref().map(|(a, h)| (a, h))));
+    if slot.hash_chain != expected {
+        return Err(halt(format!("hash chain broken at nonce {}: scheduler says {}, expected {expected}", slot.nonce, slot.hash_chain)));
+    }
+    Ok(())
+}
+
+/// Runs the work loop until `shutdown`: the registry follower, the poster, and one
+/// catch-up task per served process per poll, at most `max_concurrent` at a time.
+pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    for p in configured {
+        ctx.journal
+            .serve(&crate::journal::Served { process: p, assigned_by: "config".into() })
+            .context("cannot record configured processes")?;
+    }
+    let follower = tokio::spawn(registry::follow(ctx.clone(), shutdown.clone()));
+    let poster = tokio::spawn(poster::run(ctx.clone(), shutdown.clone()));
+    let permits = Arc::new(Semaphore::new(ctx.max_concurrent));
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    loop {
+        match ctx.journal.served() {
+            Ok(served) => {
+                for s in served {
+                    let p = s.process;
+                    if ctx.halted.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&p) {
+                        continue;
+                    }
+                    if !running.lock().unwrap_or_else(|e| e.into_inner()).insert(p.clone()) {
+                        continue;
+                    }
+                    let (ctx, permits, running) = (ctx.clone(), permits.clone(), running.clone());
+                    tokio::spawn(async move {
+                        if let Ok(_permit) = permits.acquire().await {
+                            match ctx.catch_up(&p).await {
+                                Ok(0) => {}
+                                Ok(n) => tracing::debug!(process = %p, evaluated = n, "caught up"),
+                                Err(JobError::Halted { process, reason }) => {
+                                    tracing::error!(%process, %reason, "process halted");
+                                    ctx.halted.lock().unwrap_or_else(|e| e.into_inner()).insert(process, reason);
+                                }
+                                Err(e) => tracing::warn!(process = %p, error = %e, "will retry"),
+                            }
+                        }
+                        running.lock().unwrap_or_else(|e| e.into_inner()).remove(&p);
+                    });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read served processes"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(ctx.poll) => {}
+        }
+    }
+    let _ = follower.await;
+    let _ = poster.await;
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Following the registry process: `Action=Assign-Workload` / `Release-Workload` messages
+//! naming this worker (`Worker` tag) and a process (`Process` tag), signed by a configured
+//! authority, change the set of served processes. Everything else is ignored with a debug
+//! line. The registry cursor moves in the same transaction as the change it applies.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Context;
+use crate::journal::{RegistryChange, Served};
+use crate::net::scheduler::Range;
+use crate::protocol::ans104::address_of;
+use crate::protocol::b64;
+use crate::protocol::su::ItemJson;
+
+pub const ASSIGN: &str = "Assign-Workload";
+pub const RELEASE: &str = "Release-Workload";
+
+/// What a registry entry means for this worker.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    Serve(String),
+    Release(String),
+    Ignore(String),
+}
+
+/// Decides one registry message: right action, names this worker, signed (verifiably) by
+/// an authority, names a valid process.
+pub fn decide(m: &ItemJson, me: &str, authorities: &[String]) -> Decision {
+    let action = m.tag("Action").unwrap_or_default();
+    if action != ASSIGN && action != RELEASE {
+        return Decision::Ignore(format!("action {action:?}"));
+    }
+    if m.tag("Worker") != Some(me) {
+        return Decision::Ignore("for another worker".into());
+    }
+    if !authorities.iter().any(|a| a == &m.owner.address) {
+        return Decision::Ignore(format!("signer {} is not an authority", m.owner.address));
+    }
+    // The address must be the signer's, and the signature must hold: the scheduler's word
+    // is not enough to hand out work.
+    let owner_ok = b64::decode(&m.owner.key).map(|k| address_of(&k) == m.owner.address).unwrap_or(false);
+    if !owner_ok {
+        return Decision::Ignore("owner key does not match the owner address".into());
+    }
+    match m.to_item().and_then(|i| i.verify().map_err(|e| e.to_string())) {
+        Ok(()) => {}
+        Err(e) => return Decision::Ignore(format!("signature cannot be verified: {e}")),
+    }
+    let Some(process) = m.tag("Process").filter(|p| b64::is_id(p)) else {
+        return Decision::Ignore("no valid Process tag".into());
+    };
+    if action == ASSIGN { Decision::Serve(process.to_owned()) } else { Decision::Release(process.to_owned()) }
+}
+
+pub async fn follow(ctx: Arc<Context>, shutdown: CancellationToken) {
+    loop {
+        if let Err(e) = step(&ctx).await {
+            tracing::warn!(error = %e, registry = %ctx.registry, "registry follow failed; will retry");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ctx.poll) => {}
+        }
+    }
+}
+
+async fn step(ctx: &Context) -> anyhow::Result<()> {
+    loop {
+        let cursor = ctx.journal.registry_cursor()?;
+        let page = ctx.scheduler.page(&ctx.registry, &Range { from: cursor, limit: Some(100), by_nonce: true, ..Range::default() }).await?;
+        for edge in &page.edges {
+            let nonce: u64 = edge
+                .node
+                .assignment
+                .tag("Nonce")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("registry entry without a Nonce"))?;
+            let decision = match &edge.node.message {
+                Some(m) => decide(m, &ctx.address, &ctx.authorities),
+                None => Decision::Ignore("assignment without a message".into()),
+            };
+            let id = edge.node.message.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+            match &decision {
+                Decision::Serve(p) => {
+                    tracing::info!(process = %p, by = %id, "workload assigned");
+                    ctx.journal.apply_registry(nonce, Some(RegistryChange::Serve(&Served { process: p.clone(), assigned_by: id })))?;
+                }
+                Decision::Release(p) => {
+                    tracing::info!(process = %p, by = %id, "workload released");
+                    ctx.journal.apply_registry(nonce, Some(RegistryChange::Release(p)))?;
+                }
+                Decision::Ignore(why) => {
+                    tracing::debug!(nonce, message = %id, %why, "registry entry ignored");
+                    ctx.journal.apply_registry(nonce, None)?;
+                }
+            }
+        }
+        if !page.page_info.has_next_page || page.edges.is_empty() {
+            return Ok(());
+        }
+    }
+}
