@@ -24,7 +24,8 @@ type Step<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn module_item(key: &Keypair) -> anyhow::Result<DataItem> {
+/// The counter module as a signed item, ready to publish.
+pub fn module_item(key: &Keypair) -> anyhow::Result<DataItem> {
     let mut tags = vec![Tag::new("Data-Protocol", ao::DATA_PROTOCOL), Tag::new("Variant", ao::VARIANT), Tag::new("Type", "Module")];
     tags.extend([
         Tag::new("Module-Format", ao::MODULE_FORMAT),
@@ -38,7 +39,8 @@ fn module_item(key: &Keypair) -> anyhow::Result<DataItem> {
     Ok(DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(tags).data(COUNTER_WASM.to_vec()).sign(key)?)
 }
 
-fn message(key: &Keypair, target: &str, anchor: u64, tags: &[(&str, &str)], data: &str) -> anyhow::Result<DataItem> {
+/// A signed AO message to `target` with the given extra tags.
+pub fn message(key: &Keypair, target: &str, anchor: u64, tags: &[(&str, &str)], data: &str) -> anyhow::Result<DataItem> {
     let mut all = ao::base_tags(ItemType::Message);
     all.extend(tags.iter().map(|(n, v)| Tag::new(*n, *v)));
     let data = if data.is_empty() { " " } else { data };

@@ -373,3 +373,30 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
     let _ = poster.await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(nonce: u64, hash_chain: String, assignment: &str) -> Slot {
+        Slot { nonce, epoch: 0, timestamp: 1, block_height: 1, hash_chain, assignment: assignment.into() }
+    }
+
+    #[test]
+    fn the_hash_chain_and_nonces_are_checked() {
+        let pid = [5u8; 32];
+        let p = b64::encode(&pid);
+        let hc0 = b64::encode(&next_hash_chain(&pid, None));
+        let a0 = b64::encode(&[6; 32]);
+        check_chain(&p, &pid, None, &slot(0, hc0.clone(), &a0)).unwrap();
+        let prev = Progress { nonce: 0, hash_chain: hc0.clone(), assignment: a0.clone(), state_hash: None, timestamp: 1 };
+        let hc1 = b64::encode(&next_hash_chain(&pid, Some((&[6; 32], &b64::decode_id(&hc0).unwrap()))));
+        check_chain(&p, &pid, Some(&prev), &slot(1, hc1.clone(), "x")).unwrap();
+        let wrong = check_chain(&p, &pid, Some(&prev), &slot(1, hc0.clone(), "x")).unwrap_err();
+        assert!(wrong.to_string().contains("hash chain broken at nonce 1"), "{wrong}");
+        let gap = check_chain(&p, &pid, Some(&prev), &slot(2, hc1.clone(), "x")).unwrap_err();
+        assert!(gap.to_string().contains("nonce 2 where 1 was next"), "{gap}");
+        let replay = check_chain(&p, &pid, Some(&prev), &slot(0, hc0, "x")).unwrap_err();
+        assert!(matches!(replay, JobError::Halted { .. }));
+    }
+}

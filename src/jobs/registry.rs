@@ -102,3 +102,57 @@ async fn step(ctx: &Context) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attest::Keypair;
+    use crate::protocol::ao::{self, ItemType};
+    use crate::protocol::{DataItemBuilder, Tag};
+
+    fn registry_message(signer: &Keypair, action: &str, worker: &str, process: &str) -> ItemJson {
+        let mut tags = ao::base_tags(ItemType::Message);
+        tags.extend([Tag::new("Action", action), Tag::new("Worker", worker), Tag::new("Process", process)]);
+        ItemJson::from_item(
+            &DataItemBuilder::new().target([1; 32]).anchor(ao::numeric_anchor(1)).tags(tags).data(b" ".to_vec()).sign(signer).unwrap(),
+        )
+    }
+
+    #[test]
+    fn only_authorities_assign_and_only_to_the_named_worker() {
+        let authority = Keypair::from_secret(&[1; 32]);
+        let stranger = Keypair::from_secret(&[2; 32]);
+        let authorities = vec![authority.address()];
+        let me = "W".repeat(43);
+        let process = b64::encode(&[9; 32]);
+        let m = registry_message(&authority, ASSIGN, &me, &process);
+        assert_eq!(decide(&m, &me, &authorities), Decision::Serve(process.clone()));
+        let m = registry_message(&authority, RELEASE, &me, &process);
+        assert_eq!(decide(&m, &me, &authorities), Decision::Release(process.clone()));
+        let m = registry_message(&stranger, ASSIGN, &me, &process);
+        assert!(matches!(decide(&m, &me, &authorities), Decision::Ignore(why) if why.contains("not an authority")));
+        let m = registry_message(&authority, ASSIGN, &"X".repeat(43), &process);
+        assert!(matches!(decide(&m, &me, &authorities), Decision::Ignore(why) if why.contains("another worker")));
+        let m = registry_message(&authority, "Advertise-Capacity", &me, &process);
+        assert!(matches!(decide(&m, &me, &authorities), Decision::Ignore(_)));
+        let m = registry_message(&authority, ASSIGN, &me, "not-a-process");
+        assert!(matches!(decide(&m, &me, &authorities), Decision::Ignore(why) if why.contains("Process")));
+    }
+
+    #[test]
+    fn a_forged_authority_is_ignored() {
+        let authority = Keypair::from_secret(&[1; 32]);
+        let forger = Keypair::from_secret(&[3; 32]);
+        let me = "W".repeat(43);
+        let process = b64::encode(&[9; 32]);
+        // The forger signs, then claims the authority's address and key: the signature fails.
+        let mut m = registry_message(&forger, ASSIGN, &me, &process);
+        m.owner.address = authority.address();
+        m.owner.key = b64::encode(&authority.public_key());
+        assert!(matches!(decide(&m, &me, &[authority.address()]), Decision::Ignore(why) if why.contains("signature")));
+        // Claiming the address with the forger's own key: the key does not hash to it.
+        let mut m = registry_message(&forger, ASSIGN, &me, &process);
+        m.owner.address = authority.address();
+        assert!(matches!(decide(&m, &me, &[authority.address()]), Decision::Ignore(why) if why.contains("owner key")));
+    }
+}
