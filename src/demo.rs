@@ -26,16 +26,7 @@ const WAIT: Duration = Duration::from_secs(120);
 
 /// The counter module as a signed item, ready to publish.
 pub fn module_item(key: &Keypair) -> anyhow::Result<DataItem> {
-    let mut tags = vec![Tag::new("Data-Protocol", ao::DATA_PROTOCOL), Tag::new("Variant", ao::VARIANT), Tag::new("Type", "Module")];
-    tags.extend([
-        Tag::new("Module-Format", ao::MODULE_FORMAT),
-        Tag::new("Input-Encoding", "JSON-1"),
-        Tag::new("Output-Encoding", "JSON-1"),
-        Tag::new("Content-Type", "application/wasm"),
-        Tag::new("Memory-Limit", "16-mb"),
-        Tag::new("Compute-Limit", "1000000000"),
-        Tag::new("Name", "counter"),
-    ]);
+    let tags = ao::module_tags("counter", "16-mb", "1000000000");
     Ok(DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(tags).data(COUNTER_WASM.to_vec()).sign(key)?)
 }
 

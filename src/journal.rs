@@ -15,6 +15,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::protocol::su::page_bounds;
+
 /// Process id → JSON [`Served`].
 const SERVED: TableDefinition<&str, &[u8]> = TableDefinition::new("served");
 /// Process id → JSON [`Progress`].
@@ -328,17 +330,7 @@ impl Journal {
         limit: usize,
         descending: bool,
     ) -> Result<Vec<ResultRecord>, JournalError> {
-        let lo = match from {
-            Some(f) => match f.checked_add(1) {
-                Some(l) => l,
-                None => return Ok(Vec::new()),
-            },
-            None => 0,
-        };
-        let hi = to.unwrap_or(u64::MAX);
-        if lo > hi {
-            return Ok(Vec::new());
-        }
+        let Some((lo, hi)) = page_bounds(from, to) else { return Ok(Vec::new()) };
         let tx = self.db.begin_read().map_err(st)?;
         let t = tx.open_table(RESULTS).map_err(st)?;
         let range = t.range((process, lo)..=(process, hi)).map_err(st)?;

@@ -64,27 +64,24 @@ async fn upload(State(gw): State<GatewayUnit>, raw: Result<Bytes, BytesRejection
     Ok(Json(Uploaded { id, timestamp }))
 }
 
+/// A stored item by id: 400 for a malformed id, 404 when unknown.
+async fn stored_item(gw: &GatewayUnit, id: &str) -> Result<DataItem, ApiError> {
+    b64::decode_id(id).map_err(|e| ApiError::bad_request(format!("invalid id: {e}")))?;
+    let (store, key) = (gw.store.clone(), id.to_owned());
+    let bytes = tokio::task::spawn_blocking(move || store.gateway_get(&key)).await??;
+    let bytes = bytes.ok_or_else(|| ApiError::not_found(format!("item {id} not found")))?;
+    DataItem::parse(&bytes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored item {id} is corrupt: {e}")))
+}
+
 /// `GET /tx/{id}`: the item's signed fields without its data, as bundler nodes describe
 /// the items they hold. With `GET /raw/{id}` it rebuilds the signed item for verification.
 async fn meta(State(gw): State<GatewayUnit>, Path(id): Path<String>) -> Result<Json<ItemMeta>, ApiError> {
-    b64::decode_id(&id).map_err(|e| ApiError::bad_request(format!("invalid id: {e}")))?;
-    let store = gw.store.clone();
-    let id2 = id.clone();
-    let bytes = tokio::task::spawn_blocking(move || store.gateway_get(&id2)).await??;
-    let bytes = bytes.ok_or_else(|| ApiError::not_found(format!("item {id} not found")))?;
-    let item = DataItem::parse(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored item {id} is corrupt: {e}")))?;
+    let item = stored_item(&gw, &id).await?;
     Ok(Json(ItemMeta::from_item(&item)))
 }
 
 async fn raw(State(gw): State<GatewayUnit>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    b64::decode_id(&id).map_err(|e| ApiError::bad_request(format!("invalid id: {e}")))?;
-    let store = gw.store.clone();
-    let id2 = id.clone();
-    let bytes = tokio::task::spawn_blocking(move || store.gateway_get(&id2)).await??;
-    let bytes = bytes.ok_or_else(|| ApiError::not_found(format!("item {id} not found")))?;
-    let item = DataItem::parse(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored item {id} is corrupt: {e}")))?;
+    let item = stored_item(&gw, &id).await?;
     // A tag value that is not a valid header value is served as plain bytes.
     let content_type = item
         .tag("Content-Type")

@@ -170,16 +170,7 @@ pub const REGISTRY_WAT: &str = include_str!("../../examples/actors/registry.wat"
 /// deterministic (ed25519 and fixed anchors), so a retry after a crash yields the same ids.
 async fn create_registry(authority: &Keypair, scheduler: &str, gateway_url: &str, messenger_url: &str) -> anyhow::Result<String> {
     let wasm = wat::parse_str(REGISTRY_WAT).context("registry module does not assemble")?;
-    let mut module_tags = vec![Tag::new("Data-Protocol", ao::DATA_PROTOCOL), Tag::new("Variant", ao::VARIANT), Tag::new("Type", "Module")];
-    module_tags.extend([
-        Tag::new("Module-Format", ao::MODULE_FORMAT),
-        Tag::new("Input-Encoding", "JSON-1"),
-        Tag::new("Output-Encoding", "JSON-1"),
-        Tag::new("Content-Type", "application/wasm"),
-        Tag::new("Memory-Limit", "1-mb"),
-        Tag::new("Compute-Limit", "1000000"),
-        Tag::new("Name", "ao-gpu-worker-registry"),
-    ]);
+    let module_tags = ao::module_tags("ao-gpu-worker-registry", "1-mb", "1000000");
     let module = DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(module_tags).data(wasm).sign(authority)?;
     GatewayClient::new(gateway_url, local_policy()).upload(&module).await?;
     let mut tags = ao::base_tags(ItemType::Process);

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::su::page_bounds;
+
 /// Gateway: item id → signed item bytes.
 const GATEWAY_ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateway_items");
 /// Gateway: item id → upload time (ms).
@@ -175,17 +177,7 @@ impl Store {
         to: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Entry)>, StoreError> {
-        let lo = match from {
-            None => 0,
-            Some(f) => match f.checked_add(1) {
-                Some(l) => l,
-                None => return Ok(Vec::new()),
-            },
-        };
-        let hi = to.unwrap_or(u64::MAX);
-        if lo > hi {
-            return Ok(Vec::new());
-        }
+        let Some((lo, hi)) = page_bounds(from, to) else { return Ok(Vec::new()) };
         let tx = self.db.begin_read().map_err(se)?;
         let t = tx.open_table(SU_SCHEDULE).map_err(se)?;
         let mut out = Vec::new();
@@ -204,17 +196,7 @@ impl Store {
         to: Option<u64>,
         limit: usize,
     ) -> Result<Vec<(u64, Entry)>, StoreError> {
-        let lo = match from {
-            None => 0,
-            Some(f) => match f.checked_add(1) {
-                Some(l) => l,
-                None => return Ok(Vec::new()),
-            },
-        };
-        let hi = to.unwrap_or(u64::MAX);
-        if lo > hi {
-            return Ok(Vec::new());
-        }
+        let Some((lo, hi)) = page_bounds(from, to) else { return Ok(Vec::new()) };
         let tx = self.db.begin_read().map_err(se)?;
         let by_time = tx.open_table(SU_BY_TIME).map_err(se)?;
         let schedule = tx.open_table(SU_SCHEDULE).map_err(se)?;

@@ -36,6 +36,22 @@ pub fn base_tags(item_type: ItemType) -> Vec<Tag> {
     vec![Tag::new("Data-Protocol", DATA_PROTOCOL), Tag::new("Variant", VARIANT), Tag::new("Type", item_type.as_str())]
 }
 
+/// The tags of a Module item in the worker's format (§2.3): protocol tags, format, JSON-1
+/// encodings, content type, the module's limits and a name.
+pub fn module_tags(name: &str, memory_limit: &str, compute_limit: &str) -> Vec<Tag> {
+    let mut tags = base_tags(ItemType::Module);
+    tags.extend([
+        Tag::new("Module-Format", MODULE_FORMAT),
+        Tag::new("Input-Encoding", "JSON-1"),
+        Tag::new("Output-Encoding", "JSON-1"),
+        Tag::new("Content-Type", "application/wasm"),
+        Tag::new("Memory-Limit", memory_limit),
+        Tag::new("Compute-Limit", compute_limit),
+        Tag::new("Name", name),
+    ]);
+    tags
+}
+
 /// True when the item carries `Data-Protocol=ao` (the legacy MU checks "contains ao").
 pub fn is_ao(item: &DataItem) -> bool {
     item.tags.iter().any(|t| t.name == "Data-Protocol" && t.value == DATA_PROTOCOL)

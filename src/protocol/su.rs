@@ -145,6 +145,17 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// The inclusive key range of a page whose lower bound `from` is exclusive and upper bound
+/// `to` inclusive, as the SU pages (and the CU's cursors) work; `None` when it is empty.
+pub fn page_bounds(from: Option<u64>, to: Option<u64>) -> Option<(u64, u64)> {
+    let lo = match from {
+        None => 0,
+        Some(f) => f.checked_add(1)?,
+    };
+    let hi = to.unwrap_or(u64::MAX);
+    (lo <= hi).then_some((lo, hi))
+}
+
 /// Hash chain of a process's assignments (§2.4): `HC_0 = sha256(process id)`,
 /// `HC_n = sha256(previous assignment id ‖ HC_{n-1})`, all raw 32-byte values.
 pub fn next_hash_chain(process_id: &[u8; 32], previous: Option<(&[u8; 32], &[u8; 32])>) -> [u8; 32] {
