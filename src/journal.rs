@@ -136,6 +136,14 @@ mod b64_bytes {
     }
 }
 
+/// Where a process stands: its progress and the memory image that goes with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestState {
+    pub progress: Progress,
+    /// `None` before the first successful evaluation.
+    pub image: Option<Vec<u8>>,
+}
+
 /// Everything one evaluated message changes, committed atomically.
 pub struct Commit<'a> {
     pub progress: &'a Progress,
@@ -143,6 +151,15 @@ pub struct Commit<'a> {
     /// The new memory image when the evaluation succeeded (its hash is `progress.state_hash`).
     pub state: Option<&'a [u8]>,
     pub outgoing: &'a [Outgoing],
+}
+
+/// A stored (compressed) memory image, decompressed and checked against its hash.
+fn decode_state(hash: &str, stored: &[u8]) -> Result<Vec<u8>, JournalError> {
+    let image = lz4_flex::decompress_size_prepended(stored).map_err(|e| corrupt(format!("state {hash}: {e}")))?;
+    if sha256_hex(&image) != hash {
+        return Err(corrupt(format!("state {hash} does not match its hash")));
+    }
+    Ok(image)
 }
 
 /// sha256 hex of bytes.
@@ -238,11 +255,22 @@ impl Journal {
         let tx = self.db.begin_read().map_err(st)?;
         let t = tx.open_table(STATES).map_err(st)?;
         let Some(v) = t.get(hash).map_err(st)? else { return Ok(None) };
-        let image = lz4_flex::decompress_size_prepended(v.value()).map_err(|e| corrupt(format!("state {hash}: {e}")))?;
-        if sha256_hex(&image) != hash {
-            return Err(corrupt(format!("state {hash} does not match its hash")));
-        }
-        Ok(Some(image))
+        decode_state(hash, v.value()).map(Some)
+    }
+
+    /// The process's progress and the memory image it points at, read in one transaction so
+    /// that a commit in between cannot drop the image. The image is `None` before the first
+    /// successful evaluation.
+    pub fn latest_state(&self, process: &str) -> Result<Option<LatestState>, JournalError> {
+        let tx = self.db.begin_read().map_err(st)?;
+        let t = tx.open_table(PROGRESS).map_err(st)?;
+        let Some(v) = t.get(process).map_err(st)? else { return Ok(None) };
+        let progress: Progress = serde_json::from_slice(v.value()).map_err(corrupt)?;
+        let Some(hash) = progress.state_hash.clone() else { return Ok(Some(LatestState { progress, image: None })) };
+        let states = tx.open_table(STATES).map_err(st)?;
+        let stored = states.get(hash.as_str()).map_err(st)?.ok_or_else(|| corrupt(format!("state {hash} missing for {process}")))?;
+        let image = decode_state(&hash, stored.value())?;
+        Ok(Some(LatestState { progress, image: Some(image) }))
     }
 
     /// Commits one evaluated message. Refuses a commit that does not follow the recorded
@@ -496,6 +524,20 @@ mod tests {
         let desc: Vec<_> = j.results("p", None, None, 10, true).unwrap().into_iter().map(|r| r.nonce).collect();
         assert_eq!((asc, desc), (vec![0, 1], vec![1, 0]));
         assert_eq!(j.results("p", Some(0), None, 10, false).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_latest_state_comes_with_its_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb")).unwrap();
+        assert_eq!(j.latest_state("p").unwrap(), None);
+        commit(&j, "p", 0, None, &[]);
+        let LatestState { progress, image } = j.latest_state("p").unwrap().unwrap();
+        assert_eq!((progress.nonce, image), (0, None), "no successful evaluation yet");
+        commit(&j, "p", 1, Some(&[4u8; 100]), &[]);
+        commit(&j, "p", 2, None, &[]);
+        let LatestState { progress, image } = j.latest_state("p").unwrap().unwrap();
+        assert_eq!((progress.nonce, image), (2, Some(vec![4u8; 100])), "a failed evaluation keeps the state");
     }
 
     #[test]

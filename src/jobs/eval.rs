@@ -2,6 +2,7 @@
 //! actor sees, the result as the compute-unit API serves it, the outbox items the worker signs
 //! on the actor's behalf (with the tags the AO messenger adds, §2.5), and the attestation.
 
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value, json};
 
 use crate::attest::Keypair;
@@ -70,6 +71,92 @@ pub fn message_json(m: &ItemJson, slot: &Slot, module: &str, read_only: bool) ->
     o.insert("Read-Only".into(), json!(read_only));
     o.insert("Module".into(), json!(module));
     Value::Object(o).to_string()
+}
+
+/// A dry-run message as the compute unit's `POST /dry-run` takes it (docs/ao-protocol.md §5):
+/// every field optional, `null` the same as absent, other fields ignored. Dry-run messages
+/// are not signed, so nothing here is verified.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct DryRunRequest {
+    #[serde(rename = "Id", default)]
+    pub id: Option<String>,
+    #[serde(rename = "Signature", default)]
+    pub signature: Option<String>,
+    /// The sender's address.
+    #[serde(rename = "Owner", default)]
+    pub owner: Option<String>,
+    /// Defaults to the process.
+    #[serde(rename = "Target", default)]
+    pub target: Option<String>,
+    /// A string, or any JSON value (passed on as its JSON text).
+    #[serde(rename = "Data", default)]
+    pub data: Option<Value>,
+    #[serde(rename = "Tags", default)]
+    pub tags: Option<Vec<Tag>>,
+    #[serde(rename = "Anchor", default)]
+    pub anchor: Option<String>,
+    /// Defaults to the timestamp of the last evaluated message (a number or a decimal string).
+    #[serde(rename = "Timestamp", default, deserialize_with = "number_or_string")]
+    pub timestamp: Option<u64>,
+    /// Defaults to the block height of the last evaluated message.
+    #[serde(rename = "Block-Height", default, deserialize_with = "number_or_string")]
+    pub block_height: Option<u64>,
+}
+
+/// A non-negative integer given as a JSON number or a decimal string (the CU coerces both).
+fn number_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d) {
+        Ok(None) => Ok(None),
+        Ok(Some(Raw::Number(n))) => Ok(Some(n)),
+        Ok(Some(Raw::Text(t))) => t.trim().parse().map(Some).map_err(|_| serde::de::Error::custom(format!("{t:?} is not a whole number"))),
+        Err(_) => Err(serde::de::Error::custom("expected a whole number or a decimal string")),
+    }
+}
+
+/// Where a dry-run stands: the process and the last evaluated message, whose state it reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DryRunBase {
+    pub process: String,
+    pub nonce: u64,
+    pub hash_chain: String,
+    pub timestamp: u64,
+    pub block_height: u64,
+}
+
+/// The message and slot a dry-run is evaluated with: the request's fields, defaults from the
+/// last evaluation (as the CU takes them), `Read-Only` set by [`message_json`]'s caller. The
+/// slot repeats the last evaluated nonce and hash chain: a dry-run is not scheduled.
+pub fn dry_run_message(req: &DryRunRequest, base: &DryRunBase) -> (ItemJson, Slot) {
+    let data = match &req.data {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    let owner = req.owner.clone().unwrap_or_default();
+    let item = ItemJson {
+        id: req.id.clone().unwrap_or_default(),
+        owner: crate::protocol::su::Owner { address: owner, key: String::new() },
+        data: Some(data),
+        tags: req.tags.clone().unwrap_or_default(),
+        signature: req.signature.clone().unwrap_or_default(),
+        anchor: req.anchor.clone(),
+        target: Some(req.target.clone().unwrap_or_else(|| base.process.clone())),
+    };
+    let slot = Slot {
+        nonce: base.nonce,
+        epoch: 0,
+        timestamp: req.timestamp.unwrap_or(base.timestamp),
+        block_height: req.block_height.unwrap_or(base.block_height),
+        hash_chain: base.hash_chain.clone(),
+        assignment: String::new(),
+    };
+    (item, slot)
 }
 
 /// The environment JSON: `{Process: {Id, Owner, Tags}, Module: {Id, Owner, Tags}}`.
@@ -214,6 +301,41 @@ mod tests {
         assert_eq!(first.tag("Type"), Some("Message"));
         assert_eq!(&first.anchor.unwrap(), b"00000000000000000000000000000007");
         assert_eq!(a.items[1].1.data, b" ", "empty data becomes a space");
+    }
+
+    #[test]
+    fn dry_run_requests_parse_like_the_cu_and_default_to_the_last_evaluation() {
+        let req: DryRunRequest = serde_json::from_value(json!({
+            "Id": "1234", "Owner": "1234", "Target": "P", "Data": "1984", "Anchor": "0",
+            "Tags": [{"name": "Action", "value": "Get"}], "Timestamp": "17", "Block-Height": 9, "Extra": [1]
+        }))
+        .unwrap();
+        assert_eq!((req.timestamp, req.block_height), (Some(17), Some(9)));
+        let empty: DryRunRequest = serde_json::from_value(json!({"Tags": null, "Timestamp": null})).unwrap();
+        assert_eq!(empty, DryRunRequest::default());
+        for bad in [
+            json!({"Timestamp": "soon"}),
+            json!({"Timestamp": -1}),
+            json!({"Timestamp": 1.5}),
+            json!({"Tags": [{"name": "A", "value": 1}]}),
+        ] {
+            assert!(serde_json::from_value::<DryRunRequest>(bad.clone()).is_err(), "{bad}");
+        }
+
+        let base = DryRunBase { process: "P".into(), nonce: 4, hash_chain: "HC".into(), timestamp: 1000, block_height: 77 };
+        let (item, slot) = dry_run_message(&req, &base);
+        let msg: Value = serde_json::from_str(&message_json(&item, &slot, "MOD", true)).unwrap();
+        assert_eq!(msg["Read-Only"], true);
+        assert_eq!((msg["Id"].clone(), msg["Owner"].clone(), msg["From"].clone()), (json!("1234"), json!("1234"), json!("1234")));
+        assert_eq!((msg["Timestamp"].clone(), msg["Block-Height"].clone(), msg["Nonce"].clone()), (json!(17), json!(9), json!(4)));
+        assert_eq!(msg["Data"], "1984");
+        let (item, slot) = dry_run_message(&DryRunRequest { data: Some(json!({"a": 1})), ..DryRunRequest::default() }, &base);
+        let msg: Value = serde_json::from_str(&message_json(&item, &slot, "MOD", true)).unwrap();
+        assert_eq!((msg["Target"].clone(), msg["Data"].clone()), (json!("P"), json!("{\"a\":1}")), "defaults: the process, JSON text");
+        assert_eq!(
+            (msg["Timestamp"].clone(), msg["Block-Height"].clone(), msg["Hash-Chain"].clone()),
+            (json!(1000), json!(77), json!("HC"))
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::attest::Keypair;
@@ -29,7 +29,7 @@ use crate::protocol::su::{ItemJson, MessageNode, next_hash_chain};
 use crate::protocol::{DataItem, b64};
 use crate::runtime::{ActorModule, EvalInput, Limits, Runtime};
 
-use eval::Slot;
+use eval::{DryRunBase, DryRunRequest, Slot};
 
 /// Everything the work loop needs, shared by its tasks.
 pub struct Context {
@@ -51,6 +51,8 @@ pub struct Context {
     pub device: String,
     processes: Mutex<HashMap<String, Arc<ProcessSetup>>>,
     halted: Mutex<HashMap<String, String>>,
+    /// Wakes the work loop before its next poll (someone waits on a result).
+    wake: Notify,
 }
 
 /// A served process with its verified module, loaded once.
@@ -71,6 +73,8 @@ pub enum JobError {
     Halted { process: String, reason: String },
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
+    #[error("process {0} is not served by this worker")]
+    NotServed(String),
 }
 
 impl Context {
@@ -107,7 +111,55 @@ impl Context {
             device,
             processes: Mutex::new(HashMap::new()),
             halted: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
         })
+    }
+
+    /// Asks the work loop to poll now instead of at its next interval.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Whether this worker serves `process` now.
+    pub fn is_served(&self, process: &str) -> Result<bool, JobError> {
+        Ok(self.journal.served()?.iter().any(|s| s.process == process))
+    }
+
+    /// Evaluates `request` against the latest state of `process` with `Read-Only: true`, the
+    /// way the compute unit's `POST /dry-run` does, and returns the result object. Nothing is
+    /// kept: no journal write, no state change, nothing posted, no attestation.
+    pub async fn dry_run(&self, process: &str, request: &DryRunRequest) -> Result<serde_json::Value, JobError> {
+        if !self.is_served(process)? {
+            return Err(JobError::NotServed(process.to_owned()));
+        }
+        let setup = self.setup(process).await?;
+        let (base, state) = match self.journal.latest_state(process)? {
+            Some(crate::journal::LatestState { progress: p, image }) => {
+                let last = self.journal.results(process, None, Some(p.nonce), 1, true)?;
+                let block_height = last.first().map_or(0, |r| r.block_height);
+                let base = DryRunBase {
+                    process: process.to_owned(),
+                    nonce: p.nonce,
+                    hash_chain: p.hash_chain,
+                    timestamp: p.timestamp,
+                    block_height,
+                };
+                (base, image)
+            }
+            None => (DryRunBase { process: process.to_owned(), timestamp: crate::daemon::now_ms(), ..DryRunBase::default() }, None),
+        };
+        let (message, slot) = eval::dry_run_message(request, &base);
+        let msg_json = eval::message_json(&message, &slot, &setup.module_item.id(), true);
+        let (runtime, module, env_json, limits) = (self.runtime.clone(), setup.module.clone(), setup.env_json.clone(), setup.limits);
+        let (message_id, timestamp) = (message.id.clone(), slot.timestamp);
+        let evaluation = tokio::task::spawn_blocking(move || {
+            let input = EvalInput { msg_json: &msg_json, env_json: &env_json, timestamp_ms: timestamp, message_id: &message_id, limits };
+            runtime.evaluate(&module, state.as_deref(), &input)
+        })
+        .await
+        .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("dry-run task failed: {e}") })?;
+        let outcome = evaluation.outcome.map_err(|e| e.to_string());
+        Ok(eval::result_object(&outcome, evaluation.gas_used))
     }
 
     /// Processes that stopped on an error that retrying cannot fix, with the reason.
@@ -367,6 +419,7 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(ctx.poll) => {}
+            _ = ctx.wake.notified() => {}
         }
     }
     let _ = follower.await;

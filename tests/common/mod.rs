@@ -1,5 +1,8 @@
-//! Helpers shared by integration tests: locating the pinned Node interop setup in tests/js.
+//! Helpers shared by integration tests: locating the pinned Node interop setup in tests/js,
+//! and (in `counter`) a devnet with a worker serving a counter process.
 #![allow(dead_code)]
+
+pub mod counter;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,16 +35,21 @@ pub fn interop_dir(test: &str) -> Option<PathBuf> {
         eprintln!("\n*** {test} skipped: {problem}; {INSTALL_HINT} (set REQUIRE_INTEROP=1 to make this fail) ***\n");
         return None;
     }
-    let manifest = dir.join("node_modules/arbundles/package.json");
+    require_package(&dir, "arbundles", ARBUNDLES_VERSION);
+    Some(dir)
+}
+
+/// Panics unless `dir/node_modules` holds npm package `name` at exactly `version`.
+pub fn require_package(dir: &Path, name: &str, version: &str) {
+    let manifest = dir.join("node_modules").join(name).join("package.json");
     let text = std::fs::read_to_string(&manifest).unwrap_or_else(|e| panic!("{}: {e}; {INSTALL_HINT}", manifest.display()));
     let package: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", manifest.display()));
     assert_eq!(
         package["version"].as_str(),
-        Some(ARBUNDLES_VERSION),
-        "{} is not arbundles {ARBUNDLES_VERSION} (stale install?); {INSTALL_HINT}",
+        Some(version),
+        "{} is not {name} {version} (stale install?); {INSTALL_HINT}",
         manifest.display()
     );
-    Some(dir)
 }
 
 /// Runs `node <script> <args>` in `dir` and returns its stdout; panics with stderr on failure.
