@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod devnet;
+pub mod gpu;
 pub mod httpd;
 pub mod jobs;
 pub mod journal;

@@ -1,0 +1,59 @@
+//! Stand-in for builds without the `cuda` feature: an uninhabited `CudaBackend`, so the `Cuda` variant
+//! of [`super::Backend`] exists without cfg noise at its uses and can never be constructed.
+
+use super::{BackendKind, BinaryOp, Determinism, GpuError, HostTensor, ReduceOp, Result, TensorBackend, TensorId, UnaryOp};
+
+/// Cannot be constructed: [`CudaBackend::new`] always fails in this build.
+#[derive(Debug)]
+pub enum CudaBackend {}
+
+impl CudaBackend {
+    pub fn new(_determinism: Determinism) -> Result<Self> {
+        Err(GpuError::Unsupported { op: "backend", backend: "cuda (built without the `cuda` feature)".to_owned() })
+    }
+}
+
+impl TensorBackend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        match *self {}
+    }
+    fn describe(&self) -> String {
+        match *self {}
+    }
+    fn determinism(&self) -> Determinism {
+        match *self {}
+    }
+    fn upload(&mut self, _t: &HostTensor) -> Result<TensorId> {
+        match *self {}
+    }
+    fn read(&mut self, _id: TensorId) -> Result<HostTensor> {
+        match *self {}
+    }
+    fn free(&mut self, _id: TensorId) -> Result<()> {
+        match *self {}
+    }
+    fn shape(&self, _id: TensorId) -> Result<Vec<usize>> {
+        match *self {}
+    }
+    fn matmul(&mut self, _a: TensorId, _b: TensorId, _ta: bool, _tb: bool) -> Result<TensorId> {
+        match *self {}
+    }
+    fn binary(&mut self, _op: BinaryOp, _a: TensorId, _b: TensorId) -> Result<TensorId> {
+        match *self {}
+    }
+    fn unary(&mut self, _op: UnaryOp, _x: TensorId) -> Result<TensorId> {
+        match *self {}
+    }
+    fn softmax_last(&mut self, _x: TensorId) -> Result<TensorId> {
+        match *self {}
+    }
+    fn rmsnorm(&mut self, _x: TensorId, _w: TensorId, _eps: f32) -> Result<TensorId> {
+        match *self {}
+    }
+    fn layernorm(&mut self, _x: TensorId, _w: TensorId, _b: TensorId, _eps: f32) -> Result<TensorId> {
+        match *self {}
+    }
+    fn reduce_last(&mut self, _op: ReduceOp, _x: TensorId) -> Result<TensorId> {
+        match *self {}
+    }
+}

@@ -1,0 +1,588 @@
+//! Tensor offload: device-resident tensors behind one closed [`Backend`] enum (CPU, wgpu, CUDA).
+//!
+//! A tensor is a [`TensorId`] handle to data that stays on the backend's device between calls; only
+//! [`Backend::read`] copies it back to the host. Every op takes handles and returns a new handle.
+//!
+//! Architecture invariants:
+//! * this module knows nothing of Wasm, actors or the network;
+//! * misuse (bad shapes, unknown or freed handles, allocation failure) returns a [`GpuError`] and
+//!   leaves the backend usable; nothing here panics on caller input;
+//! * the CPU backend always exists: it is the reference the conformance suite checks the others against
+//!   and the last entry of the default selection order, but it is never chosen silently: [`select`]
+//!   returns why every earlier candidate was skipped and the chosen backend names itself.
+//!
+//! This slice is f32 only, shapes up to 4-D, row-major contiguous. Missing (see the GPU-offload issue):
+//! f16 / i32 / GGUF Q8_0, Q4_0, Q4_1 dtypes, quantized matmul, rotary, attention with KV cache,
+//! embedding gather, reshape/transpose/slice/concat, and a working CUDA op set. `argmax_last` returns
+//! its indices as f32 values (exact up to 2^24).
+//!
+//! Determinism: each kernel declares a [`KernelClass`] in [`kernels`]. In [`Determinism::Reproducible`]
+//! mode matmul, reductions, softmax and norms sum in a fixed order (each output summed sequentially in
+//! index order, `acc = acc + a * b` with no fused multiply-add) and softmax uses a portable `exp`
+//! ([`repro_exp`]) built from IEEE +, -, *, so the CPU and wgpu backends give bitwise-identical f32
+//! results. This assumes IEEE-correct division and square root on the device (true for lavapipe and
+//! x86; Vulkan allows 2.5 ULP), and inputs/intermediates that stay out of the subnormal range (GPUs
+//! may flush subnormals to zero).
+
+pub mod cpu;
+pub mod kernels;
+pub mod wgpu;
+
+// `cfg` on the module definitions, not on their uses: both files expose the same `CudaBackend`.
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_disabled.rs"]
+pub mod cuda;
+
+use std::fmt;
+
+pub use kernels::KernelClass;
+
+/// Errors from the tensor layer; each variant is a decision for the caller.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GpuError {
+    /// The caller's shapes do not fit the op: reject the request.
+    #[error("shape mismatch in {op}: {details}")]
+    ShapeMismatch { op: &'static str, details: String },
+    /// The handle was never issued by this backend or was already freed: reject the request.
+    #[error("unknown tensor {0}")]
+    UnknownTensor(TensorId),
+    /// The device cannot hold the tensor: free something or retry smaller.
+    #[error("out of memory: requested {requested} bytes, {available} available")]
+    OutOfMemory { requested: u64, available: u64 },
+    /// This backend does not implement the op (or is not usable at all): choose another backend.
+    #[error("{op} is not supported on the {backend} backend")]
+    Unsupported { op: &'static str, backend: String },
+    /// The device failed: drain and re-create the backend.
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+pub type Result<T, E = GpuError> = std::result::Result<T, E>;
+
+/// A handle to a tensor resident on one backend. Ids are never reused by a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(pub u64);
+
+impl fmt::Display for TensorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// The most dimensions a tensor may have.
+pub const MAX_RANK: usize = 4;
+
+/// An f32 tensor in host memory: row-major, contiguous.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Checks that the rank is 1..=4 and `data` holds exactly `shape.product()` values.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        check_shape("upload", &shape)?;
+        let n = numel(&shape);
+        if n != data.len() {
+            return Err(shape_err("upload", format!("shape {shape:?} needs {n} values, got {}", data.len())));
+        }
+        Ok(Self { shape, data })
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+}
+
+/// Whether reductions must be bitwise reproducible across backends, chosen when a backend is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Determinism {
+    /// Fixed reduction order, no FMA contraction, portable `exp` in softmax: CPU and wgpu agree bitwise.
+    Reproducible,
+    /// Whatever is fastest on the device (matrixmultiply on the CPU, tiled matmul on wgpu).
+    Fast,
+}
+
+/// Which backend implementation; the order of [`DEFAULT_ORDER`] is the documented selection order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    Cuda,
+    Wgpu,
+    Cpu,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cpu => "cpu",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The documented default selection order: CUDA, then wgpu, then the CPU.
+pub const DEFAULT_ORDER: &[BackendKind] = &[BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Cpu];
+
+/// Elementwise ops on two tensors with numpy broadcasting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl BinaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+}
+
+/// Elementwise ops on one tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UnaryOp {
+    /// `x * factor`.
+    Scale(f32),
+    Relu,
+    /// The tanh approximation: `0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))`.
+    Gelu,
+    /// `x / (1 + exp(-x))`.
+    Silu,
+    Tanh,
+    Exp,
+}
+
+impl UnaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Scale(_) => "scale",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Gelu => "gelu",
+            UnaryOp::Silu => "silu",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Exp => "exp",
+        }
+    }
+}
+
+/// Reductions over the last axis; the output drops that axis (a 1-D input gives shape `[1]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+    /// The first index of the maximum, as an f32 value; NaN compares as not greater.
+    Argmax,
+}
+
+impl ReduceOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum_last",
+            ReduceOp::Mean => "mean_last",
+            ReduceOp::Max => "max_last",
+            ReduceOp::Argmax => "argmax_last",
+        }
+    }
+}
+
+/// The operations every backend implements. Shapes are validated by the shared helpers in this module,
+/// so every backend reports the same error for the same misuse.
+pub trait TensorBackend {
+    fn kind(&self) -> BackendKind;
+    /// For logs, metrics and attestations, such as "wgpu (llvmpipe, vulkan)".
+    fn describe(&self) -> String;
+    fn determinism(&self) -> Determinism;
+    fn upload(&mut self, t: &HostTensor) -> Result<TensorId>;
+    fn read(&mut self, id: TensorId) -> Result<HostTensor>;
+    fn free(&mut self, id: TensorId) -> Result<()>;
+    fn shape(&self, id: TensorId) -> Result<Vec<usize>>;
+    /// Batched `a @ b` over the last two axes with f32 accumulation.
+    fn matmul(&mut self, a: TensorId, b: TensorId, transpose_a: bool, transpose_b: bool) -> Result<TensorId>;
+    fn binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId) -> Result<TensorId>;
+    fn unary(&mut self, op: UnaryOp, x: TensorId) -> Result<TensorId>;
+    fn softmax_last(&mut self, x: TensorId) -> Result<TensorId>;
+    /// `x / sqrt(mean(x^2) + eps) * weight`, weight of shape `[last]`.
+    fn rmsnorm(&mut self, x: TensorId, weight: TensorId, eps: f32) -> Result<TensorId>;
+    /// `(x - mean) / sqrt(var + eps) * weight + bias` (biased variance), weight and bias of shape `[last]`.
+    fn layernorm(&mut self, x: TensorId, weight: TensorId, bias: TensorId, eps: f32) -> Result<TensorId>;
+    fn reduce_last(&mut self, op: ReduceOp, x: TensorId) -> Result<TensorId>;
+}
+
+/// The closed set of backends. The `Cuda` variant is uninhabited in builds without the `cuda` feature.
+pub enum Backend {
+    Cpu(cpu::CpuBackend),
+    /// Boxed: the device state is much larger than the other variants.
+    Wgpu(Box<wgpu::WgpuBackend>),
+    Cuda(cuda::CudaBackend),
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Backend({})", self.describe())
+    }
+}
+
+impl Backend {
+    /// Creates one backend of the given kind.
+    pub fn new(kind: BackendKind, determinism: Determinism) -> Result<Self> {
+        Ok(match kind {
+            BackendKind::Cpu => Backend::Cpu(cpu::CpuBackend::new(determinism)),
+            BackendKind::Wgpu => Backend::Wgpu(Box::new(wgpu::WgpuBackend::new(determinism)?)),
+            BackendKind::Cuda => Backend::Cuda(cuda::CudaBackend::new(determinism)?),
+        })
+    }
+
+    fn inner(&self) -> &dyn TensorBackend {
+        match self {
+            Backend::Cpu(b) => b,
+            Backend::Wgpu(b) => &**b,
+            Backend::Cuda(b) => b,
+        }
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn TensorBackend {
+        match self {
+            Backend::Cpu(b) => b,
+            Backend::Wgpu(b) => &mut **b,
+            Backend::Cuda(b) => b,
+        }
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        self.inner().kind()
+    }
+    pub fn describe(&self) -> String {
+        self.inner().describe()
+    }
+    pub fn determinism(&self) -> Determinism {
+        self.inner().determinism()
+    }
+    pub fn upload(&mut self, t: &HostTensor) -> Result<TensorId> {
+        self.inner_mut().upload(t)
+    }
+    pub fn read(&mut self, id: TensorId) -> Result<HostTensor> {
+        self.inner_mut().read(id)
+    }
+    pub fn free(&mut self, id: TensorId) -> Result<()> {
+        self.inner_mut().free(id)
+    }
+    pub fn shape(&self, id: TensorId) -> Result<Vec<usize>> {
+        self.inner().shape(id)
+    }
+    pub fn matmul(&mut self, a: TensorId, b: TensorId, transpose_a: bool, transpose_b: bool) -> Result<TensorId> {
+        self.inner_mut().matmul(a, b, transpose_a, transpose_b)
+    }
+    pub fn binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId) -> Result<TensorId> {
+        self.inner_mut().binary(op, a, b)
+    }
+    pub fn add(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
+        self.binary(BinaryOp::Add, a, b)
+    }
+    pub fn sub(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
+        self.binary(BinaryOp::Sub, a, b)
+    }
+    pub fn mul(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
+        self.binary(BinaryOp::Mul, a, b)
+    }
+    pub fn div(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
+        self.binary(BinaryOp::Div, a, b)
+    }
+    pub fn unary(&mut self, op: UnaryOp, x: TensorId) -> Result<TensorId> {
+        self.inner_mut().unary(op, x)
+    }
+    pub fn scale(&mut self, x: TensorId, factor: f32) -> Result<TensorId> {
+        self.unary(UnaryOp::Scale(factor), x)
+    }
+    pub fn relu(&mut self, x: TensorId) -> Result<TensorId> {
+        self.unary(UnaryOp::Relu, x)
+    }
+    pub fn gelu(&mut self, x: TensorId) -> Result<TensorId> {
+        self.unary(UnaryOp::Gelu, x)
+    }
+    pub fn silu(&mut self, x: TensorId) -> Result<TensorId> {
+        self.unary(UnaryOp::Silu, x)
+    }
+    pub fn tanh(&mut self, x: TensorId) -> Result<TensorId> {
+        self.unary(UnaryOp::Tanh, x)
+    }
+    pub fn exp(&mut self, x: TensorId) -> Result<TensorId> {
+        self.unary(UnaryOp::Exp, x)
+    }
+    pub fn softmax_last(&mut self, x: TensorId) -> Result<TensorId> {
+        self.inner_mut().softmax_last(x)
+    }
+    pub fn rmsnorm(&mut self, x: TensorId, weight: TensorId, eps: f32) -> Result<TensorId> {
+        self.inner_mut().rmsnorm(x, weight, eps)
+    }
+    pub fn layernorm(&mut self, x: TensorId, weight: TensorId, bias: TensorId, eps: f32) -> Result<TensorId> {
+        self.inner_mut().layernorm(x, weight, bias, eps)
+    }
+    pub fn reduce_last(&mut self, op: ReduceOp, x: TensorId) -> Result<TensorId> {
+        self.inner_mut().reduce_last(op, x)
+    }
+    pub fn sum_last(&mut self, x: TensorId) -> Result<TensorId> {
+        self.reduce_last(ReduceOp::Sum, x)
+    }
+    pub fn mean_last(&mut self, x: TensorId) -> Result<TensorId> {
+        self.reduce_last(ReduceOp::Mean, x)
+    }
+    pub fn max_last(&mut self, x: TensorId) -> Result<TensorId> {
+        self.reduce_last(ReduceOp::Max, x)
+    }
+    pub fn argmax_last(&mut self, x: TensorId) -> Result<TensorId> {
+        self.reduce_last(ReduceOp::Argmax, x)
+    }
+}
+
+/// Walks `order` and returns the first backend that starts, with one line per skipped candidate
+/// ("cuda: unavailable: no CUDA driver"). Each skip is also logged; the caller should surface the
+/// chosen backend's [`Backend::describe`] so there is never a silent fallback.
+pub fn select(order: &[BackendKind], determinism: Determinism) -> Result<(Backend, Vec<String>)> {
+    let mut skipped = Vec::new();
+    for &kind in order {
+        match Backend::new(kind, determinism) {
+            Ok(backend) => {
+                tracing::info!(backend = %backend.describe(), ?determinism, skipped = ?skipped, "tensor backend selected");
+                return Ok((backend, skipped));
+            }
+            Err(e) => {
+                tracing::info!(backend = %kind, error = %e, "tensor backend skipped");
+                skipped.push(format!("{kind}: {e}"));
+            }
+        }
+    }
+    Err(GpuError::Device(format!(
+        "no tensor backend available ({})",
+        if skipped.is_empty() { "empty order".to_owned() } else { skipped.join("; ") }
+    )))
+}
+
+// ---- shape helpers shared by every backend ----
+
+pub(crate) fn shape_err(op: &'static str, details: impl Into<String>) -> GpuError {
+    GpuError::ShapeMismatch { op, details: details.into() }
+}
+
+pub(crate) fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Rank 1..=4, and the element count (and its byte size) fits comfortably in u32/u64 indexing.
+pub(crate) fn check_shape(op: &'static str, shape: &[usize]) -> Result<()> {
+    if shape.is_empty() || shape.len() > MAX_RANK {
+        return Err(shape_err(op, format!("rank must be 1..={MAX_RANK}, got shape {shape:?}")));
+    }
+    let mut n: u64 = 1;
+    for &d in shape {
+        n = n
+            .checked_mul(d as u64)
+            .filter(|&n| n <= u32::MAX as u64 / 4)
+            .ok_or_else(|| shape_err(op, format!("shape {shape:?} is too large")))?;
+    }
+    Ok(())
+}
+
+/// The geometry of a batched matmul: `batch` products of `[m, k] @ [k, n]`; a stride of 0 broadcasts
+/// a 2-D operand over the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MatmulDims {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+}
+
+/// Validates a matmul and returns its geometry and output shape. The leading (batch) axes of `a` and
+/// `b` must be equal, or one operand must be 2-D (shared across the batch).
+pub(crate) fn matmul_dims(a: &[usize], b: &[usize], transpose_a: bool, transpose_b: bool) -> Result<(MatmulDims, Vec<usize>)> {
+    const OP: &str = "matmul";
+    if a.len() < 2 || b.len() < 2 {
+        return Err(shape_err(OP, format!("operands need rank >= 2, got {a:?} and {b:?}")));
+    }
+    let (ba, ma) = a.split_at(a.len() - 2);
+    let (bb, mb) = b.split_at(b.len() - 2);
+    let (m, ka) = if transpose_a { (ma[1], ma[0]) } else { (ma[0], ma[1]) };
+    let (kb, n) = if transpose_b { (mb[1], mb[0]) } else { (mb[0], mb[1]) };
+    if ka != kb {
+        return Err(shape_err(OP, format!("inner dimensions differ: {a:?} (transpose {transpose_a}) @ {b:?} (transpose {transpose_b})")));
+    }
+    let batch_shape: Vec<usize> = if ba == bb || bb.is_empty() {
+        ba.to_vec()
+    } else if ba.is_empty() {
+        bb.to_vec()
+    } else {
+        return Err(shape_err(OP, format!("batch axes differ: {a:?} @ {b:?}")));
+    };
+    let mut out = batch_shape.clone();
+    out.extend([m, n]);
+    check_shape(OP, &out)?;
+    let dims = MatmulDims {
+        batch: numel(&batch_shape),
+        m,
+        n,
+        k: ka,
+        stride_a: if ba.is_empty() { 0 } else { m * ka },
+        stride_b: if bb.is_empty() { 0 } else { ka * n },
+        transpose_a,
+        transpose_b,
+    };
+    Ok((dims, out))
+}
+
+/// Numpy broadcasting of two shapes, padded to 4-D: the output shape (at the larger rank) and, for
+/// each operand, its element strides in the padded 4-D index space (0 on broadcast axes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Broadcast {
+    pub out_shape: Vec<usize>,
+    pub out4: [usize; 4],
+    pub a_strides: [usize; 4],
+    pub b_strides: [usize; 4],
+}
+
+pub(crate) fn broadcast(op: &'static str, a: &[usize], b: &[usize]) -> Result<Broadcast> {
+    let rank = a.len().max(b.len());
+    let pad = |s: &[usize]| {
+        let mut p = [1usize; 4];
+        p[4 - s.len()..].copy_from_slice(s);
+        p
+    };
+    let (pa, pb) = (pad(a), pad(b));
+    let mut out4 = [1usize; 4];
+    for i in 0..4 {
+        out4[i] = match (pa[i], pb[i]) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return Err(shape_err(op, format!("shapes {a:?} and {b:?} do not broadcast"))),
+        };
+    }
+    let strides = |p: [usize; 4]| {
+        let mut s = [0usize; 4];
+        let mut acc = 1;
+        for i in (0..4).rev() {
+            s[i] = if p[i] == 1 { 0 } else { acc };
+            acc *= p[i];
+        }
+        s
+    };
+    Ok(Broadcast { out_shape: out4[4 - rank..].to_vec(), out4, a_strides: strides(pa), b_strides: strides(pb) })
+}
+
+/// Rows and row length of a tensor seen as `[rows, last]`.
+pub(crate) fn rows_last(shape: &[usize]) -> (usize, usize) {
+    let last = *shape.last().unwrap_or(&1);
+    let rows = numel(&shape[..shape.len().saturating_sub(1)]);
+    (rows, last)
+}
+
+/// The output shape of a last-axis reduction.
+pub(crate) fn reduced_shape(shape: &[usize]) -> Vec<usize> {
+    if shape.len() == 1 { vec![1] } else { shape[..shape.len() - 1].to_vec() }
+}
+
+/// Checks a norm parameter (weight or bias) has shape `[last]`.
+pub(crate) fn check_param(op: &'static str, what: &str, x: &[usize], p: &[usize]) -> Result<()> {
+    let last = *x.last().unwrap_or(&0);
+    if p != [last] {
+        return Err(shape_err(op, format!("{what} must have shape [{last}] for input {x:?}, got {p:?}")));
+    }
+    Ok(())
+}
+
+// ---- portable math shared bit-for-bit with shaders/ ----
+
+/// `exp` built only from IEEE +, -, * and exact power-of-two scaling, evaluated in the same order as
+/// `repro_exp` in `shaders/reduce.wgsl`, so the CPU and every wgpu device agree bitwise (given no FMA
+/// contraction). Accuracy is a few ULP. Results below `e^-86` flush to 0 (they would be near the
+/// subnormal range, which GPUs may flush anyway); above `88.7` gives +inf; NaN gives NaN.
+pub fn repro_exp(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    if x > 88.72 {
+        return f32::INFINITY;
+    }
+    if x < -86.0 {
+        return 0.0;
+    }
+    // The constants are given as bits so the CPU and WGSL use exactly the same f32 values.
+    // n = round(x / ln 2), r = x - n ln 2 (Cody-Waite split: n * LN2_HI is exact for |n| < 2^9).
+    let n = (x * f32::from_bits(0x3fb8_aa3b) + 0.5).floor();
+    let r = (x - n * f32::from_bits(0x3f31_7200)) - n * f32::from_bits(0x35bf_be8e);
+    // Degree-6 Taylor polynomial in Horner form (1/720, 1/120, 1/24, 1/6, 1/2, 1, 1); |r| <= 0.35.
+    let mut p = f32::from_bits(0x3ab6_0b61);
+    p = p * r + f32::from_bits(0x3c08_8889);
+    p = p * r + f32::from_bits(0x3d2a_aaab);
+    p = p * r + f32::from_bits(0x3e2a_aaab);
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    // 2^n as an exact f32 built from its bits: n is in -125..=128 here.
+    let n = n as i32;
+    if n > 127 {
+        return p * f32::from_bits(127 << 23) * 2.0;
+    }
+    p * f32::from_bits(((n + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_shapes() {
+        let b = broadcast("add", &[4, 1], &[1, 6]).unwrap();
+        assert_eq!(b.out_shape, vec![4, 6]);
+        assert_eq!(b.a_strides, [0, 0, 1, 0]);
+        assert_eq!(b.b_strides, [0, 0, 0, 1]);
+        assert!(broadcast("add", &[3], &[4]).is_err());
+        assert_eq!(broadcast("add", &[2, 3, 4], &[4]).unwrap().out_shape, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn matmul_shapes() {
+        let (d, out) = matmul_dims(&[2, 9, 13], &[13, 11], false, false).unwrap();
+        assert_eq!(out, vec![2, 9, 11]);
+        assert_eq!((d.batch, d.m, d.n, d.k, d.stride_a, d.stride_b), (2, 9, 11, 13, 117, 0));
+        let (_, out) = matmul_dims(&[5, 3], &[7, 5], true, true).unwrap();
+        assert_eq!(out, vec![3, 7]);
+        assert!(matmul_dims(&[3, 5], &[4, 7], false, false).is_err());
+        assert!(matmul_dims(&[2, 3, 5], &[3, 5, 7], false, false).is_err());
+        assert!(matmul_dims(&[5], &[5, 7], false, false).is_err());
+    }
+
+    #[test]
+    fn repro_exp_is_close_to_exp() {
+        let mut x = -86.0f32;
+        while x < 88.0 {
+            let (got, want) = (repro_exp(x) as f64, (x as f64).exp());
+            assert!(((got - want) / want).abs() < 4e-7, "x={x}: {got} vs {want}");
+            x += 0.173;
+        }
+        assert_eq!(repro_exp(0.0), 1.0);
+        assert_eq!(repro_exp(-100.0), 0.0);
+        assert_eq!(repro_exp(100.0), f32::INFINITY);
+        assert_eq!(repro_exp(f32::NEG_INFINITY), 0.0);
+        assert!(repro_exp(f32::NAN).is_nan());
+    }
+}

@@ -1,0 +1,70 @@
+//! Every kernel file is registered and valid: each `shaders/*.wgsl` parses and validates with naga
+//! (no GPU needed), every file in `shaders/` and `kernels/` (except README.md) is listed in the
+//! registry, every registered file exists with the embedded contents, and every registered entry point
+//! is defined in its file.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use ao_gpu_worker::gpu::kernels::{FILES, Lang};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn every_kernel_file_is_registered_and_exists() {
+    let registered: HashSet<&str> = FILES.iter().map(|f| f.path).collect();
+    assert_eq!(registered.len(), FILES.len(), "a file is registered twice");
+    for dir in ["shaders", "kernels"] {
+        for entry in std::fs::read_dir(root().join(dir)).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if name == "README.md" {
+                continue;
+            }
+            let path = format!("{dir}/{name}");
+            assert!(registered.contains(path.as_str()), "{path} is not in src/gpu/kernels.rs FILES");
+        }
+    }
+    for f in FILES {
+        let on_disk = std::fs::read_to_string(root().join(f.path)).unwrap_or_else(|e| panic!("{}: {e}", f.path));
+        assert_eq!(on_disk, f.source, "{} differs from the embedded source", f.path);
+        let expected_lang = if f.path.ends_with(".wgsl") { Lang::Wgsl } else { Lang::Cuda };
+        assert_eq!(f.lang, expected_lang, "{}", f.path);
+        assert!(!f.entries.is_empty(), "{} has no entry points", f.path);
+    }
+    let mut names = HashSet::new();
+    for f in FILES {
+        for e in f.entries {
+            assert!(names.insert((f.lang, e.name)), "entry point {} registered twice", e.name);
+        }
+    }
+}
+
+#[test]
+fn every_wgsl_file_validates_with_naga() {
+    for f in FILES.iter().filter(|f| f.lang == Lang::Wgsl) {
+        let module = naga::front::wgsl::parse_str(f.source).unwrap_or_else(|e| panic!("{}: {}", f.path, e.emit_to_string(f.source)));
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}: {}", f.path, e.emit_to_string(f.source)));
+        for e in f.entries {
+            assert!(module.entry_points.iter().any(|ep| ep.name == e.name), "{}: no entry point {}", f.path, e.name);
+        }
+        for ep in &module.entry_points {
+            assert!(f.entries.iter().any(|e| e.name == ep.name), "{}: entry point {} is not registered", f.path, ep.name);
+        }
+    }
+}
+
+#[test]
+fn every_cuda_entry_point_is_defined() {
+    for f in FILES.iter().filter(|f| f.lang == Lang::Cuda) {
+        for e in f.entries {
+            let defined = f.source.contains(&format!("void {}(", e.name))
+                || f.source.contains(&format!("BINARY({},", e.name))
+                || f.source.contains(&format!("UNARY({},", e.name));
+            assert!(defined, "{}: entry point {} is not defined", f.path, e.name);
+        }
+    }
+}
