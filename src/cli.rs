@@ -136,8 +136,9 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             }
             let key = Keypair::load(&config.worker.key_file)?;
             runtime()?.block_on(async {
+                let signals = Signals::listen();
                 let worker = Worker::start(config, key, None).await?;
-                wait_for_signal(worker.shutdown_token()).await;
+                signals.wait(worker.shutdown_token()).await;
                 worker.shutdown().await;
                 Ok(())
             })
@@ -179,23 +180,40 @@ fn run_command(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn wait_for_signal(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
-            token.cancel();
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
-        _ = token.cancelled() => {}
+/// SIGTERM and SIGINT, listened for from the moment this is created: a signal that arrives
+/// while the worker is still starting is not lost (and does not kill it uncleanly).
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn listen() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate()).map_err(|e| tracing::warn!(error = %e, "cannot watch SIGTERM")).ok();
+        Self { term }
     }
-    token.cancel();
+
+    /// Waits for a signal (or for `token`), then cancels `token`.
+    async fn wait(mut self, token: CancellationToken) {
+        let term = async {
+            match self.term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = term => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+            _ = token.cancelled() => {}
+        }
+        token.cancel();
+    }
+}
+
+async fn wait_for_signal(token: CancellationToken) {
+    Signals::listen().wait(token).await
 }
 
 /// The devnet plus a worker: the README's main job.

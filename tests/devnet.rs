@@ -403,3 +403,17 @@ async fn gateway_serves_verifiable_items() {
     assert!(matches!(net.gw.item(&b64::encode(&[1; 32])).await, Err(NetError::NotFound { .. })));
     net.devnet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_by_nonce_from_the_start_reads_every_page() {
+    let net = start().await;
+    let registry = net.devnet.urls.registry.clone();
+    let key = Keypair::generate().unwrap();
+    for n in 0..7 {
+        net.mu.post_item(&message(&key, &registry, n, "Many")).await.unwrap();
+    }
+    let all = net.su.all(&registry, Range { limit: Some(3), by_nonce: true, ..Range::default() }).await.unwrap();
+    let nonces: Vec<_> = all.iter().map(|n| n.assignment.tag("Nonce").unwrap().to_owned()).collect();
+    assert_eq!(nonces, ["0", "1", "2", "3", "4", "5", "6", "7"]);
+    net.devnet.shutdown().await;
+}

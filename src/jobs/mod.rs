@@ -50,6 +50,7 @@ pub struct Context {
     pub backend: String,
     pub device: String,
     processes: Mutex<HashMap<String, Arc<ProcessSetup>>>,
+    scheduler_address: std::sync::OnceLock<String>,
     halted: Mutex<HashMap<String, String>>,
     /// Wakes the work loop before its next poll (someone waits on a result).
     wake: Notify,
@@ -110,6 +111,7 @@ impl Context {
             backend: "cpu".into(),
             device,
             processes: Mutex::new(HashMap::new()),
+            scheduler_address: std::sync::OnceLock::new(),
             halted: Mutex::new(HashMap::new()),
             wake: Notify::new(),
         })
@@ -274,7 +276,9 @@ impl Context {
         let new_state_hash = evaluation.memory.as_deref().map(sha256_hex).or_else(|| prev.and_then(|p| p.state_hash.clone()));
         let mut outgoing = Vec::new();
         if outcome.is_ok() {
-            let scheduler = self.scheduler_address().await;
+            // Spawns name the scheduler; look its address up only when there are any.
+            let has_spawns = response.get("Spawns").and_then(|v| v.as_array()).is_some_and(|a| !a.is_empty());
+            let scheduler = if has_spawns { self.scheduler_address().await? } else { String::new() };
             let out = eval::outbox(&self.key, &process, &module_id, &message.id, slot.nonce, &response, &scheduler);
             for d in &out.dropped {
                 tracing::warn!(%process, msg = %message.id, "{d}");
@@ -341,11 +345,14 @@ impl Context {
         .map_err(JobError::from)
     }
 
-    async fn scheduler_address(&self) -> String {
-        match self.scheduler.info().await {
-            Ok(i) => i.address,
-            Err(_) => String::new(),
+    /// The scheduler's address, asked once and then remembered. A failure is transient: the
+    /// message is evaluated again at the next poll.
+    async fn scheduler_address(&self) -> Result<String, JobError> {
+        if let Some(a) = self.scheduler_address.get() {
+            return Ok(a.clone());
         }
+        let address = self.scheduler.info().await?.address;
+        Ok(self.scheduler_address.get_or_init(|| address).clone())
     }
 }
 

@@ -74,10 +74,13 @@ impl SchedulerClient {
         loop {
             let page = self.page(process, &range).await?;
             let Some(last) = page.edges.last() else { return Ok(out) };
-            let cursor = last.cursor.parse::<u64>().map_err(|_| NetError::BadAnswer {
+            // In nonce mode the next page starts after the last entry's nonce, whatever the
+            // cursor of a first page without `from-nonce` was (the SU pages by time then).
+            let raw_cursor = if range.by_nonce { last.node.assignment.tag("Nonce").unwrap_or_default() } else { last.cursor.as_str() };
+            let cursor = raw_cursor.parse::<u64>().map_err(|_| NetError::BadAnswer {
                 unit: Unit::Scheduler,
                 url: format!("{}/{process}", self.base()),
-                reason: format!("cursor {:?} is not a number", last.cursor),
+                reason: format!("cursor {raw_cursor:?} is not a number"),
             })?;
             let more = page.page_info.has_next_page;
             out.extend(page.edges.into_iter().map(|e| e.node));
