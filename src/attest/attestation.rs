@@ -9,7 +9,8 @@
 //! `Message-SHA256` (sha256 hex of the message JSON given to `handle`), `Env-SHA256`,
 //! `Result-SHA256` (of the result JSON as the compute-unit API serves it), `State-SHA256` (of
 //! the linear memory after the message; `none` before any state exists), `Gas-Used`,
-//! `Backend`, `Device`, `Capacity-Advertisement` (id of the worker's latest one, or `none`).
+//! `Backend` (`<kind>/<determinism>` of the tensor backend, e.g. `wgpu/reproducible`), `Device`,
+//! `Capacity-Advertisement` (id of the worker's latest one, or `none`).
 //! `Type=Attestation` is deliberately not used: in AO it means a WeaveDrive data grant.
 
 use serde::Serialize;

@@ -94,6 +94,18 @@ impl Context {
         device: String,
     ) -> Arc<Self> {
         let address = key.address();
+        // The attestation names the backend that served the actor's tensor calls, its device
+        // and its determinism mode; for the CPU backend the device is the host's CPU.
+        let info = runtime.tensor_backend();
+        let backend = format!(
+            "{}/{}",
+            info.kind.as_str(),
+            match info.determinism {
+                crate::gpu::Determinism::Reproducible => "reproducible",
+                crate::gpu::Determinism::Fast => "fast",
+            }
+        );
+        let device = if info.kind == crate::gpu::BackendKind::Cpu { device } else { info.description.clone() };
         Arc::new(Self {
             journal,
             runtime,
@@ -108,7 +120,7 @@ impl Context {
             poll,
             max_concurrent,
             advertised,
-            backend: "cpu".into(),
+            backend,
             device,
             processes: Mutex::new(HashMap::new()),
             scheduler_address: std::sync::OnceLock::new(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use wasmtime::{AsContext, ExternType, FuncType, Memory, Module, Store, Trap, TypedFunc};
 
+use super::gpu::{self, GpuCtx};
 use super::limits::StoreLimiter;
 use super::wasi::{self, ProcExit, WasiCtx};
 use super::{ActorModule, EvalError, EvalInput, Limits, RuntimeError};
@@ -18,10 +19,15 @@ const MAX_ERROR_TEXT: usize = 4096;
 pub(super) struct HostState {
     pub(super) limiter: StoreLimiter,
     pub(super) wasi: WasiCtx,
+    pub(super) gpu: GpuCtx,
 }
 
 pub(super) fn wasi_ctx(state: &mut HostState) -> &mut WasiCtx {
     &mut state.wasi
+}
+
+pub(super) fn gpu_ctx(state: &mut HostState) -> &mut GpuCtx {
+    &mut state.gpu
 }
 
 /// `(i32, i32) -> i32`, `() -> ()`: the form used in errors and in `wasi::FUNCTIONS`.
@@ -67,12 +73,17 @@ pub(super) fn check_exports(module: &Module) -> Result<bool, RuntimeError> {
     func("_initialize", "() -> ()", false)
 }
 
-/// Every import must be one of the linked WASI functions with exactly its type.
+/// Every import must be one of the linked WASI or `ao_gpu` functions with exactly its type.
 pub(super) fn check_imports(module: &Module) -> Result<(), RuntimeError> {
     for import in module.imports() {
         let forbidden =
             |detail: String| RuntimeError::ForbiddenImport { module: import.module().to_owned(), name: import.name().to_owned(), detail };
-        let linked = if import.module() == wasi::MODULE { wasi::FUNCTIONS.iter().find(|(n, _)| *n == import.name()) } else { None };
+        let table = match import.module() {
+            wasi::MODULE => wasi::FUNCTIONS,
+            gpu::MODULE => gpu::FUNCTIONS,
+            _ => &[],
+        };
+        let linked = table.iter().find(|(n, _)| *n == import.name());
         let Some((_, expected)) = linked else {
             return Err(forbidden("not provided by the worker".to_owned()));
         };

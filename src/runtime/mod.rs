@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! Runtime::new(RuntimeConfig { cache_dir, max_memory, max_compute, deadline }) -> Result<Runtime, RuntimeError>
+//! Runtime::with_gpu(cfg, GpuConfig { backend: Option<SharedBackend>, max_device_memory }) -> Result<Runtime, RuntimeError>
 //! Runtime::load(&self, module_bytes: &[u8], module_tags: &[Tag]) -> Result<Arc<ActorModule>, RuntimeError>
 //! Runtime::limits(&self, module_tags: &[Tag], process_tags: &[Tag]) -> Result<Limits, RuntimeError>
 //! Runtime::evaluate(&self, module: &ActorModule, state: Option<&[u8]>, input: &EvalInput) -> Evaluation
@@ -27,6 +28,7 @@
 
 mod abi;
 mod cache;
+mod gpu;
 pub mod limits;
 mod wasi;
 
@@ -43,9 +45,14 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store};
 
+pub use gpu::{
+    BYTES_PER_GAS, DEFAULT_MAX_DEVICE_MEMORY, FLOPS_PER_GAS, FUNCTIONS as GPU_FUNCTIONS, GAS_PER_CALL, GpuConfig, GpuStatus, MAX_HANDLES,
+    SharedBackend,
+};
 pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
 pub use wasi::LOG_CAP;
 
+use crate::gpu::{Backend, BackendKind, Determinism};
 use crate::protocol::Tag;
 use abi::HostState;
 use cache::DiskCache;
@@ -187,11 +194,23 @@ pub struct Evaluation {
     pub log: String,
 }
 
+/// Which tensor backend `ao_gpu` runs on, for logs and attestations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorBackendInfo {
+    pub kind: BackendKind,
+    /// The backend's own description, such as "wgpu (llvmpipe, vulkan)".
+    pub description: String,
+    pub determinism: Determinism,
+}
+
 /// The engine, the linker's pre-instantiated modules and the caches. Share it behind an `Arc`.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     cfg: RuntimeConfig,
+    backend: SharedBackend,
+    backend_info: TensorBackendInfo,
+    max_device_memory: u64,
     disk: DiskCache,
     modules: Mutex<HashMap<[u8; 32], Arc<ActorModule>>>,
     deadline_ticks: u64,
@@ -201,12 +220,25 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("cfg", &self.cfg).field("disk", &self.disk).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("cfg", &self.cfg)
+            .field("tensor_backend", &self.backend_info)
+            .field("max_device_memory", &self.max_device_memory)
+            .field("disk", &self.disk)
+            .finish_non_exhaustive()
     }
 }
 
 impl Runtime {
+    /// A runtime whose `ao_gpu` imports run on a fresh CPU backend (reproducible mode), with the
+    /// default device-memory quota.
     pub fn new(cfg: RuntimeConfig) -> Result<Self, RuntimeError> {
+        Self::with_gpu(cfg, GpuConfig::default())
+    }
+
+    /// A runtime whose `ao_gpu` imports run on `gpu.backend` (or a fresh CPU backend when `None`;
+    /// [`Runtime::tensor_backend`] says which, there is never a silent fallback).
+    pub fn with_gpu(cfg: RuntimeConfig, gpu: GpuConfig) -> Result<Self, RuntimeError> {
         if cfg.max_memory == 0 || cfg.max_compute == 0 || cfg.deadline.is_zero() {
             return Err(RuntimeError::Setup(format!(
                 "max_memory ({}), max_compute ({}) and deadline ({:?}) must all be positive",
@@ -224,14 +256,43 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(|e| RuntimeError::Setup(format!("engine: {e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasi::add_to_linker(&mut linker, abi::wasi_ctx).map_err(|e| RuntimeError::Setup(format!("linker: {e:#}")))?;
+        gpu::add_to_linker(&mut linker, abi::gpu_ctx).map_err(|e| RuntimeError::Setup(format!("linker: {e:#}")))?;
+        let backend =
+            gpu.backend.unwrap_or_else(|| Arc::new(Mutex::new(Backend::Cpu(crate::gpu::cpu::CpuBackend::new(Determinism::Reproducible)))));
+        let backend_info = {
+            let b = backend.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            TensorBackendInfo { kind: b.kind(), description: b.describe(), determinism: b.determinism() }
+        };
+        tracing::info!(backend = %backend_info.description, determinism = ?backend_info.determinism, max_device_memory = gpu.max_device_memory, "ao_gpu tensor backend");
         let disk = DiskCache::open(&cfg.cache_dir, &engine)?;
         let ticker = start_ticker(&engine)?;
         let deadline_ticks = cfg.deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
-        Ok(Self { engine, linker, cfg, disk, modules: Mutex::new(HashMap::new()), deadline_ticks, _ticker: ticker })
+        Ok(Self {
+            engine,
+            linker,
+            cfg,
+            backend,
+            backend_info,
+            max_device_memory: gpu.max_device_memory,
+            disk,
+            modules: Mutex::new(HashMap::new()),
+            deadline_ticks,
+            _ticker: ticker,
+        })
     }
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.cfg
+    }
+
+    /// The backend `ao_gpu` runs on (kind, description, determinism mode): what attestations record.
+    pub fn tensor_backend(&self) -> &TensorBackendInfo {
+        &self.backend_info
+    }
+
+    /// The device-memory quota of one evaluation, in bytes.
+    pub fn max_device_memory(&self) -> u64 {
+        self.max_device_memory
     }
 
     /// Validates `Module-Format` / `Input-Encoding` / `Output-Encoding`, then compiles the module
@@ -269,7 +330,11 @@ impl Runtime {
             Limits { memory_bytes: input.limits.memory_bytes.min(max.memory_bytes), compute: input.limits.compute.min(max.compute) };
         let mut store = Store::new(
             &self.engine,
-            HostState { limiter: StoreLimiter::new(limits.memory_bytes), wasi: wasi::WasiCtx::new(input.timestamp_ms, input.message_id) },
+            HostState {
+                limiter: StoreLimiter::new(limits.memory_bytes),
+                wasi: wasi::WasiCtx::new(input.timestamp_ms, input.message_id),
+                gpu: gpu::GpuCtx::new(self.backend.clone(), self.max_device_memory),
+            },
         );
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(self.deadline_ticks);
@@ -281,6 +346,8 @@ impl Runtime {
             }
         };
         let gas_used = abi::fuel_used(&store, limits.compute);
+        // Tensors die with the evaluation, whatever its outcome.
+        store.data_mut().gpu.release();
         let log = store.data_mut().wasi.take_log();
         match outcome {
             Ok((response, memory)) => Evaluation { outcome: Ok(response), memory: Some(memory), gas_used, log },
