@@ -14,11 +14,12 @@
 //! The kill intervals and the gaps between messages come from a seed printed at the start;
 //! `CRASH_SEED=<n>` replays them (the machine's own timing is not replayed).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -27,52 +28,18 @@ use ao_gpu_worker::attest::Keypair;
 use ao_gpu_worker::config::{Config, Overrides};
 use ao_gpu_worker::daemon::Worker;
 use ao_gpu_worker::demo::COUNTER_WASM;
-use ao_gpu_worker::devnet::DevnetUrls;
 use ao_gpu_worker::journal::{Journal, OutKind, ResultRecord};
 use ao_gpu_worker::net::scheduler::Range;
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy, SchedulerClient};
 use ao_gpu_worker::protocol::ao::{self, ItemType};
 use ao_gpu_worker::protocol::su::MessageNode;
 use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, Tag, b64};
+use common::binary::{Guard, command, start_devnet};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ao-gpu-worker");
 /// Everything must be done by then, on however loaded a machine.
 const OVERALL: Duration = Duration::from_secs(180);
 /// Messages in the stream, before the final `Get`.
 const STREAM: usize = 60;
-
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn command() -> Command {
-    let mut c = Command::new(BIN);
-    for var in ["AO_WORKER_CONFIG", "AO_WORKER_DATA_DIR", "AO_WORKER_KEY_FILE", "AO_WORKER_REGISTRY"] {
-        c.env_remove(var);
-    }
-    c.env("AO_WORKER_LOG", "info");
-    c
-}
-
-fn start_devnet(dir: &Path) -> (Guard, DevnetUrls) {
-    let mut child = command()
-        .args(["devnet", "--no-worker", "--port-base", "0", "--data-dir"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devnet starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("devnet prints its urls");
-    let urls: DevnetUrls = serde_json::from_str(&line).unwrap_or_else(|e| panic!("devnet line {line:?}: {e}"));
-    (Guard(child), urls)
-}
 
 fn spawn_worker(config: &Path, log: &Path) -> Guard {
     let log = File::create(log).unwrap();

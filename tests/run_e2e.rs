@@ -5,49 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ao_gpu_worker::devnet::DevnetUrls;
 use ao_gpu_worker::net::scheduler::Range;
 use ao_gpu_worker::net::{Policy, SchedulerClient};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ao-gpu-worker");
-
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn command() -> Command {
-    let mut c = Command::new(BIN);
-    for var in ["AO_WORKER_CONFIG", "AO_WORKER_DATA_DIR", "AO_WORKER_KEY_FILE", "AO_WORKER_REGISTRY"] {
-        c.env_remove(var);
-    }
-    c.env("AO_WORKER_LOG", "info");
-    c
-}
-
-fn start_devnet(dir: &Path) -> (Guard, DevnetUrls) {
-    let mut child = command()
-        .args(["devnet", "--no-worker", "--port-base", "0", "--data-dir"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("devnet starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("devnet prints its urls");
-    let urls: DevnetUrls = serde_json::from_str(&line).unwrap_or_else(|e| panic!("devnet line {line:?}: {e}"));
-    (Guard(child), urls)
-}
+use common::binary::{Guard, command, start_devnet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_posts_a_capacity_advertisement_that_verifies_everywhere() {

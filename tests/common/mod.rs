@@ -2,6 +2,7 @@
 //! and (in `counter`) a devnet with a worker serving a counter process.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod counter;
 
 use std::path::{Path, PathBuf};
