@@ -105,6 +105,7 @@ impl Worker {
             config.jobs.max_concurrent,
             advertised_rx,
             manifest.host.cpu.model.clone(),
+            metrics.clone(),
         );
         let state = Arc::new(WorkerState {
             address,

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub last_advertisement_seconds: Gauge,
     /// 1 once the worker is registered (ready), else 0.
     pub ready: Gauge,
+    /// The work loop's own metrics.
+    pub jobs: crate::jobs::JobMetrics,
 }
 
 impl Metrics {
@@ -42,7 +44,8 @@ impl Metrics {
         );
         let ready = Gauge::default();
         registry.register("ready", "1 when the worker is registered and serving", ready.clone());
-        Arc::new(Self { registry, advertisements, last_advertisement_seconds, ready })
+        let jobs = crate::jobs::JobMetrics::register(&mut registry);
+        Arc::new(Self { registry, advertisements, last_advertisement_seconds, ready, jobs })
     }
 
     /// OpenMetrics text exposition.

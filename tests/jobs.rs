@@ -167,6 +167,14 @@ async fn every_message_once_in_order_across_pages() {
         assert_eq!(a.owner.address, s.worker.state.address);
         a.to_item().unwrap().verify().unwrap();
     }
+    let metrics = s.worker.state.metrics.render();
+    for line in [
+        "ao_worker_evaluations_total{result=\"ok\"} 122",
+        "ao_worker_evaluations_total{result=\"error\"} 10",
+        "ao_worker_posted_total{kind=\"attestation\"} 132",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
     s.worker.shutdown().await;
     s.net.shutdown().await;
 }

@@ -16,6 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +34,53 @@ use crate::protocol::{DataItem, b64};
 use crate::runtime::{ActorModule, EvalInput, Limits, Runtime};
 
 use eval::{DryRunBase, DryRunRequest, Slot};
+
+/// The work loop's metrics, registered by the work loop itself. Labels are fixed strings.
+pub struct JobMetrics {
+    /// Evaluated messages by result (`ok`, `error`).
+    pub evaluations: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Fuel consumed by evaluations (the sum of `GasUsed`).
+    pub gas_used: Counter,
+    /// Items the messenger accepted, by kind (`message`, `spawn`, `attestation`).
+    pub posted: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Items the messenger refused for good (set aside with the reason).
+    pub refused: Counter,
+    /// Items committed but not yet accepted.
+    pub pending: Gauge,
+    /// Processes served, and those halted on an error retrying cannot fix.
+    pub served: Gauge,
+    pub halted: Gauge,
+}
+
+impl JobMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            evaluations: Family::default(),
+            gas_used: Counter::default(),
+            posted: Family::default(),
+            refused: Counter::default(),
+            pending: Gauge::default(),
+            served: Gauge::default(),
+            halted: Gauge::default(),
+        };
+        registry.register("evaluations", "Messages evaluated, by result", m.evaluations.clone());
+        registry.register("gas_used", "Fuel consumed by evaluations (sum of GasUsed)", m.gas_used.clone());
+        registry.register("posted", "Items the messenger accepted, by kind", m.posted.clone());
+        registry.register("refused", "Items the messenger refused for good", m.refused.clone());
+        registry.register("pending_items", "Items committed to the journal and not yet accepted", m.pending.clone());
+        registry.register("processes_served", "Processes this worker serves", m.served.clone());
+        registry.register("processes_halted", "Processes halted on an error retrying cannot fix", m.halted.clone());
+        m
+    }
+}
+
+fn kind_label(kind: OutKind) -> &'static str {
+    match kind {
+        OutKind::Message => "message",
+        OutKind::Spawn => "spawn",
+        OutKind::Attestation => "attestation",
+    }
+}
 
 /// Everything the work loop needs, shared by its tasks.
 pub struct Context {
@@ -49,6 +100,7 @@ pub struct Context {
     pub advertised: watch::Receiver<Option<Advertisement>>,
     pub backend: String,
     pub device: String,
+    pub metrics: Arc<crate::metrics::Metrics>,
     processes: Mutex<HashMap<String, Arc<ProcessSetup>>>,
     scheduler_address: std::sync::OnceLock<String>,
     halted: Mutex<HashMap<String, String>>,
@@ -92,6 +144,7 @@ impl Context {
         max_concurrent: usize,
         advertised: watch::Receiver<Option<Advertisement>>,
         device: String,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let address = key.address();
         // The attestation names the backend that served the actor's tensor calls, its device
@@ -122,6 +175,7 @@ impl Context {
             advertised,
             backend,
             device,
+            metrics,
             processes: Mutex::new(HashMap::new()),
             scheduler_address: std::sync::OnceLock::new(),
             halted: Mutex::new(HashMap::new()),
@@ -297,6 +351,9 @@ impl Context {
             }
             outgoing.extend(out.items.into_iter().map(|(kind, item)| to_outgoing(kind, &process, slot.nonce, &item)));
         }
+        let m = &self.metrics.jobs;
+        m.evaluations.get_or_create(&[("result", if outcome.is_ok() { "ok" } else { "error" })]).inc();
+        m.gas_used.inc_by(evaluation.gas_used);
         if let Err(e) = &outcome {
             tracing::info!(%process, msg = %message.id, nonce = slot.nonce, error = %e, "evaluation failed; state rolled back");
         }
@@ -406,8 +463,13 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
     let permits = Arc::new(Semaphore::new(ctx.max_concurrent));
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
+        if let Ok(n) = ctx.journal.pending_count() {
+            ctx.metrics.jobs.pending.set(n as i64);
+        }
+        ctx.metrics.jobs.halted.set(ctx.halted.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
         match ctx.journal.served() {
             Ok(served) => {
+                ctx.metrics.jobs.served.set(served.len() as i64);
                 for s in served {
                     let p = s.process;
                     if ctx.halted.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&p) {
