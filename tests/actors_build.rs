@@ -1,6 +1,6 @@
-//! The C example actors (examples/actors/{counter,ledger}.c, built by scripts/build-actors): the
+//! The C example actors (examples/actors/{counter,ledger,mlp}.c, built by scripts/build-actors): the
 //! committed `.wasm` files follow the actor ABI of docs/abi.md (exports with their types, only
-//! the listed WASI imports), checked by parsing the modules here with no toolchain; and, where
+//! the listed WASI and `ao_gpu` imports), checked by parsing the modules here with no toolchain; and, where
 //! `clang-16` is installed, a fresh build gives exactly the committed bytes.
 //!
 //! Without `clang-16` the rebuild check prints a "skipped" line and passes, unless
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The actors scripts/build-actors builds, by file stem.
-const ACTORS: &[&str] = &["counter", "ledger"];
+const ACTORS: &[&str] = &["counter", "ledger", "mlp"];
 
 const I32: u8 = 0x7f;
 const KIND_FUNC: u8 = 0;
@@ -26,23 +26,35 @@ fn committed(actor: &str) -> PathBuf {
     root().join("examples").join("actors").join(format!("{actor}.wasm"))
 }
 
-/// The `wasi_snapshot_preview1` functions docs/abi.md allows: the names in backticks in the
-/// first column of the table after the line that starts with `` `wasi_snapshot_preview1` ``.
-fn allowed_wasi_imports() -> Vec<String> {
+/// The imports docs/abi.md allows, as (module, function): for `wasi_snapshot_preview1` and
+/// `ao_gpu`, the names in backticks in the first column of the table after the line that starts
+/// with the module name in backticks.
+fn allowed_imports() -> Vec<(String, String)> {
     let path = root().join("docs").join("abi.md");
     let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut lines = doc.lines().skip_while(|l| !l.starts_with("`wasi_snapshot_preview1`")).skip(1);
+    let mut allowed = Vec::new();
+    for module in ["wasi_snapshot_preview1", "ao_gpu"] {
+        allowed.extend(table_names(&doc, module).into_iter().map(|name| (module.to_owned(), name)));
+    }
+    let has = |m: &str, n: &str| allowed.iter().any(|(am, an)| am == m && an == n);
+    assert!(
+        has("wasi_snapshot_preview1", "fd_write") && has("wasi_snapshot_preview1", "proc_exit") && has("ao_gpu", "matmul"),
+        "could not read the import tables from {} (found {allowed:?})",
+        path.display()
+    );
+    allowed
+}
+
+/// The names in backticks in the first column of the table after the line that starts with `` `module` ``.
+fn table_names(doc: &str, module: &str) -> Vec<String> {
+    let head = format!("`{module}`");
+    let mut lines = doc.lines().skip_while(|l| !l.starts_with(&head)).skip(1);
     let table = lines.by_ref().skip_while(|l| !l.starts_with('|')).take_while(|l| l.starts_with('|'));
     let mut names = Vec::new();
     for row in table {
         let first_column = row.split('|').nth(1).unwrap_or("");
         names.extend(first_column.split('`').skip(1).step_by(2).map(str::to_owned));
     }
-    assert!(
-        names.iter().any(|n| n == "fd_write") && names.iter().any(|n| n == "proc_exit"),
-        "could not read the wasi_snapshot_preview1 table from {} (found {names:?})",
-        path.display()
-    );
     names
 }
 
@@ -236,7 +248,7 @@ impl Module {
 }
 
 /// Everything about `module` that breaks docs/abi.md.
-fn abi_problems(module: &Module, allowed: &[String]) -> Vec<String> {
+fn abi_problems(module: &Module, allowed: &[(String, String)]) -> Vec<String> {
     let mut problems = Vec::new();
     match module.export("memory") {
         None => problems.push("does not export memory".to_owned()),
@@ -252,7 +264,7 @@ fn abi_problems(module: &Module, allowed: &[String]) -> Vec<String> {
     // The reactor model's constructor runner; the ABI makes it optional, scripts/build-actors always has it.
     problems.extend(module.check_function("_initialize", &[], &[]));
     for import in &module.imports {
-        if import.module != "wasi_snapshot_preview1" || import.kind != KIND_FUNC || !allowed.contains(&import.name) {
+        if import.kind != KIND_FUNC || !allowed.iter().any(|(m, n)| *m == import.module && *n == import.name) {
             problems.push(format!("imports {}.{} (kind {}), which docs/abi.md does not allow", import.module, import.name, import.kind));
         }
     }
@@ -261,7 +273,7 @@ fn abi_problems(module: &Module, allowed: &[String]) -> Vec<String> {
 
 #[test]
 fn committed_actors_follow_the_abi() {
-    let allowed = allowed_wasi_imports();
+    let allowed = allowed_imports();
     for actor in ACTORS {
         let path = committed(actor);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-actors)", path.display()));
@@ -275,11 +287,12 @@ fn committed_actors_follow_the_abi() {
 /// The checker itself catches what it should (inline modules, no toolchain).
 #[test]
 fn abi_check_rejects_bad_modules() {
-    let allowed = allowed_wasi_imports();
+    let allowed = allowed_imports();
     let check =
         |wat_text: &str| abi_problems(&parse(&wat::parse_str(wat_text).expect("test WAT parses")).expect("module parses"), &allowed);
     let good = r#"(module
         (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+        (import "ao_gpu" "matmul" (func (param i32 i32 i32 i32 i32) (result i32)))
         (memory (export "memory") 1)
         (func (export "_initialize"))
         (func (export "malloc") (param i32) (result i32) (i32.const 0))
@@ -289,11 +302,14 @@ fn abi_check_rejects_bad_modules() {
     let bad = r#"(module
         (import "wasi_snapshot_preview1" "path_open" (func (param i32) (result i32)))
         (import "env" "emscripten_date_now" (func (result f64)))
+        (import "ao_gpu" "conv2d" (func (param i32) (result i32)))
         (memory (export "memory") i64 1)
         (func (export "_initialize"))
         (func (export "malloc") (param i64) (result i64) (i64.const 0)))"#;
     let problems = check(bad).join("\n");
-    for expected in ["path_open", "env.emscripten_date_now", "64-bit memory", "exports malloc as", "does not export handle"] {
+    for expected in
+        ["path_open", "env.emscripten_date_now", "ao_gpu.conv2d", "64-bit memory", "exports malloc as", "does not export handle"]
+    {
         assert!(problems.contains(expected), "no problem mentions {expected:?}; got:\n{problems}");
     }
     assert!(parse(b"\0asm\x01\0\0\0\x07\x05\x01").is_err(), "a truncated section must not parse");
