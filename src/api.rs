@@ -73,7 +73,9 @@ async fn metrics(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
 
 async fn capacity(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
     let status = s.status();
-    Json(json!({"manifest": status.manifest, "advertisement": status.last_advertisement}))
+    let t = s.jobs.runtime.tensor_backend();
+    let tensor_backend = json!({"kind": t.kind.as_str(), "description": t.description, "determinism": t.determinism.as_str()});
+    Json(json!({"manifest": status.manifest, "tensor_backend": tensor_backend, "advertisement": status.last_advertisement}))
 }
 
 type Params = Result<Query<HashMap<String, String>>, QueryRejection>;

@@ -31,6 +31,7 @@ pub struct Config {
     pub attestation: AttestationSection,
     pub api: ApiSection,
     pub log: LogSection,
+    pub gpu: GpuSection,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -78,6 +79,16 @@ pub struct LimitsSection {
 pub struct AttestationSection {
     /// `None`: the registry process.
     pub target: Option<String>,
+}
+
+/// The tensor backend behind the `ao_gpu` host calls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuSection {
+    /// Tried in order; the first that starts serves every evaluation. Never empty.
+    pub backends: Vec<crate::gpu::BackendKind>,
+    pub determinism: crate::gpu::Determinism,
+    /// Cap on the bytes of live tensors per evaluation.
+    pub max_device_memory: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -301,8 +312,29 @@ impl Config {
             }
         };
 
+        let mut s = v.section(&mut root, "gpu");
+        let backends = v.backends(&mut s, "gpu", "backends", &["wgpu", "cpu"]);
+        let determinism_text = v.string(&mut s, "gpu", "determinism", "reproducible", None);
+        let max_device_memory_text = v.string(&mut s, "gpu", "max_device_memory", "256-mb", None);
+        v.unknown(s, "gpu");
+        let determinism = crate::gpu::Determinism::parse(&determinism_text).unwrap_or_else(|| {
+            v.issue("gpu.determinism", format!("{determinism_text:?} is not one of reproducible, fast"));
+            crate::gpu::Determinism::Reproducible
+        });
+        let max_device_memory = match crate::runtime::limits::parse_memory_limit(&max_device_memory_text) {
+            Some(0) => {
+                v.issue("gpu.max_device_memory", "must be greater than 0");
+                256 << 20
+            }
+            Some(n) => n,
+            None => {
+                v.issue("gpu.max_device_memory", format!("{max_device_memory_text:?} is not a size such as 256-mb or 1-gb"));
+                256 << 20
+            }
+        };
+
         for (name, _) in root {
-            v.issue(&name, "unknown section (known: worker, network, registry, jobs, limits, attestation, api, log)");
+            v.issue(&name, "unknown section (known: worker, network, registry, jobs, limits, attestation, api, log, gpu)");
         }
         if !v.issues.is_empty() {
             return Err(fail(v.issues));
@@ -325,6 +357,7 @@ impl Config {
             attestation: AttestationSection { target: Some(target).filter(|t| !t.is_empty()) },
             api: ApiSection { listen },
             log: LogSection { level, format },
+            gpu: GpuSection { backends, determinism, max_device_memory },
         })
     }
 }
@@ -415,6 +448,43 @@ impl Validator {
         }
     }
 
+    /// A non-empty list of backend names (cuda, wgpu, cpu), each at most once.
+    fn backends(
+        &mut self,
+        s: &mut BTreeMap<String, toml::Value>,
+        section: &str,
+        key: &str,
+        default: &[&str],
+    ) -> Vec<crate::gpu::BackendKind> {
+        use crate::gpu::BackendKind;
+        let path = format!("{section}.{key}");
+        let fallback = || default.iter().filter_map(|n| BackendKind::parse(n)).collect::<Vec<_>>();
+        let items = match s.remove(key) {
+            None => return fallback(),
+            Some(toml::Value::Array(items)) => items,
+            Some(other) => {
+                self.issue(&path, format!("expected an array of backend names, found {}", other.type_str()));
+                return fallback();
+            }
+        };
+        if items.is_empty() {
+            self.issue(&path, "must name at least one backend (cuda, wgpu, cpu)");
+            return fallback();
+        }
+        let mut out = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            match item {
+                toml::Value::String(name) => match BackendKind::parse(&name) {
+                    Some(kind) if out.contains(&kind) => self.issue(&format!("{path}[{i}]"), format!("{name:?} is listed twice")),
+                    Some(kind) => out.push(kind),
+                    None => self.issue(&format!("{path}[{i}]"), format!("{name:?} is not one of cuda, wgpu, cpu")),
+                },
+                other => self.issue(&format!("{path}[{i}]"), format!("expected a string, found {}", other.type_str())),
+            }
+        }
+        if out.is_empty() { fallback() } else { out }
+    }
+
     fn url(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str, default: &str) -> String {
         let v = self.string(s, section, key, default, None);
         match reqwest::Url::parse(&v) {
@@ -478,6 +548,26 @@ mod tests {
         assert_eq!(from_file.registry.advertise_interval, Duration::from_secs(300));
         assert_eq!(from_file.worker.key_file, PathBuf::from("/var/lib/ao-gpu-worker/worker.key"));
         assert_eq!(from_file.registry.process, None);
+        assert_eq!(from_file.gpu.backends, vec![crate::gpu::BackendKind::Wgpu, crate::gpu::BackendKind::Cpu]);
+        assert_eq!(from_file.gpu.determinism, crate::gpu::Determinism::Reproducible);
+        assert_eq!(from_file.gpu.max_device_memory, crate::runtime::DEFAULT_MAX_DEVICE_MEMORY);
+    }
+
+    #[test]
+    fn gpu_section() {
+        use crate::gpu::{BackendKind, Determinism};
+        let c = parse("[gpu]\nbackends = [\"cuda\", \"cpu\"]\ndeterminism = \"fast\"\nmax_device_memory = \"1-gb\"\n").unwrap();
+        assert_eq!(c.gpu.backends, vec![BackendKind::Cuda, BackendKind::Cpu]);
+        assert_eq!(c.gpu.determinism, Determinism::Fast);
+        assert_eq!(c.gpu.max_device_memory, 1 << 30);
+        let err = parse("[gpu]\nbackends = []\n").unwrap_err();
+        assert_eq!(err.to_string().lines().nth(1).unwrap().trim(), "gpu.backends: must name at least one backend (cuda, wgpu, cpu)");
+        let err = parse("[gpu]\nbackends = [\"cpu\", \"cpu\"]\nspeed = 1\n").unwrap_err();
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["gpu.backends[1]", "gpu.speed"], "{err}");
+        let err = parse("[gpu]\nbackends = \"cpu\"\nmax_device_memory = \"0\"\n").unwrap_err();
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["gpu.backends", "gpu.max_device_memory"], "{err}");
     }
 
     #[test]
@@ -508,6 +598,10 @@ mod tests {
             [log]
             level = "loud"
             format = "xml"
+            [gpu]
+            backends = ["tpu", 3]
+            determinism = "sloppy"
+            max_device_memory = "heaps"
         "#;
         let err = parse(text).unwrap_err();
         let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
@@ -529,6 +623,10 @@ mod tests {
             "api.listen",
             "log.level",
             "log.format",
+            "gpu.backends[0]",
+            "gpu.backends[1]",
+            "gpu.determinism",
+            "gpu.max_device_memory",
             "bogus",
         ] {
             assert!(paths.contains(&expected), "missing {expected} in {err}");

@@ -14,12 +14,13 @@ use tokio_util::sync::CancellationToken;
 use crate::advertise;
 use crate::attest::Keypair;
 use crate::capacity::{self, CapacityManifest, DetectOptions};
-use crate::config::Config;
+use crate::config::{Config, GpuSection};
+use crate::gpu;
 use crate::jobs;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::net::{GatewayClient, MessengerClient, NetError, Policy, SchedulerClient};
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::runtime::{GpuConfig, Runtime, RuntimeConfig};
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -77,16 +78,20 @@ impl Worker {
         let opts = DetectOptions { data_dir: config.worker.data_dir.clone(), worker_address: Some(address.clone()) };
         let manifest = tokio::task::spawn_blocking(move || capacity::detect(&opts)).await.context("capacity detection failed")?;
         tracing::info!(%address, capacity = %manifest.backends_summary(), "worker identity and capacity");
-        let metrics = Metrics::new(&address, &manifest.backends_summary());
-        let (advertised, advertised_rx) = watch::channel(None);
         let data_dir = &config.worker.data_dir;
-        let runtime = Runtime::new(RuntimeConfig {
-            cache_dir: data_dir.join("modules"),
-            max_memory: config.limits.max_memory,
-            max_compute: config.limits.max_compute,
-            deadline: config.limits.deadline,
-        })
+        let backend = select_backend(&config.gpu).await?;
+        let runtime = Runtime::with_gpu(
+            RuntimeConfig {
+                cache_dir: data_dir.join("modules"),
+                max_memory: config.limits.max_memory,
+                max_compute: config.limits.max_compute,
+                deadline: config.limits.deadline,
+            },
+            GpuConfig { backend: Some(Arc::new(Mutex::new(backend))), max_device_memory: config.gpu.max_device_memory },
+        )
         .context("cannot start the wasm runtime")?;
+        let metrics = Metrics::new(&address, &manifest.backends_summary(), runtime.tensor_backend());
+        let (advertised, advertised_rx) = watch::channel(None);
         let journal = Journal::open(&data_dir.join("journal.redb")).context("cannot open the journal")?;
         let policy = Policy::from_config(&config.network);
         let scheduler = SchedulerClient::new(&config.network.scheduler_url, policy.clone());
@@ -182,6 +187,28 @@ impl Worker {
             let _ = t.await;
         }
     }
+}
+
+/// Walks `gpu.backends` in order and returns the first tensor backend that starts, logging the
+/// choice and every skipped candidate with its reason; fails when none of them works.
+async fn select_backend(cfg: &GpuSection) -> anyhow::Result<gpu::Backend> {
+    let (order, determinism) = (cfg.backends.clone(), cfg.determinism);
+    let names: Vec<&str> = order.iter().map(|k| k.as_str()).collect();
+    let (backend, skipped) = tokio::task::spawn_blocking(move || gpu::select(&order, determinism))
+        .await
+        .context("tensor backend selection panicked")?
+        .map_err(|e| anyhow::anyhow!("none of gpu.backends {names:?} can run here: {e}"))?;
+    for reason in &skipped {
+        tracing::info!(candidate = %reason, "tensor backend candidate skipped");
+    }
+    tracing::info!(
+        backend = %backend.describe(),
+        kind = %backend.kind(),
+        determinism = backend.determinism().as_str(),
+        order = ?names,
+        "tensor backend chosen from gpu.backends"
+    );
+    Ok(backend)
 }
 
 struct Heartbeat {

@@ -26,7 +26,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(address: &str, backends: &str) -> Arc<Self> {
+    pub fn new(address: &str, backends: &str, tensor: &crate::runtime::TensorBackendInfo) -> Arc<Self> {
         let mut registry = Registry::with_prefix("ao_worker");
         let info = Info::new(vec![
             ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
@@ -34,6 +34,12 @@ impl Metrics {
             ("backends".to_owned(), backends.to_owned()),
         ]);
         registry.register("build", "Worker version, address and detected backends", info);
+        let tensor = Info::new(vec![
+            ("kind".to_owned(), tensor.kind.as_str().to_owned()),
+            ("description".to_owned(), tensor.description.clone()),
+            ("determinism".to_owned(), tensor.determinism.as_str().to_owned()),
+        ]);
+        registry.register("tensor_backend", "The tensor backend serving ao_gpu calls (chosen from gpu.backends)", tensor);
         let advertisements = Family::<Result1, Counter>::default();
         registry.register("advertisements", "Capacity advertisements posted, by result", advertisements.clone());
         let last_advertisement_seconds = Gauge::default();

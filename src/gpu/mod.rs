@@ -106,6 +106,24 @@ pub enum Determinism {
     Fast,
 }
 
+impl Determinism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Determinism::Reproducible => "reproducible",
+            Determinism::Fast => "fast",
+        }
+    }
+
+    /// `"reproducible"` or `"fast"`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "reproducible" => Some(Determinism::Reproducible),
+            "fast" => Some(Determinism::Fast),
+            _ => None,
+        }
+    }
+}
+
 /// Which backend implementation; the order of [`DEFAULT_ORDER`] is the documented selection order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
@@ -120,6 +138,16 @@ impl BackendKind {
             BackendKind::Cuda => "cuda",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Cpu => "cpu",
+        }
+    }
+
+    /// `"cuda"`, `"wgpu"` or `"cpu"`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "cuda" => Some(BackendKind::Cuda),
+            "wgpu" => Some(BackendKind::Wgpu),
+            "cpu" => Some(BackendKind::Cpu),
+            _ => None,
         }
     }
 }
