@@ -3,26 +3,14 @@
 //! With `REQUIRE_WGPU=1` a wgpu adapter must exist (CI with lavapipe); otherwise a machine
 //! without one falls back to the CPU and says so.
 
-use ao_gpu_worker::attest::Keypair;
-use ao_gpu_worker::config::{Config, Overrides};
+mod common;
+
 use ao_gpu_worker::daemon::Worker;
-use ao_gpu_worker::devnet::{Devnet, DevnetOptions};
+use ao_gpu_worker::devnet::Devnet;
 use ao_gpu_worker::gpu::{self, BackendKind, Determinism};
 
 async fn start(dir: &std::path::Path, backends: &str) -> (Devnet, Worker) {
-    let mut net = Devnet::start(&DevnetOptions::new(dir.join("devnet"), 0)).await.unwrap();
-    let text = format!(
-        "[worker]\ndata_dir = {:?}\n[network]\nscheduler_url = {:?}\nmessenger_url = {:?}\ngateway_url = {:?}\n\
-         [registry]\nprocess = {:?}\npoll_interval = \"50ms\"\n[api]\nlisten = \"127.0.0.1:0\"\n[gpu]\nbackends = {backends}\n",
-        dir.join("worker").display().to_string(),
-        net.urls.scheduler,
-        net.urls.messenger,
-        net.urls.gateway,
-        net.urls.registry,
-    );
-    let config = Config::parse("test", &text, &Overrides::default()).unwrap();
-    let worker = Worker::start(config, Keypair::generate().unwrap(), net.worker_listener.take()).await.unwrap();
-    (net, worker)
+    common::inproc::devnet_and_worker(dir, &format!("[gpu]\nbackends = {backends}\n")).await
 }
 
 async fn capacity_backend(worker: &Worker) -> serde_json::Value {

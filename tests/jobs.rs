@@ -2,13 +2,14 @@
 //! registry by an authority (and ignored from anyone else), every message evaluated once
 //! and in nonce order across many schedule pages, results attested and posted.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use ao_gpu_worker::attest::Keypair;
-use ao_gpu_worker::config::{Config, Overrides};
 use ao_gpu_worker::daemon::Worker;
 use ao_gpu_worker::demo::{message, module_item};
-use ao_gpu_worker::devnet::{Devnet, DevnetOptions};
+use ao_gpu_worker::devnet::Devnet;
 use ao_gpu_worker::net::scheduler::Range;
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy, SchedulerClient};
 use ao_gpu_worker::protocol::ao::{self, ItemType};
@@ -25,19 +26,7 @@ struct Setup {
 
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let mut net = Devnet::start(&DevnetOptions::new(dir.path().join("devnet"), 0)).await.unwrap();
-    let text = format!(
-        "[worker]\ndata_dir = {:?}\n[network]\nscheduler_url = {:?}\nmessenger_url = {:?}\ngateway_url = {:?}\n\
-         [registry]\nprocess = {:?}\nauthorities = [{:?}]\npoll_interval = \"50ms\"\n[api]\nlisten = \"127.0.0.1:0\"\n",
-        dir.path().join("worker").display().to_string(),
-        net.urls.scheduler,
-        net.urls.messenger,
-        net.urls.gateway,
-        net.urls.registry,
-        net.authority.address(),
-    );
-    let config = Config::parse("test", &text, &Overrides::default()).unwrap();
-    let worker = Worker::start(config, Keypair::generate().unwrap(), net.worker_listener.take()).await.unwrap();
+    let (net, worker) = common::inproc::devnet_and_worker(dir.path(), "").await;
     let mu = MessengerClient::new(&net.urls.messenger, Policy::default());
     let su = SchedulerClient::new(&net.urls.scheduler, Policy::default());
     let module = module_item(&net.authority).unwrap();

@@ -4,10 +4,9 @@
 use std::time::{Duration, Instant};
 
 use ao_gpu_worker::attest::Keypair;
-use ao_gpu_worker::config::{Config, Overrides};
 use ao_gpu_worker::daemon::Worker;
 use ao_gpu_worker::demo::{message, module_item};
-use ao_gpu_worker::devnet::{Devnet, DevnetOptions};
+use ao_gpu_worker::devnet::Devnet;
 use ao_gpu_worker::journal::ResultRecord;
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy};
 use ao_gpu_worker::protocol::ao::{self, ItemType};
@@ -32,19 +31,7 @@ impl CounterNet {
     /// evaluated the process's own message.
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut net = Devnet::start(&DevnetOptions::new(dir.path().join("devnet"), 0)).await.unwrap();
-        let text = format!(
-            "[worker]\ndata_dir = {:?}\n[network]\nscheduler_url = {:?}\nmessenger_url = {:?}\ngateway_url = {:?}\nmax_attempts = 3\n\
-             [registry]\nprocess = {:?}\nauthorities = [{:?}]\npoll_interval = \"50ms\"\n[api]\nlisten = \"127.0.0.1:0\"\n",
-            dir.path().join("worker").display().to_string(),
-            net.urls.scheduler,
-            net.urls.messenger,
-            net.urls.gateway,
-            net.urls.registry,
-            net.authority.address(),
-        );
-        let config = Config::parse("test", &text, &Overrides::default()).unwrap();
-        let worker = Worker::start(config, Keypair::generate().unwrap(), net.worker_listener.take()).await.unwrap();
+        let (net, worker) = super::inproc::devnet_and_worker(dir.path(), "").await;
         let mu = MessengerClient::new(&net.urls.messenger, Policy::default());
         let module = module_item(&net.authority).unwrap();
         GatewayClient::new(&net.urls.gateway, Policy::default()).upload(&module).await.unwrap();

@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod counter;
+pub mod inproc;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
