@@ -24,7 +24,7 @@ use ao_gpu_worker::devnet::{Devnet, DevnetOptions};
 use ao_gpu_worker::jobs::eval::{self, Slot};
 use ao_gpu_worker::journal::{Commit, Journal, OutKind, Outgoing, Progress, ResultRecord, sha256_hex};
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy};
-use ao_gpu_worker::protocol::ao::{self, ItemType};
+use ao_gpu_worker::protocol::ao;
 use ao_gpu_worker::protocol::su::ItemJson;
 use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, Tag, b64};
 use ao_gpu_worker::runtime::{EvalInput, Runtime, RuntimeConfig};
@@ -54,21 +54,11 @@ fn module_item(key: &Keypair) -> DataItem {
 }
 
 fn process_item(key: &Keypair, module: &str, scheduler: &str) -> DataItem {
-    let mut tags = ao::base_tags(ItemType::Process);
-    tags.extend([Tag::new("Module", module), Tag::new("Scheduler", scheduler), Tag::new("Name", "bench-counter")]);
-    DataItemBuilder::new().anchor(ao::numeric_anchor(1)).tags(tags).data(b" ".to_vec()).sign(key).unwrap()
+    ao_gpu_worker::demo::process_item(key, module, scheduler, 1, "bench-counter").unwrap()
 }
 
 fn message(key: &Keypair, target: &str, anchor: u64, tags: &[(&str, &str)]) -> DataItem {
-    let mut all = ao::base_tags(ItemType::Message);
-    all.extend(tags.iter().map(|(n, v)| Tag::new(*n, *v)));
-    DataItemBuilder::new()
-        .target(b64::decode_id(target).unwrap())
-        .anchor(ao::numeric_anchor(anchor))
-        .tags(all)
-        .data(b" ".to_vec())
-        .sign(key)
-        .unwrap()
+    ao_gpu_worker::demo::message(key, target, anchor, tags, "").unwrap()
 }
 
 fn e2e(c: &mut Criterion) {

@@ -30,6 +30,13 @@ pub fn module_item(key: &Keypair) -> anyhow::Result<DataItem> {
     Ok(DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(tags).data(COUNTER_WASM.to_vec()).sign(key)?)
 }
 
+/// A signed Process item running `module` on `scheduler`, with a numeric anchor and a `Name`.
+pub fn process_item(key: &Keypair, module: &str, scheduler: &str, anchor: u64, name: &str) -> anyhow::Result<DataItem> {
+    let mut tags = ao::base_tags(ItemType::Process);
+    tags.extend([Tag::new("Module", module), Tag::new("Scheduler", scheduler), Tag::new("Name", name)]);
+    Ok(DataItemBuilder::new().anchor(ao::numeric_anchor(anchor)).tags(tags).data(b" ".to_vec()).sign(key)?)
+}
+
 /// A signed AO message to `target` with the given extra tags.
 pub fn message(key: &Keypair, target: &str, anchor: u64, tags: &[(&str, &str)], data: &str) -> anyhow::Result<DataItem> {
     let mut all = ao::base_tags(ItemType::Message);
@@ -68,11 +75,7 @@ pub async fn run(net: &Devnet, worker: &Worker, print: &dyn Fn(&Value)) -> anyho
     let module = module_item(authority)?;
     gw.upload(&module).await.context("cannot publish the counter module")?;
     let run_id = now_ms();
-    let spawn = |n: u64, name: &str| -> anyhow::Result<DataItem> {
-        let mut tags = ao::base_tags(ItemType::Process);
-        tags.extend([Tag::new("Module", module.id()), Tag::new("Scheduler", &net.scheduler_address), Tag::new("Name", name)]);
-        Ok(DataItemBuilder::new().anchor(ao::numeric_anchor(run_id * 10 + n)).tags(tags).data(b" ".to_vec()).sign(authority)?)
-    };
+    let spawn = |n: u64, name: &str| process_item(authority, &module.id(), &net.scheduler_address, run_id * 10 + n, name);
     let (a, b) = (spawn(1, "counter-a")?, spawn(2, "counter-b")?);
     for p in [&a, &b] {
         mu.post_item(p).await.context("cannot spawn a demo process")?;

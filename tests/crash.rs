@@ -31,9 +31,9 @@ use ao_gpu_worker::demo::COUNTER_WASM;
 use ao_gpu_worker::journal::{Journal, OutKind, ResultRecord};
 use ao_gpu_worker::net::scheduler::Range;
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy, SchedulerClient};
-use ao_gpu_worker::protocol::ao::{self, ItemType};
+use ao_gpu_worker::protocol::ao;
 use ao_gpu_worker::protocol::su::MessageNode;
-use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, Tag, b64};
+use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, Tag};
 use common::binary::{Guard, command, start_devnet};
 
 /// Everything must be done by then, on however loaded a machine.
@@ -113,21 +113,11 @@ fn module_item(key: &Keypair) -> DataItem {
 }
 
 fn process_item(key: &Keypair, module: &str, scheduler: &str, n: u64, name: &str) -> DataItem {
-    let mut tags = ao::base_tags(ItemType::Process);
-    tags.extend([Tag::new("Module", module), Tag::new("Scheduler", scheduler), Tag::new("Name", name)]);
-    DataItemBuilder::new().anchor(ao::numeric_anchor(n)).tags(tags).data(b" ".to_vec()).sign(key).unwrap()
+    ao_gpu_worker::demo::process_item(key, module, scheduler, n, name).unwrap()
 }
 
 fn message(key: &Keypair, target: &str, anchor: u64, tags: &[(&str, &str)]) -> DataItem {
-    let mut all = ao::base_tags(ItemType::Message);
-    all.extend(tags.iter().map(|(n, v)| Tag::new(*n, *v)));
-    DataItemBuilder::new()
-        .target(b64::decode_id(target).unwrap())
-        .anchor(ao::numeric_anchor(anchor))
-        .tags(all)
-        .data(b" ".to_vec())
-        .sign(key)
-        .unwrap()
+    ao_gpu_worker::demo::message(key, target, anchor, tags, "").unwrap()
 }
 
 /// One message of the stream.
