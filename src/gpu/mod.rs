@@ -11,10 +11,11 @@
 //!   and the last entry of the default selection order, but it is never chosen silently: [`select`]
 //!   returns why every earlier candidate was skipped and the chosen backend names itself.
 //!
-//! This slice is f32 only, shapes up to 4-D, row-major contiguous. Missing (see the GPU-offload issue):
-//! f16 / i32 / GGUF Q8_0, Q4_0, Q4_1 dtypes, quantized matmul, rotary, attention with KV cache,
-//! embedding gather, reshape/transpose/slice/concat, and a working CUDA op set. `argmax_last` returns
-//! its indices as f32 values (exact up to 2^24).
+//! Tensors have a [`DType`] (f32, f16, i32, or the GGUF blocks Q8_0 / Q4_0 / Q4_1 for weights), up to
+//! 4 axes, row-major contiguous. Arithmetic is f32: the other types enter through `cast`, `matmul`
+//! (an f16 or quantized right operand, f32 accumulation), `gather_rows` (any table, i32 ids) and the
+//! layout ops (reshape / permute / slice / concat / append work on any unquantized type). `read`
+//! converts any dtype to f32 values; `read_raw` returns the storage bytes.
 //!
 //! Determinism: each kernel declares a [`KernelClass`] in [`kernels`]. In [`Determinism::Reproducible`]
 //! mode matmul, reductions, softmax and norms sum in a fixed order (each output summed sequentially in
@@ -25,7 +26,9 @@
 //! may flush subnormals to zero).
 
 pub mod cpu;
+pub mod dtype;
 pub mod kernels;
+pub mod layout;
 pub mod wgpu;
 
 // `cfg` on the module definitions, not on their uses: both files expose the same `CudaBackend`.
@@ -37,7 +40,9 @@ pub mod cuda;
 
 use std::fmt;
 
+pub use dtype::{DType, QK, RawTensor};
 pub use kernels::KernelClass;
+pub use layout::{RopeMode, rope_table};
 
 /// Errors from the tensor layer; each variant is a decision for the caller.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -48,6 +53,9 @@ pub enum GpuError {
     /// The handle was never issued by this backend or was already freed: reject the request.
     #[error("unknown tensor {0}")]
     UnknownTensor(TensorId),
+    /// An operand has a dtype the op does not take (or a quantized shape that is not block-aligned).
+    #[error("dtype mismatch in {op}: {details}")]
+    DType { op: &'static str, details: String },
     /// The device cannot hold the tensor: free something or retry smaller.
     #[error("out of memory: requested {requested} bytes, {available} available")]
     OutOfMemory { requested: u64, available: u64 },
@@ -250,6 +258,90 @@ pub trait TensorBackend {
     /// `(x - mean) / sqrt(var + eps) * weight + bias` (biased variance), weight and bias of shape `[last]`.
     fn layernorm(&mut self, x: TensorId, weight: TensorId, bias: TensorId, eps: f32) -> Result<TensorId>;
     fn reduce_last(&mut self, op: ReduceOp, x: TensorId) -> Result<TensorId>;
+
+    // ---- dtypes, layout, gather, rotary, attention ----
+    //
+    // The defaults refuse with `Unsupported`; every backend that claims an op overrides it and the
+    // conformance suite checks it against the CPU backend. Dtype rules: see each method; an operand
+    // of another dtype gets `GpuError::DType`.
+
+    /// The element type of a tensor (f32 for backends that only hold f32).
+    fn dtype(&self, id: TensorId) -> Result<DType> {
+        self.shape(id).map(|_| DType::F32)
+    }
+    /// Uploads storage bytes of any dtype (checked by [`RawTensor::new`]).
+    fn upload_raw(&mut self, t: &RawTensor) -> Result<TensorId> {
+        if t.dtype != DType::F32 {
+            return Err(self.unsupported("upload_raw"));
+        }
+        let data = t.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        self.upload(&HostTensor::new(t.shape.clone(), data)?)
+    }
+    /// The storage bytes of a tensor, in its own dtype.
+    fn read_raw(&mut self, id: TensorId) -> Result<RawTensor> {
+        let t = self.read(id)?;
+        RawTensor::from_f32(t.shape, &t.data)
+    }
+    /// A converted copy: f32 <-> f16 (round to nearest even), f32 -> i32 (toward zero, saturating,
+    /// NaN to 0), i32 -> f32, any quantized type -> f32 (dequantize), f32 -> a quantized type
+    /// (GGUF's reference quantizer), and the identity.
+    fn cast(&mut self, _x: TensorId, _to: DType) -> Result<TensorId> {
+        Err(self.unsupported("cast"))
+    }
+    /// The same data under another shape with the same element count (any dtype; quantized types
+    /// keep a block-aligned last axis).
+    fn reshape(&mut self, _x: TensorId, _shape: &[usize]) -> Result<TensorId> {
+        Err(self.unsupported("reshape"))
+    }
+    /// A transposed copy: output axis `i` is input axis `axes[i]` (unquantized types).
+    fn permute(&mut self, _x: TensorId, _axes: &[usize]) -> Result<TensorId> {
+        Err(self.unsupported("permute"))
+    }
+    /// A copy of `[start, start + len)` along `axis` (unquantized types).
+    fn slice(&mut self, _x: TensorId, _axis: usize, _start: usize, _len: usize) -> Result<TensorId> {
+        Err(self.unsupported("slice"))
+    }
+    /// `a` then `b` along `axis`; same dtype (unquantized), equal other axes.
+    fn concat(&mut self, _a: TensorId, _b: TensorId, _axis: usize) -> Result<TensorId> {
+        Err(self.unsupported("concat"))
+    }
+    /// Appends `rows` to `cache` along axis 0, in place (the cache keeps its id; storage grows
+    /// geometrically, so appending one row at a time costs amortized O(row)). Same dtype, unquantized.
+    fn append(&mut self, _cache: TensorId, _rows: TensorId) -> Result<()> {
+        Err(self.unsupported("append"))
+    }
+    /// Embedding lookup: `table [v, d]` (f32, f16 or quantized), `ids` i32 of any shape; the output
+    /// is f32 of shape `ids.shape + [d]`. An id outside `0..v` is a `ShapeMismatch` error.
+    fn gather_rows(&mut self, _table: TensorId, _ids: TensorId) -> Result<TensorId> {
+        Err(self.unsupported("gather_rows"))
+    }
+    /// Rotary position embedding of f32 `x [.., seq, heads, head_dim]`: row `t` is at position
+    /// `pos0 + t`, pair `i` rotates by `pos * theta^(-2i/head_dim)` using [`rope_table`].
+    fn rope(&mut self, _x: TensorId, _pos0: u32, _theta: f32, _mode: RopeMode) -> Result<TensorId> {
+        Err(self.unsupported("rope"))
+    }
+    /// Causal scaled-dot-product attention (see `layout::AttentionDims` for shapes): for query
+    /// row `i` at position `pos0 + i`, `softmax(q . k_j * scale)` over keys `j <= pos0 + i` (and
+    /// `j < tk`), times `v`. All f32. Softmax as in `softmax_last` (portable exp in reproducible mode).
+    fn attention(&mut self, _q: TensorId, _k: TensorId, _v: TensorId, _pos0: u32, _scale: f32) -> Result<TensorId> {
+        Err(self.unsupported("attention"))
+    }
+    /// Starts a batch: ops until [`TensorBackend::end_batch`] may be recorded and submitted to the
+    /// device together (one submission, no synchronization in between). Errors are still reported
+    /// by each op; a `read` inside a batch flushes it first.
+    fn begin_batch(&mut self) {}
+    /// Submits everything recorded since `begin_batch`.
+    fn end_batch(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Bytes of device memory held by live tensors (for placement across devices).
+    fn live_bytes(&self) -> u64 {
+        0
+    }
+    /// The error of an op this backend does not implement.
+    fn unsupported(&self, op: &'static str) -> GpuError {
+        GpuError::Unsupported { op, backend: self.describe() }
+    }
 }
 
 /// The closed set of backends. The `Cuda` variant is uninhabited in builds without the `cuda` feature.
@@ -375,6 +467,51 @@ impl Backend {
     }
     pub fn argmax_last(&mut self, x: TensorId) -> Result<TensorId> {
         self.reduce_last(ReduceOp::Argmax, x)
+    }
+    pub fn dtype(&self, id: TensorId) -> Result<DType> {
+        self.inner().dtype(id)
+    }
+    pub fn upload_raw(&mut self, t: &RawTensor) -> Result<TensorId> {
+        self.inner_mut().upload_raw(t)
+    }
+    pub fn read_raw(&mut self, id: TensorId) -> Result<RawTensor> {
+        self.inner_mut().read_raw(id)
+    }
+    pub fn cast(&mut self, x: TensorId, to: DType) -> Result<TensorId> {
+        self.inner_mut().cast(x, to)
+    }
+    pub fn reshape(&mut self, x: TensorId, shape: &[usize]) -> Result<TensorId> {
+        self.inner_mut().reshape(x, shape)
+    }
+    pub fn permute(&mut self, x: TensorId, axes: &[usize]) -> Result<TensorId> {
+        self.inner_mut().permute(x, axes)
+    }
+    pub fn slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize) -> Result<TensorId> {
+        self.inner_mut().slice(x, axis, start, len)
+    }
+    pub fn concat(&mut self, a: TensorId, b: TensorId, axis: usize) -> Result<TensorId> {
+        self.inner_mut().concat(a, b, axis)
+    }
+    pub fn append(&mut self, cache: TensorId, rows: TensorId) -> Result<()> {
+        self.inner_mut().append(cache, rows)
+    }
+    pub fn gather_rows(&mut self, table: TensorId, ids: TensorId) -> Result<TensorId> {
+        self.inner_mut().gather_rows(table, ids)
+    }
+    pub fn rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode) -> Result<TensorId> {
+        self.inner_mut().rope(x, pos0, theta, mode)
+    }
+    pub fn attention(&mut self, q: TensorId, k: TensorId, v: TensorId, pos0: u32, scale: f32) -> Result<TensorId> {
+        self.inner_mut().attention(q, k, v, pos0, scale)
+    }
+    pub fn begin_batch(&mut self) {
+        self.inner_mut().begin_batch()
+    }
+    pub fn end_batch(&mut self) -> Result<()> {
+        self.inner_mut().end_batch()
+    }
+    pub fn live_bytes(&self) -> u64 {
+        self.inner().live_bytes()
     }
 }
 

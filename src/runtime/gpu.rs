@@ -106,6 +106,7 @@ impl From<&GpuError> for GpuStatus {
     fn from(e: &GpuError) -> Self {
         match e {
             GpuError::ShapeMismatch { .. } => GpuStatus::ShapeMismatch,
+            GpuError::DType { .. } => GpuStatus::ShapeMismatch,
             GpuError::UnknownTensor(_) => GpuStatus::UnknownHandle,
             GpuError::OutOfMemory { .. } => GpuStatus::DeviceOutOfMemory,
             GpuError::Unsupported { .. } => GpuStatus::Unsupported,
