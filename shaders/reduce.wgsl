@@ -1,6 +1,6 @@
 // Reductions over the last axis, one invocation per row summing in index order (the fixed order of
 // `reduce_row` / `softmax_row` in src/gpu/cpu.rs), 64 rows per workgroup on a 2-D workgroup grid.
-// NaN never compares greater: max skips it, argmax returns the first index of the maximum.
+// NaN never compares greater: max skips it, argmax returns the first index of the maximum (as i32).
 
 struct RowParams {
     rows: u32,
@@ -10,6 +10,8 @@ struct RowParams {
 @group(0) @binding(0) var<uniform> p: RowParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// argmax_last writes i32 indices (the output tensor is i32).
+@group(0) @binding(3) var<storage, read_write> out_i: array<i32>;
 
 fn row_index(wg: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wg.y * nwg.x + wg.x) * 64u + lid.x;
@@ -34,9 +36,15 @@ fn row_max(r: u32) -> f32 {
     return acc;
 }
 
+// NaN by its bits: a float compare like `v != v` may be folded away (Vulkan does not promise NaN
+// semantics without float-controls).
+fn is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
+
 // Mirrors `repro_exp` in src/gpu/mod.rs operation for operation (constants as bits).
 fn repro_exp(v: f32) -> f32 {
-    if v != v {
+    if is_nan(v) {
         return v;
     }
     if v > 88.72 {
@@ -94,12 +102,12 @@ fn argmax_last(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
         var idx = 0u;
         for (var j = 1u; j < p.last; j++) {
             let v = x[r * p.last + j];
-            if v > best || (best != best && v == v) {
+            if v > best || (is_nan(best) && !is_nan(v)) {
                 best = v;
                 idx = j;
             }
         }
-        out[r] = f32(idx);
+        out_i[r] = i32(idx);
     }
 }
 

@@ -74,7 +74,34 @@ async fn metrics(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
 async fn capacity(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
     let status = s.status();
     let t = s.jobs.runtime.tensor_backend();
-    let tensor_backend = json!({"kind": t.kind.as_str(), "description": t.description, "determinism": t.determinism.as_str()});
+    let pool = s.jobs.runtime.pool();
+    let loads = pool.loads();
+    // Every device of the pool with its load, and why each other candidate is not serving.
+    let devices: Vec<Value> = t
+        .devices
+        .iter()
+        .map(|d| {
+            let load = loads.get(d.index).copied().unwrap_or_default();
+            json!({
+                "index": d.index,
+                "kind": d.kind.as_str(),
+                "ordinal": d.ordinal,
+                "description": d.description,
+                "attested_as": s.jobs.attested_device(d.index),
+                "memory_bytes": d.memory_bytes,
+                "in_flight": load.in_flight,
+                "evaluations": load.evaluations,
+                "live_bytes": load.live_bytes,
+            })
+        })
+        .collect();
+    let tensor_backend = json!({
+        "kind": t.kind.as_str(),
+        "description": t.description,
+        "determinism": t.determinism.as_str(),
+        "devices": devices,
+        "skipped": pool.skipped(),
+    });
     Json(json!({"manifest": status.manifest, "tensor_backend": tensor_backend, "advertisement": status.last_advertisement}))
 }
 

@@ -91,6 +91,43 @@ pub enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Model weights for actors: inspect a GGUF file, publish its tensors to a gateway.
+    Model {
+        #[command(subcommand)]
+        command: crate::model::ModelCommand,
+    },
+    /// Measure this machine: f32 GEMM, quantized matrix-vector products, upload and read bandwidth
+    /// and host calls from Wasm on each tensor backend. Prints a table headed by the hardware (or
+    /// one JSON object) and saves <data_dir>/bench.json, whose figures the worker advertises as the
+    /// measured scores of its capacity manifest.
+    Bench {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Where to save bench.json (default: worker.data_dir from the configuration).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Backends to measure, in order (repeat the flag or separate with commas); default: cpu,
+        /// wgpu and cuda, listing those that cannot start here.
+        #[arg(long = "backend", value_name = "cpu|wgpu|cuda", num_args = 1.., value_delimiter = ',', value_parser = parse_backend)]
+        backends: Vec<crate::gpu::BackendKind>,
+        /// The determinism mode to measure in (default: gpu.determinism from the configuration).
+        #[arg(long, value_name = "fast|reproducible", value_parser = parse_determinism)]
+        determinism: Option<crate::gpu::Determinism>,
+        /// A short run (a few seconds) instead of the full one (under a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Print the results as one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_backend(text: &str) -> Result<crate::gpu::BackendKind, String> {
+    crate::gpu::BackendKind::parse(text).ok_or_else(|| format!("unknown backend {text:?}: expected cpu, wgpu or cuda"))
+}
+
+fn parse_determinism(text: &str) -> Result<crate::gpu::Determinism, String> {
+    crate::gpu::Determinism::parse(text).ok_or_else(|| format!("unknown mode {text:?}: expected fast or reproducible"))
 }
 
 /// Runs a parsed command line.
@@ -177,7 +214,46 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             emit!("{}", serde_json::to_string_pretty(&manifest)?);
             Ok(())
         }
+        Command::Model { command } => {
+            crate::logging::init(&config::LogSection { level: "warn".into(), format: config::LogFormat::Text });
+            crate::model::run_cli(command)
+        }
+        Command::Bench { config, data_dir, backends, determinism, quick, json } => {
+            bench(config, data_dir, backends, determinism, quick, json)
+        }
     }
+}
+
+/// `bench`: measures, prints, saves `<data_dir>/bench.json`. Progress goes to stderr.
+fn bench(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    backends: Vec<crate::gpu::BackendKind>,
+    determinism: Option<crate::gpu::Determinism>,
+    quick: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::gpu::BackendKind;
+    let config = Config::load(config.as_deref())?;
+    let data_dir = data_dir.unwrap_or(config.worker.data_dir);
+    let mut kinds: Vec<BackendKind> = Vec::new();
+    for kind in if backends.is_empty() { vec![BackendKind::Cpu, BackendKind::Wgpu, BackendKind::Cuda] } else { backends } {
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    let manifest = crate::capacity::detect(&crate::capacity::DetectOptions { data_dir: data_dir.clone(), worker_address: None });
+    let opts = crate::bench::Options { backends: kinds, determinism: determinism.unwrap_or(config.gpu.determinism), quick };
+    let report = crate::bench::run(&opts, &manifest, &|line| eprintln!("bench: {line}"), &|| false);
+    anyhow::ensure!(!report.backends.is_empty(), "no backend could be measured: {}", report.unavailable.join("; "));
+    if json {
+        emit!("{}", serde_json::to_string(&report)?);
+    } else {
+        emit!("{}", report.table());
+    }
+    let file = crate::bench::save(&report, &data_dir).with_context(|| format!("cannot save the results in {}", data_dir.display()))?;
+    eprintln!("bench: saved to {}", file.display());
+    Ok(())
 }
 
 /// SIGTERM and SIGINT, listened for from the moment this is created: a signal that arrives

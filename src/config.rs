@@ -86,9 +86,13 @@ pub struct AttestationSection {
 pub struct GpuSection {
     /// Tried in order; the first that starts serves every evaluation. Never empty.
     pub backends: Vec<crate::gpu::BackendKind>,
+    /// Which devices of the chosen backend serve evaluations (a list is never empty).
+    pub devices: crate::gpu::pool::DeviceSelection,
     pub determinism: crate::gpu::Determinism,
     /// Cap on the bytes of live tensors per evaluation.
     pub max_device_memory: u64,
+    /// Cap on the bytes of constants (`ao_gpu.constant`) cached on the device across evaluations.
+    pub max_constant_memory: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -314,8 +318,10 @@ impl Config {
 
         let mut s = v.section(&mut root, "gpu");
         let backends = v.backends(&mut s, "gpu", "backends", &["wgpu", "cpu"]);
+        let devices = v.devices(&mut s, "gpu", "devices");
         let determinism_text = v.string(&mut s, "gpu", "determinism", "reproducible", None);
         let max_device_memory_text = v.string(&mut s, "gpu", "max_device_memory", "256-mb", None);
+        let max_constant_memory_text = v.string(&mut s, "gpu", "max_constant_memory", "1-gb", None);
         v.unknown(s, "gpu");
         let determinism = crate::gpu::Determinism::parse(&determinism_text).unwrap_or_else(|| {
             v.issue("gpu.determinism", format!("{determinism_text:?} is not one of reproducible, fast"));
@@ -330,6 +336,17 @@ impl Config {
             None => {
                 v.issue("gpu.max_device_memory", format!("{max_device_memory_text:?} is not a size such as 256-mb or 1-gb"));
                 256 << 20
+            }
+        };
+        let max_constant_memory = match crate::runtime::limits::parse_memory_limit(&max_constant_memory_text) {
+            Some(0) => {
+                v.issue("gpu.max_constant_memory", "must be greater than 0");
+                crate::runtime::DEFAULT_MAX_CONSTANT_MEMORY
+            }
+            Some(n) => n,
+            None => {
+                v.issue("gpu.max_constant_memory", format!("{max_constant_memory_text:?} is not a size such as 512-mb or 2-gb"));
+                crate::runtime::DEFAULT_MAX_CONSTANT_MEMORY
             }
         };
 
@@ -357,7 +374,7 @@ impl Config {
             attestation: AttestationSection { target: Some(target).filter(|t| !t.is_empty()) },
             api: ApiSection { listen },
             log: LogSection { level, format },
-            gpu: GpuSection { backends, determinism, max_device_memory },
+            gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory },
         })
     }
 }
@@ -485,6 +502,61 @@ impl Validator {
         if out.is_empty() { fallback() } else { out }
     }
 
+    /// `"all"` (the default), or a non-empty list of device indices (0..=1023) and names, each
+    /// at most once.
+    fn devices(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str) -> crate::gpu::pool::DeviceSelection {
+        use crate::gpu::pool::{DeviceRef, DeviceSelection};
+        const MAX_INDEX: i64 = 1023;
+        let path = format!("{section}.{key}");
+        let items = match s.remove(key) {
+            None => return DeviceSelection::All,
+            Some(toml::Value::String(all)) if all == "all" => return DeviceSelection::All,
+            Some(toml::Value::Array(items)) => items,
+            Some(toml::Value::String(other)) => {
+                self.issue(&path, format!("{other:?} is not \"all\"; name devices in a list, such as [0, 1] or [\"H100\"]"));
+                return DeviceSelection::All;
+            }
+            Some(other) => {
+                self.issue(&path, format!("expected \"all\" or an array of device indices and names, found {}", other.type_str()));
+                return DeviceSelection::All;
+            }
+        };
+        if items.is_empty() {
+            self.issue(&path, "must name at least one device, or be \"all\"");
+            return DeviceSelection::All;
+        }
+        let mut out: Vec<DeviceRef> = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            let entry = match item {
+                toml::Value::Integer(n) if (0..=MAX_INDEX).contains(&n) => DeviceRef::Index(n as usize),
+                toml::Value::Integer(n) => {
+                    self.issue(&at, format!("{n} is out of range 0..={MAX_INDEX}"));
+                    continue;
+                }
+                toml::Value::String(name) if name.trim().is_empty() => {
+                    self.issue(&at, "a device name must not be empty");
+                    continue;
+                }
+                toml::Value::String(name) if name == "all" => {
+                    self.issue(&at, "\"all\" stands alone: devices = \"all\"");
+                    continue;
+                }
+                toml::Value::String(name) => DeviceRef::Name(name),
+                other => {
+                    self.issue(&at, format!("expected a device index or name, found {}", other.type_str()));
+                    continue;
+                }
+            };
+            if out.contains(&entry) {
+                self.issue(&at, format!("{entry} is listed twice"));
+            } else {
+                out.push(entry);
+            }
+        }
+        if out.is_empty() { DeviceSelection::All } else { DeviceSelection::Only(out) }
+    }
+
     fn url(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str, default: &str) -> String {
         let v = self.string(s, section, key, default, None);
         match reqwest::Url::parse(&v) {
@@ -551,23 +623,61 @@ mod tests {
         assert_eq!(from_file.gpu.backends, vec![crate::gpu::BackendKind::Wgpu, crate::gpu::BackendKind::Cpu]);
         assert_eq!(from_file.gpu.determinism, crate::gpu::Determinism::Reproducible);
         assert_eq!(from_file.gpu.max_device_memory, crate::runtime::DEFAULT_MAX_DEVICE_MEMORY);
+        assert_eq!(from_file.gpu.max_constant_memory, crate::runtime::DEFAULT_MAX_CONSTANT_MEMORY);
     }
 
     #[test]
     fn gpu_section() {
         use crate::gpu::{BackendKind, Determinism};
-        let c = parse("[gpu]\nbackends = [\"cuda\", \"cpu\"]\ndeterminism = \"fast\"\nmax_device_memory = \"1-gb\"\n").unwrap();
+        let c = parse(
+            "[gpu]\nbackends = [\"cuda\", \"cpu\"]\ndeterminism = \"fast\"\nmax_device_memory = \"1-gb\"\nmax_constant_memory = \"3-gb\"\n",
+        )
+        .unwrap();
         assert_eq!(c.gpu.backends, vec![BackendKind::Cuda, BackendKind::Cpu]);
         assert_eq!(c.gpu.determinism, Determinism::Fast);
         assert_eq!(c.gpu.max_device_memory, 1 << 30);
+        assert_eq!(c.gpu.max_constant_memory, 3 << 30);
         let err = parse("[gpu]\nbackends = []\n").unwrap_err();
         assert_eq!(err.to_string().lines().nth(1).unwrap().trim(), "gpu.backends: must name at least one backend (cuda, wgpu, cpu)");
         let err = parse("[gpu]\nbackends = [\"cpu\", \"cpu\"]\nspeed = 1\n").unwrap_err();
         let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
         assert_eq!(paths, ["gpu.backends[1]", "gpu.speed"], "{err}");
-        let err = parse("[gpu]\nbackends = \"cpu\"\nmax_device_memory = \"0\"\n").unwrap_err();
+        let err = parse("[gpu]\nbackends = \"cpu\"\nmax_device_memory = \"0\"\nmax_constant_memory = \"0\"\n").unwrap_err();
         let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
-        assert_eq!(paths, ["gpu.backends", "gpu.max_device_memory"], "{err}");
+        assert_eq!(paths, ["gpu.backends", "gpu.max_device_memory", "gpu.max_constant_memory"], "{err}");
+        let err = parse("[gpu]\nmax_constant_memory = \"much\"\n").unwrap_err();
+        assert!(err.to_string().contains("gpu.max_constant_memory: \"much\" is not a size"), "{err}");
+    }
+
+    #[test]
+    fn gpu_devices() {
+        use crate::gpu::pool::{DeviceRef, DeviceSelection};
+        assert_eq!(parse("").unwrap().gpu.devices, DeviceSelection::All);
+        assert_eq!(parse("[gpu]\ndevices = \"all\"\n").unwrap().gpu.devices, DeviceSelection::All);
+        let c = parse("[gpu]\ndevices = [1, 0, \"H100\"]\n").unwrap();
+        assert_eq!(c.gpu.devices, DeviceSelection::Only(vec![DeviceRef::Index(1), DeviceRef::Index(0), DeviceRef::Name("H100".into())]));
+        let issues = |text: &str| -> Vec<String> { parse(text).unwrap_err().issues.iter().map(ToString::to_string).collect() };
+        assert_eq!(issues("[gpu]\ndevices = []\n"), ["gpu.devices: must name at least one device, or be \"all\""]);
+        assert_eq!(
+            issues("[gpu]\ndevices = \"first\"\n"),
+            ["gpu.devices: \"first\" is not \"all\"; name devices in a list, such as [0, 1] or [\"H100\"]"]
+        );
+        assert_eq!(
+            issues("[gpu]\ndevices = 3\n"),
+            ["gpu.devices: expected \"all\" or an array of device indices and names, found integer"]
+        );
+        assert_eq!(
+            issues("[gpu]\ndevices = [0, -1, 2048, \"\", \"all\", 1.5, 0, \"a\", \"a\"]\n"),
+            [
+                "gpu.devices[1]: -1 is out of range 0..=1023",
+                "gpu.devices[2]: 2048 is out of range 0..=1023",
+                "gpu.devices[3]: a device name must not be empty",
+                "gpu.devices[4]: \"all\" stands alone: devices = \"all\"",
+                "gpu.devices[5]: expected a device index or name, found float",
+                "gpu.devices[6]: 0 is listed twice",
+                "gpu.devices[8]: \"a\" is listed twice",
+            ]
+        );
     }
 
     #[test]

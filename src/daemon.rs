@@ -20,7 +20,7 @@ use crate::jobs;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::net::{GatewayClient, MessengerClient, NetError, Policy, SchedulerClient};
-use crate::runtime::{GpuConfig, Runtime, RuntimeConfig};
+use crate::runtime::{PoolConfig, Runtime, RuntimeConfig};
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -76,27 +76,45 @@ impl Worker {
             .with_context(|| format!("cannot create worker.data_dir {}", config.worker.data_dir.display()))?;
         let address = key.address();
         let opts = DetectOptions { data_dir: config.worker.data_dir.clone(), worker_address: Some(address.clone()) };
-        let manifest = tokio::task::spawn_blocking(move || capacity::detect(&opts)).await.context("capacity detection failed")?;
+        let mut manifest = tokio::task::spawn_blocking(move || capacity::detect(&opts)).await.context("capacity detection failed")?;
         tracing::info!(%address, capacity = %manifest.backends_summary(), "worker identity and capacity");
         let data_dir = &config.worker.data_dir;
-        let backend = select_backend(&config.gpu).await?;
-        let runtime = Runtime::with_gpu(
+        let pool = Arc::new(open_devices(&config.gpu, &manifest).await?);
+        let policy = Policy::from_config(&config.network);
+        let gateway = GatewayClient::new(&config.network.gateway_url, policy.clone());
+        let runtime = Runtime::with_pool(
             RuntimeConfig {
                 cache_dir: data_dir.join("modules"),
                 max_memory: config.limits.max_memory,
                 max_compute: config.limits.max_compute,
                 deadline: config.limits.deadline,
             },
-            GpuConfig { backend: Some(Arc::new(Mutex::new(backend))), max_device_memory: config.gpu.max_device_memory },
+            PoolConfig {
+                pool: pool.clone(),
+                max_device_memory: config.gpu.max_device_memory,
+                // Constants (model weights) come from the same gateway as modules, verified per
+                // item, and are cached on each device.
+                constant_source: Some(Arc::new(jobs::constants::GatewayConstants::new(gateway.clone(), tokio::runtime::Handle::current()))),
+                max_constant_memory: config.gpu.max_constant_memory,
+            },
         )
         .context("cannot start the wasm runtime")?;
-        let metrics = Metrics::new(&address, &manifest.backends_summary(), runtime.tensor_backend());
+        // Measured scores: bench.json when it matches this machine, version and backend; else a quick
+        // bench of the serving backend, once, in the background (see crate::bench).
+        let (serving, mode) = (runtime.tensor_backend().kind, runtime.tensor_backend().determinism);
+        let scores = crate::bench::ScoreSlot::load(&manifest, data_dir, serving, mode);
+        manifest.scores = scores.current();
+        let metrics = Metrics::new(
+            &address,
+            &manifest.backends_summary(),
+            runtime.tensor_backend(),
+            runtime.constant_metrics(),
+            Some(pool.metrics()),
+        );
         let (advertised, advertised_rx) = watch::channel(None);
         let journal = Journal::open(&data_dir.join("journal.redb")).context("cannot open the journal")?;
-        let policy = Policy::from_config(&config.network);
         let scheduler = SchedulerClient::new(&config.network.scheduler_url, policy.clone());
         let messenger = MessengerClient::new(&config.network.messenger_url, policy.clone());
-        let gateway = GatewayClient::new(&config.network.gateway_url, policy.clone());
         let key = Arc::new(key);
         let jobs = jobs::Context::new(
             journal,
@@ -128,6 +146,12 @@ impl Worker {
         };
         let api_url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
+        let status_state = state.clone();
+        scores.measure_in_background(&manifest, data_dir, serving, mode, shutdown.clone(), move |s| {
+            if let Some(m) = status_state.status().manifest.as_mut() {
+                m.scores = Some(s.clone());
+            }
+        });
         let mut tasks = vec![crate::httpd::serve(listener, crate::api::router(state.clone()), shutdown.clone())];
         tracing::info!(api = %api_url, "worker api listening");
 
@@ -147,6 +171,7 @@ impl Worker {
             interval: config.registry.advertise_interval,
             data_dir: config.worker.data_dir.clone(),
             manifest,
+            scores,
         };
         tasks.push(tokio::spawn(heartbeat.run(shutdown.clone())));
         let (processes, token) = (config.jobs.processes.clone(), shutdown.clone());
@@ -189,26 +214,55 @@ impl Worker {
     }
 }
 
-/// Walks `gpu.backends` in order and returns the first tensor backend that starts, logging the
-/// choice and every skipped candidate with its reason; fails when none of them works.
-async fn select_backend(cfg: &GpuSection) -> anyhow::Result<gpu::Backend> {
-    let (order, determinism) = (cfg.backends.clone(), cfg.determinism);
+/// Walks `gpu.backends` in order and opens every device (`gpu.devices`) of the first backend kind
+/// that starts, logging the choice, every device and every skipped candidate with its reason;
+/// fails when none of them works. Device names and memory sizes come from the capacity manifest.
+async fn open_devices(cfg: &GpuSection, manifest: &CapacityManifest) -> anyhow::Result<gpu::pool::DevicePool> {
+    let (order, determinism, selection) = (cfg.backends.clone(), cfg.determinism, cfg.devices.clone());
     let names: Vec<&str> = order.iter().map(|k| k.as_str()).collect();
-    let (backend, skipped) = tokio::task::spawn_blocking(move || gpu::select(&order, determinism))
+    let inventory = inventory(manifest);
+    let pool = tokio::task::spawn_blocking(move || gpu::pool::DevicePool::open(&order, determinism, &selection, &inventory))
         .await
         .context("tensor backend selection panicked")?
-        .map_err(|e| anyhow::anyhow!("none of gpu.backends {names:?} can run here: {e}"))?;
-    for reason in &skipped {
+        .map_err(|e| anyhow::anyhow!("none of gpu.backends {names:?} can run here (gpu.devices = {}): {e}", cfg.devices))?;
+    for reason in pool.skipped() {
         tracing::info!(candidate = %reason, "tensor backend candidate skipped");
     }
+    for d in pool.infos() {
+        tracing::info!(device = d.index, kind = %d.kind, ordinal = d.ordinal, description = %d.description, memory_bytes = d.memory_bytes, "tensor device serving");
+    }
     tracing::info!(
-        backend = %backend.describe(),
-        kind = %backend.kind(),
-        determinism = backend.determinism().as_str(),
+        kind = %pool.kind(),
+        devices = pool.len(),
+        determinism = pool.determinism().as_str(),
         order = ?names,
         "tensor backend chosen from gpu.backends"
     );
-    Ok(backend)
+    Ok(pool)
+}
+
+/// What the capacity probe saw of each device: names for `gpu.devices`, memory sizes for placement.
+fn inventory(manifest: &CapacityManifest) -> gpu::pool::Inventory {
+    use gpu::pool::KnownDevice;
+    // Ordinals come from the local driver; bounded all the same.
+    let cuda = &manifest.gpus.cuda.devices;
+    let slots = cuda.iter().map(|d| d.ordinal as usize + 1).max().unwrap_or(0).min(1024);
+    let cuda = (0..slots)
+        .map(|o| match cuda.iter().find(|d| d.ordinal as usize == o) {
+            Some(d) => KnownDevice { name: d.name.clone(), api: None, memory_bytes: Some(d.total_memory_bytes) },
+            None => KnownDevice { name: format!("cuda device {o}"), api: None, memory_bytes: None },
+        })
+        .collect();
+    let wgpu = manifest
+        .gpus
+        .wgpu
+        .adapters
+        .iter()
+        .map(|a| KnownDevice { name: a.name.clone(), api: Some(a.backend.clone()), memory_bytes: None })
+        .collect();
+    let cpu = &manifest.host.cpu;
+    let cpu = KnownDevice { name: cpu.model.clone(), api: None, memory_bytes: Some(manifest.host.memory.total_bytes) };
+    gpu::pool::Inventory { cuda, wgpu, cpu: Some(cpu) }
 }
 
 struct Heartbeat {
@@ -219,6 +273,8 @@ struct Heartbeat {
     interval: Duration,
     data_dir: std::path::PathBuf,
     manifest: CapacityManifest,
+    /// Measured scores, put into every re-detected manifest.
+    scores: crate::bench::ScoreSlot,
 }
 
 /// Wait before retrying a failed advertisement: soon, but never more often than the
@@ -238,6 +294,7 @@ impl Heartbeat {
                 }
             }
             first = false;
+            self.manifest.scores = self.scores.current();
             let wait = match self.advertise_once().await {
                 Ok(a) => {
                     tracing::info!(id = %a.id, registry = %a.registry, "capacity advertised");

@@ -18,6 +18,38 @@ use crate::protocol::{DataItem, DataItemBuilder, Tag, b64};
 
 /// The counter/echo actor (examples/actors/counter.c).
 pub const COUNTER_WASM: &[u8] = include_bytes!("../examples/actors/counter.wasm");
+/// The MLP actor (examples/actors/mlp.c): one batched `ao_gpu` command list per inference.
+pub const MLP_WASM: &[u8] = include_bytes!("../examples/actors/mlp.wasm");
+/// The input the demo sends to the MLP actor.
+pub const MLP_INPUT: [f32; 16] = [0.5, -1.25, 2.0, 0.75, -0.5, 1.5, -2.0, 0.25, 1.0, -0.75, 0.125, 3.0, -1.5, 0.0, 2.5, -0.25];
+
+/// examples/actors/mlp.c's parameters: element `i` of the block W1 [32x16], b1 [32], W2 [4x32], b2 [4].
+fn mlp_weight(i: u32, scale: f32) -> f32 {
+    ((i.wrapping_mul(2_654_435_761) % 2001) as i32 - 1000) as f32 / 1000.0 * scale
+}
+
+/// The MLP of examples/actors/mlp.c, computed here on the CPU backend in reproducible mode with
+/// the same ops in the same order: the reference the demo checks the worker's answer against.
+pub fn mlp_reference(x: &[f32; 16]) -> anyhow::Result<Vec<f32>> {
+    use crate::gpu::{Backend, BackendKind, Determinism, HostTensor};
+    let mut next = 0;
+    let mut params = |n: u32, scale: f32| {
+        let w: Vec<f32> = (next..next + n).map(|i| mlp_weight(i, scale)).collect();
+        next += n;
+        w
+    };
+    let (w1, b1, w2, b2) = (params(32 * 16, 0.25), params(32, 0.1), params(4 * 32, 0.5), params(4, 0.1));
+    let mut cpu = Backend::new(BackendKind::Cpu, Determinism::Reproducible)?;
+    let mut up = |shape: [usize; 2], data: Vec<f32>| cpu.upload(&HostTensor::new(shape.to_vec(), data)?);
+    let (tx, tw1, tb1, tw2, tb2) = (up([1, 16], x.to_vec())?, up([32, 16], w1)?, up([1, 32], b1)?, up([4, 32], w2)?, up([1, 4], b2)?);
+    let h = cpu.matmul(tx, tw1, false, true)?;
+    let h = cpu.add(h, tb1)?;
+    let h = cpu.gelu(h)?;
+    let y = cpu.matmul(h, tw2, false, true)?;
+    let y = cpu.add(y, tb2)?;
+    let y = cpu.softmax_last(y)?;
+    Ok(cpu.read(y)?.data)
+}
 
 /// One demo message: its action, extra tags and data.
 type Step<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
@@ -26,8 +58,13 @@ const WAIT: Duration = Duration::from_secs(120);
 
 /// The counter module as a signed item, ready to publish.
 pub fn module_item(key: &Keypair) -> anyhow::Result<DataItem> {
-    let tags = ao::module_tags("counter", "16-mb", "1000000000");
-    Ok(DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(tags).data(COUNTER_WASM.to_vec()).sign(key)?)
+    named_module_item(key, "counter", COUNTER_WASM)
+}
+
+/// A module item named `name` with the demo's limits (16 MiB memory, 10^9 compute).
+pub fn named_module_item(key: &Keypair, name: &str, wasm: &[u8]) -> anyhow::Result<DataItem> {
+    let tags = ao::module_tags(name, "16-mb", "1000000000");
+    Ok(DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(tags).data(wasm.to_vec()).sign(key)?)
 }
 
 /// A signed Process item running `module` on `scheduler`, with a numeric anchor and a `Name`.
@@ -74,12 +111,14 @@ pub async fn run(net: &Devnet, worker: &Worker, print: &dyn Fn(&Value)) -> anyho
 
     let module = module_item(authority)?;
     gw.upload(&module).await.context("cannot publish the counter module")?;
+    let mlp_module = named_module_item(authority, "mlp", MLP_WASM)?;
+    gw.upload(&mlp_module).await.context("cannot publish the MLP module")?;
     let run_id = now_ms();
-    let spawn = |n: u64, name: &str| process_item(authority, &module.id(), &net.scheduler_address, run_id * 10 + n, name);
-    let (a, b) = (spawn(1, "counter-a")?, spawn(2, "counter-b")?);
-    for p in [&a, &b] {
+    let spawn = |module: &str, n: u64, name: &str| process_item(authority, module, &net.scheduler_address, run_id * 10 + n, name);
+    let (a, b, c) = (spawn(&module.id(), 1, "counter-a")?, spawn(&module.id(), 2, "counter-b")?, spawn(&mlp_module.id(), 3, "mlp")?);
+    for (n, p) in [&a, &b, &c].into_iter().enumerate() {
         mu.post_item(p).await.context("cannot spawn a demo process")?;
-        let assign = message(authority, &net.urls.registry, run_id * 10 + 3 + u64::from(p.id() == b.id()), &[], "")?;
+        let assign = message(authority, &net.urls.registry, run_id * 10 + 4 + n as u64, &[], "")?;
         let mut tags = assign.tags.clone();
         tags.extend([Tag::new("Action", "Assign-Workload"), Tag::new("Worker", &worker.state.address), Tag::new("Process", p.id())]);
         let assign = DataItemBuilder::new()
@@ -90,7 +129,9 @@ pub async fn run(net: &Devnet, worker: &Worker, print: &dyn Fn(&Value)) -> anyho
             .sign(authority)?;
         mu.post_item(&assign).await.context("cannot assign a demo process")?;
     }
-    print(&json!({"module": module.id(), "processes": [a.id(), b.id()], "assigned_to": worker.state.address}));
+    print(
+        &json!({"module": module.id(), "mlp_module": mlp_module.id(), "processes": [a.id(), b.id(), c.id()], "assigned_to": worker.state.address}),
+    );
 
     let b_id = b.id();
     let steps: Vec<Step> = vec![
@@ -110,6 +151,10 @@ pub async fn run(net: &Devnet, worker: &Worker, print: &dyn Fn(&Value)) -> anyho
         mu.post_item(&m).await.with_context(|| format!("cannot send {action}"))?;
         results.push((action.to_string(), m.id()));
     }
+    // The MLP actor: one inference on the worker's tensor backend, checked against the CPU backend.
+    let input = serde_json::to_string(&MLP_INPUT.to_vec())?;
+    let infer = message(&user, &c.id(), 1, &[("Action", "Infer")], &input)?;
+    mu.post_item(&infer).await.context("cannot send Infer")?;
     let mut count_after_get = None;
     let mut pong = None;
     for (action, id) in &results {
@@ -149,6 +194,28 @@ pub async fn run(net: &Devnet, worker: &Worker, print: &dyn Fn(&Value)) -> anyho
         ensure!(Instant::now() < deadline, "items still pending after {WAIT:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let r = wait_result(worker, &infer.id()).await?;
+    let output = r.response["Output"].as_str().with_context(|| format!("Infer failed: {}", r.response))?;
+    let probs: Vec<f32> = serde_json::from_str::<Vec<f64>>(output)?.into_iter().map(|p| p as f32).collect();
+    let reference = mlp_reference(&MLP_INPUT)?;
+    ensure!(probs.len() == reference.len(), "Infer returned {} values, expected {}", probs.len(), reference.len());
+    let max_diff = probs.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let bitwise = probs.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
+    let journal = &worker.state.jobs.journal;
+    let mut attestation = None;
+    for pid in &r.posted {
+        if let Some(OutKind::Attestation) = journal.outgoing(pid)?.map(|o| o.kind) {
+            attestation = Some(pid.clone());
+        }
+    }
+    // gelu uses tanh, which devices may round differently (a DeviceDependent kernel): equal within
+    // a few ULP; matmul, softmax and the adds are bitwise in reproducible mode.
+    ensure!(max_diff <= 1e-6, "the worker's MLP output {probs:?} differs from the CPU backend's {reference:?}");
+    print(&json!({
+        "message": infer.id(), "action": "Infer", "process": c.id(), "backend": worker.state.jobs.runtime.tensor_backend().description, "output": probs,
+        "cpu_reference": reference, "max_abs_diff": max_diff, "bitwise_equal": bitwise, "gas_used": r.gas_used,
+        "attestation": attestation,
+    }));
     print(
         &json!({"demo": "ok", "pong_delivered_to": b_id, "pong": pong, "pong_output": delivered.response["Output"], "count": count_after_get}),
     );

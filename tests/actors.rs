@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use ao_gpu_worker::gpu::{Backend, BackendKind, Determinism, HostTensor};
+use ao_gpu_worker::gpu::{BackendKind, Determinism};
 use ao_gpu_worker::protocol::Tag;
 use ao_gpu_worker::protocol::ao::MODULE_FORMAT;
 use ao_gpu_worker::runtime::{ActorModule, EvalInput, GpuConfig, Runtime, RuntimeConfig};
@@ -122,33 +122,11 @@ fn ledger_transfers_refuses_overdrafts_and_notifies() {
     assert_eq!(balances[BOB], "100");
 }
 
-/// examples/actors/mlp.c's parameters: element `i` of the block W1 [32x16], b1 [32], W2 [4x32], b2 [4].
-fn mlp_weight(i: u32, scale: f32) -> f32 {
-    ((i.wrapping_mul(2_654_435_761) % 2001) as i32 - 1000) as f32 / 1000.0 * scale
-}
+const MLP_X: [f32; 16] = ao_gpu_worker::demo::MLP_INPUT;
 
-/// The MLP of examples/actors/mlp.c with the same ops, in the same order, on the CPU backend.
 fn mlp_reference(x: &[f32; 16]) -> Vec<f32> {
-    let mut next = 0;
-    let mut params = |n: u32, scale: f32| {
-        let w: Vec<f32> = (next..next + n).map(|i| mlp_weight(i, scale)).collect();
-        next += n;
-        w
-    };
-    let (w1, b1, w2, b2) = (params(32 * 16, 0.25), params(32, 0.1), params(4 * 32, 0.5), params(4, 0.1));
-    let mut cpu = Backend::new(BackendKind::Cpu, Determinism::Reproducible).unwrap();
-    let mut up = |shape: [usize; 2], data: Vec<f32>| cpu.upload(&HostTensor::new(shape.to_vec(), data).unwrap()).unwrap();
-    let (tx, tw1, tb1, tw2, tb2) = (up([1, 16], x.to_vec()), up([32, 16], w1), up([1, 32], b1), up([4, 32], w2), up([1, 4], b2));
-    let h = cpu.matmul(tx, tw1, false, true).unwrap();
-    let h = cpu.add(h, tb1).unwrap();
-    let h = cpu.gelu(h).unwrap();
-    let y = cpu.matmul(h, tw2, false, true).unwrap();
-    let y = cpu.add(y, tb2).unwrap();
-    let y = cpu.softmax_last(y).unwrap();
-    cpu.read(y).unwrap().data
+    ao_gpu_worker::demo::mlp_reference(x).unwrap()
 }
-
-const MLP_X: [f32; 16] = [0.5, -1.25, 2.0, 0.75, -0.5, 1.5, -2.0, 0.25, 1.0, -0.75, 0.125, 3.0, -1.5, 0.0, 2.5, -0.25];
 
 /// Output (the probabilities, parsed back to f32) and Argmax of one Infer; the gas it used.
 fn mlp_infer(actor: &mut Actor, tags: &[(&str, &str)], data: &str) -> (Vec<f32>, u64, u64) {

@@ -1,4 +1,4 @@
-//! The C example actors (examples/actors/{counter,ledger,mlp}.c, built by scripts/build-actors): the
+//! The C example actors (examples/actors/{counter,ledger,mlp,smollm2}.c, built by scripts/build-actors): the
 //! committed `.wasm` files follow the actor ABI of docs/abi.md (exports with their types, only
 //! the listed WASI and `ao_gpu` imports), checked by parsing the modules here with no toolchain; and, where
 //! `clang-16` is installed, a fresh build gives exactly the committed bytes.
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The actors scripts/build-actors builds, by file stem.
-const ACTORS: &[&str] = &["counter", "ledger", "mlp"];
+const ACTORS: &[&str] = &["counter", "ledger", "mlp", "smollm2"];
 
 const I32: u8 = 0x7f;
 const KIND_FUNC: u8 = 0;

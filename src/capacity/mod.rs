@@ -16,10 +16,12 @@ mod cuda;
 #[path = "cuda_disabled.rs"]
 mod cuda;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// The `schema` value of every manifest this version writes.
 pub const SCHEMA: &str = "ao-gpu-worker/capacity/1";
@@ -34,7 +36,7 @@ pub struct DetectOptions {
 }
 
 /// Everything this worker can offer, as advertised (and later signed).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CapacityManifest {
     /// Always [`SCHEMA`] for manifests written by this version.
     pub schema: String,
@@ -43,6 +45,67 @@ pub struct CapacityManifest {
     pub worker: WorkerInfo,
     pub host: HostInfo,
     pub gpus: GpuInfo,
+    /// Measured performance from `ao-gpu-worker bench` on this hardware (see `crate::bench`); absent
+    /// until a measurement for this machine exists. [`detect`] never fills it: the daemon does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores: Option<MeasuredScores>,
+}
+
+/// Measured scores: the figures of a `bench` run of this worker version on this hardware
+/// ([`CapacityManifest::hardware_fingerprint`]). Rates are decimal (1 GB/s = 10^9 bytes/s).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeasuredScores {
+    /// Where the figures come from: "bench.json" (a saved `ao-gpu-worker bench` run, or an earlier
+    /// start's quick run) or "startup" (the quick run this process made).
+    pub source: String,
+    /// When the figures were measured, in milliseconds since the Unix epoch.
+    pub measured_at_ms: u64,
+    /// The worker version that measured them.
+    pub worker_version: String,
+    /// Whether they come from the short (`--quick`) run.
+    pub quick: bool,
+    /// The [`CapacityManifest::hardware_fingerprint`] they were measured on.
+    pub fingerprint: String,
+    /// One empty host call from Wasm (a loop calling a host function that does nothing), in ns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_call_ns: Option<f64>,
+    pub backends: Vec<BackendScore>,
+}
+
+/// The figures of one tensor backend; a figure the backend could not produce (an op it does not
+/// support yet) is absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendScore {
+    /// "cpu", "wgpu" or "cuda".
+    pub kind: String,
+    /// The backend's own description, such as "wgpu (llvmpipe (LLVM 15.0.6, 256 bits), vulkan)".
+    pub description: String,
+    /// "fast" or "reproducible": the mode the figures were measured in.
+    pub determinism: String,
+    /// f32 GEMM `[n, n] @ [n, n]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemm_f32: Option<GemmScore>,
+    /// Quantized matrix-vector product (weights `[n, k]` in the named GGUF type times an f32
+    /// vector), in GB/s of weight bytes, by dtype ("q8_0", "q4_0", "q4_1").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub qmatvec_gbps: BTreeMap<String, f64>,
+    /// Host-to-device upload, GB/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2d_gbps: Option<f64>,
+    /// Device-to-host read, GB/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d2h_gbps: Option<f64>,
+    /// One tiny op round trip from Wasm: `ao_gpu.scale` on a 4-element tensor plus `free`, in ns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiny_op_ns: Option<f64>,
+}
+
+/// An f32 GEMM figure and the size it was measured at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GemmScore {
+    /// `m = n = k`.
+    pub n: usize,
+    pub gflops: f64,
 }
 
 /// The worker software itself.
@@ -226,6 +289,7 @@ pub fn detect(opts: &DetectOptions) -> CapacityManifest {
         },
         host,
         gpus: GpuInfo { wgpu, cuda },
+        scores: None,
     };
     tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "capacity detected");
     manifest
@@ -235,7 +299,61 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// What [`CapacityManifest::hardware_fingerprint`] hashes: the parts of the machine that decide
+/// how fast the kernels run, and nothing that changes while it runs (free memory, disk, clock).
+#[derive(Serialize)]
+struct FingerprintParts<'a> {
+    arch: &'a str,
+    cpu_model: &'a str,
+    cpu_vendor: &'a str,
+    logical_cores: usize,
+    physical_cores: Option<usize>,
+    cpu_features: &'a [String],
+    wgpu: Vec<(&'a str, &'a str, &'a str, u32, u32, &'a str, &'a str)>,
+    cuda_driver: Option<&'a str>,
+    cuda: Vec<(&'a str, u64, &'a str)>,
+}
+
 impl CapacityManifest {
+    /// A hex sha256 identifying this machine's hardware for measured scores: CPU (model, vendor,
+    /// cores, SIMD features), every wgpu adapter (name, backend, type, ids, driver and
+    /// its version) and every CUDA device (name, memory, compute capability, driver version). The
+    /// host name, memory, disk and time are left out, so it is stable across restarts and
+    /// changes when the hardware or a GPU driver does.
+    pub fn hardware_fingerprint(&self) -> String {
+        let cpu = &self.host.cpu;
+        let parts = FingerprintParts {
+            arch: &self.host.arch,
+            cpu_model: &cpu.model,
+            cpu_vendor: &cpu.vendor,
+            logical_cores: cpu.logical_cores,
+            physical_cores: cpu.physical_cores,
+            cpu_features: &cpu.features,
+            wgpu: self
+                .gpus
+                .wgpu
+                .adapters
+                .iter()
+                .map(|a| {
+                    (
+                        a.name.as_str(),
+                        a.backend.as_str(),
+                        a.device_type.as_str(),
+                        a.vendor_id,
+                        a.device_id,
+                        a.driver.as_str(),
+                        a.driver_info.as_str(),
+                    )
+                })
+                .collect(),
+            cuda_driver: self.gpus.cuda.driver_version.as_deref(),
+            cuda: self.gpus.cuda.devices.iter().map(|d| (d.name.as_str(), d.total_memory_bytes, d.compute_capability.as_str())).collect(),
+        };
+        // Serializing plain strings, numbers and tuples cannot fail.
+        let bytes = serde_json::to_vec(&parts).unwrap_or_default();
+        hex::encode(Sha256::digest(&bytes))
+    }
+
     /// A one-line summary for logs, such as
     /// `cpu: Intel Xeon (2 cores), wgpu: llvmpipe (LLVM 15.0.6, 256 bits) [vulkan cpu], cuda: unavailable (…)`.
     pub fn backends_summary(&self) -> String {
@@ -381,9 +499,9 @@ mod tests {
         assert!(!missing.exists(), "detect must not create the data dir");
     }
 
-    #[test]
-    fn summary_mentions_every_backend() {
-        let m = CapacityManifest {
+    /// A fixed manifest: a 2-core Xeon with lavapipe and no CUDA driver.
+    fn sample() -> CapacityManifest {
+        CapacityManifest {
             schema: SCHEMA.to_owned(),
             generated_at_ms: 1,
             worker: WorkerInfo { version: "0.1.0".to_owned(), address: None, module_formats: vec![] },
@@ -426,7 +544,13 @@ mod tests {
                 },
                 cuda: CudaReport::unavailable("no CUDA driver: libcuda not found"),
             },
-        };
+            scores: None,
+        }
+    }
+
+    #[test]
+    fn summary_mentions_every_backend() {
+        let m = sample();
         assert_eq!(
             m.backends_summary(),
             "cpu: Intel Xeon (2 cores), wgpu: llvmpipe (LLVM 15.0.6, 256 bits) [vulkan cpu], \
@@ -452,6 +576,79 @@ mod tests {
             "cpu: Intel Xeon (2 cores), wgpu: none (no adapters found), \
              cuda: available (driver 13.0): #0 NVIDIA H100 80GB HBM3 (sm 9.0, 80.0 GiB)"
         );
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_hardware_and_nothing_else() {
+        let m = sample();
+        let fp = m.hardware_fingerprint();
+        assert_eq!(fp.len(), 64);
+        assert!(fp.bytes().all(|b| b.is_ascii_hexdigit()));
+        // What changes from one start to the next does not change it.
+        let mut same = m.clone();
+        same.generated_at_ms = 99;
+        same.host.hostname = Some("elsewhere".to_owned());
+        same.host.memory.available_bytes = 12345;
+        same.host.disk = DiskInfo { path: "/other".to_owned(), mount_point: None, total_bytes: 0, available_bytes: 0 };
+        same.worker.address = Some("someone".to_owned());
+        same.host.cpu.frequency_mhz = 3000;
+        assert_eq!(same.hardware_fingerprint(), fp);
+        // The CPU, the adapters and their drivers, and CUDA devices do.
+        let changes: [fn(&mut CapacityManifest); 6] = [
+            |m| m.host.cpu.model = "AMD EPYC".to_owned(),
+            |m| m.host.cpu.logical_cores = 4,
+            |m| m.host.cpu.features.push("avx512f".to_owned()),
+            |m| m.gpus.wgpu.adapters[0].driver_info = "Mesa 24.0.0".to_owned(),
+            |m| m.gpus.wgpu.adapters.clear(),
+            |m| {
+                m.gpus.cuda.devices.push(CudaDevice {
+                    ordinal: 0,
+                    name: "NVIDIA H100".to_owned(),
+                    total_memory_bytes: 80 << 30,
+                    compute_capability: "9.0".to_owned(),
+                    pci_bus_id: None,
+                })
+            },
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let mut other = m.clone();
+            change(&mut other);
+            assert_ne!(other.hardware_fingerprint(), fp, "change {i}");
+        }
+    }
+
+    #[test]
+    fn scores_are_optional_on_the_wire() {
+        let m = sample();
+        let v = serde_json::to_value(&m).unwrap();
+        assert!(v.get("scores").is_none(), "absent scores are omitted");
+        let back: CapacityManifest = serde_json::from_value(v).unwrap();
+        assert_eq!(back.scores, None);
+        let mut with = m.clone();
+        with.scores = Some(MeasuredScores {
+            source: "bench.json".to_owned(),
+            measured_at_ms: 5,
+            worker_version: "0.1.0".to_owned(),
+            quick: true,
+            fingerprint: m.hardware_fingerprint(),
+            host_call_ns: Some(31.5),
+            backends: vec![BackendScore {
+                kind: "cpu".to_owned(),
+                description: "cpu (2 threads)".to_owned(),
+                determinism: "fast".to_owned(),
+                gemm_f32: Some(GemmScore { n: 1024, gflops: 50.0 }),
+                qmatvec_gbps: BTreeMap::from([("q8_0".to_owned(), 9.5)]),
+                h2d_gbps: Some(5.0),
+                d2h_gbps: None,
+                tiny_op_ns: Some(900.0),
+            }],
+        });
+        let v = serde_json::to_value(&with).unwrap();
+        assert_eq!(v["scores"]["backends"][0]["gemm_f32"]["gflops"], 50.0);
+        assert_eq!(v["scores"]["backends"][0]["qmatvec_gbps"]["q8_0"], 9.5);
+        assert!(v["scores"]["backends"][0].get("d2h_gbps").is_none());
+        let back: CapacityManifest = serde_json::from_value(v).unwrap();
+        assert_eq!(back, with);
     }
 
     #[test]

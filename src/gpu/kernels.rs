@@ -56,6 +56,48 @@ pub static FILES: &[KernelFile] = &[
             // 64x64 output tiles, 4x4 per thread; each output still sums k in order, so on devices
             // without FMA contraction it also matches, but it is only promised within a tolerance.
             e("matmul_tiled", DeviceDependent),
+            // m = 1: one thread per output, k in order (reproducible) / a 64-thread tree per output.
+            e("matvec_ordered", ReproducibleReduction),
+            e("matvec_split", DeviceDependent),
+        ],
+    },
+    KernelFile {
+        path: "shaders/convert.wgsl",
+        lang: Lang::Wgsl,
+        source: include_str!("../../shaders/convert.wgsl"),
+        entries: &[
+            // Integer bit manipulation and single correctly rounded f32 operations.
+            e("cast_f32_f16", Exact),
+            e("cast_f32_i32", Exact),
+            e("cast_i32_f32", Exact),
+            // q4_1 decodes as `d * q + m`: bitwise only without FMA contraction.
+            e("dequantize", ReproducibleReduction),
+            e("gather_rows", ReproducibleReduction),
+        ],
+    },
+    KernelFile {
+        path: "shaders/layout.wgsl",
+        lang: Lang::Wgsl,
+        source: include_str!("../../shaders/layout.wgsl"),
+        entries: &[e("copy32", Exact), e("copy16", Exact)],
+    },
+    KernelFile {
+        path: "shaders/rope.wgsl",
+        lang: Lang::Wgsl,
+        source: include_str!("../../shaders/rope.wgsl"),
+        // The host computes the cos/sin table; the kernel only multiplies and adds (`a * c - b * s`:
+        // bitwise only without FMA contraction).
+        entries: &[e("rope", ReproducibleReduction)],
+    },
+    KernelFile {
+        path: "shaders/attention.wgsl",
+        lang: Lang::Wgsl,
+        source: include_str!("../../shaders/attention.wgsl"),
+        entries: &[
+            e("attn_scores", ReproducibleReduction),
+            e("attn_softmax_repro", ReproducibleReduction),
+            e("attn_softmax_fast", DeviceDependent),
+            e("attn_values", ReproducibleReduction),
         ],
     },
     KernelFile {
@@ -110,6 +152,111 @@ pub static FILES: &[KernelFile] = &[
             e("tanh_f32", DeviceDependent),
             e("exp_f32", DeviceDependent),
         ],
+    },
+    // The remaining CUDA files (src/gpu/cuda/, kernels/README.md). `_repro` kernels sum in the CPU's
+    // order with correctly rounded operations; the others use fmaf and tree reductions.
+    KernelFile {
+        path: "kernels/matmul.cu",
+        lang: Lang::Cuda,
+        source: include_str!("../../kernels/matmul.cu"),
+        entries: &[
+            e("matmul_f32", DeviceDependent),
+            e("matmul_f32_repro", ReproducibleReduction),
+            e("matmul_f16", DeviceDependent),
+            e("matmul_f16_repro", ReproducibleReduction),
+            e("matmul_q8_0", DeviceDependent),
+            e("matmul_q8_0_repro", ReproducibleReduction),
+            e("matmul_q4_0", DeviceDependent),
+            e("matmul_q4_0_repro", ReproducibleReduction),
+            e("matmul_q4_1", DeviceDependent),
+            e("matmul_q4_1_repro", ReproducibleReduction),
+            e("matvec_f32", DeviceDependent),
+            e("matvec_f32_repro", ReproducibleReduction),
+            e("matvec_f16", DeviceDependent),
+            e("matvec_f16_repro", ReproducibleReduction),
+            e("matvec_q8_0", DeviceDependent),
+            e("matvec_q8_0_repro", ReproducibleReduction),
+            e("matvec_q4_0", DeviceDependent),
+            e("matvec_q4_0_repro", ReproducibleReduction),
+            e("matvec_q4_1", DeviceDependent),
+            e("matvec_q4_1_repro", ReproducibleReduction),
+        ],
+    },
+    KernelFile {
+        path: "kernels/reduce.cu",
+        lang: Lang::Cuda,
+        source: include_str!("../../kernels/reduce.cu"),
+        entries: &[
+            e("sum_last_f32", ReproducibleReduction),
+            e("mean_last_f32", ReproducibleReduction),
+            e("sum_last_fast_f32", DeviceDependent),
+            e("mean_last_fast_f32", DeviceDependent),
+            e("max_last_f32", Exact),
+            e("argmax_last_i32", Exact),
+            e("softmax_repro_f32", ReproducibleReduction),
+            e("softmax_fast_f32", DeviceDependent),
+        ],
+    },
+    KernelFile {
+        path: "kernels/norm.cu",
+        lang: Lang::Cuda,
+        source: include_str!("../../kernels/norm.cu"),
+        entries: &[
+            e("rmsnorm_f32", ReproducibleReduction),
+            e("layernorm_f32", ReproducibleReduction),
+            e("rmsnorm_fast_f32", DeviceDependent),
+            e("layernorm_fast_f32", DeviceDependent),
+        ],
+    },
+    KernelFile {
+        path: "kernels/cast.cu",
+        lang: Lang::Cuda,
+        source: include_str!("../../kernels/cast.cu"),
+        entries: &[
+            e("cast_f32_f16", Exact),
+            e("cast_f32_i32", Exact),
+            e("cast_i32_f32", Exact),
+            e("cast_f16_f32", Exact),
+            // `d * q + m` for q4_1: bitwise only without FMA contraction (correctly rounded intrinsics).
+            e("dequantize_q8_0", Exact),
+            e("dequantize_q4_0", Exact),
+            e("dequantize_q4_1", ReproducibleReduction),
+            e("quantize_q8_0", ReproducibleReduction),
+            e("quantize_q4_0", ReproducibleReduction),
+            e("quantize_q4_1", ReproducibleReduction),
+        ],
+    },
+    KernelFile {
+        path: "kernels/gather.cu",
+        lang: Lang::Cuda,
+        source: include_str!("../../kernels/gather.cu"),
+        entries: &[
+            e("check_ids_i32", Exact),
+            e("gather_rows_f32", Exact),
+            e("gather_rows_f16", Exact),
+            e("gather_rows_q8_0", Exact),
+            e("gather_rows_q4_0", Exact),
+            e("gather_rows_q4_1", ReproducibleReduction),
+        ],
+    },
+    KernelFile {
+        path: "kernels/layout.cu",
+        lang: Lang::Cuda,
+        source: include_str!("../../kernels/layout.cu"),
+        entries: &[e("permute_b32", Exact), e("permute_b16", Exact), e("copy_rows_b32", Exact), e("copy_rows_b16", Exact)],
+    },
+    KernelFile {
+        path: "kernels/rope.cu",
+        lang: Lang::Cuda,
+        source: include_str!("../../kernels/rope.cu"),
+        // Host-computed (cos, sin) table; `x0 * c - x1 * s` with correctly rounded intrinsics.
+        entries: &[e("rope_f32", ReproducibleReduction)],
+    },
+    KernelFile {
+        path: "kernels/attention.cu",
+        lang: Lang::Cuda,
+        source: include_str!("../../kernels/attention.cu"),
+        entries: &[e("attention_f32", DeviceDependent), e("attention_f32_repro", ReproducibleReduction)],
     },
 ];
 

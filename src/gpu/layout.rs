@@ -121,7 +121,7 @@ pub(crate) struct RopeDims {
 }
 
 pub(crate) fn rope_dims(x: &[usize]) -> Result<RopeDims> {
-    if !(3..=4).contains(&x.len()) || x[x.len() - 1] % 2 != 0 {
+    if !(3..=4).contains(&x.len()) || !x[x.len() - 1].is_multiple_of(2) {
         return Err(shape_err("rope", format!("x must be [.., seq, heads, head_dim] with rank 3 or 4 and an even head_dim, got {x:?}")));
     }
     let r = x.len();

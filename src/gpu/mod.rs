@@ -29,6 +29,8 @@ pub mod cpu;
 pub mod dtype;
 pub mod kernels;
 pub mod layout;
+pub mod pool;
+pub mod quant;
 pub mod wgpu;
 
 // `cfg` on the module definitions, not on their uses: both files expose the same `CudaBackend`.
@@ -222,7 +224,7 @@ pub enum ReduceOp {
     Sum,
     Mean,
     Max,
-    /// The first index of the maximum, as an f32 value; NaN compares as not greater.
+    /// The first index of the maximum, as an i32 tensor; NaN compares as not greater.
     Argmax,
 }
 

@@ -7,6 +7,7 @@
 //! result); processes run concurrently up to `jobs.max_concurrent`; nothing is posted that
 //! is not first in the journal.
 
+pub mod constants;
 pub mod eval;
 mod poster;
 mod registry;
@@ -31,7 +32,7 @@ use crate::net::scheduler::Range;
 use crate::net::{GatewayClient, MessengerClient, NetError, SchedulerClient};
 use crate::protocol::su::{ItemJson, MessageNode, next_hash_chain};
 use crate::protocol::{DataItem, b64};
-use crate::runtime::{ActorModule, EvalInput, Limits, Runtime};
+use crate::runtime::{ActorModule, EvalError, EvalInput, Limits, Runtime};
 
 use eval::{DryRunBase, DryRunRequest, Slot};
 
@@ -99,7 +100,8 @@ pub struct Context {
     /// The latest capacity advertisement, named in each attestation.
     pub advertised: watch::Receiver<Option<Advertisement>>,
     pub backend: String,
-    pub device: String,
+    /// The `Device` of an attestation, by the pool index of the device the evaluation ran on.
+    pub devices: Vec<String>,
     pub metrics: Arc<crate::metrics::Metrics>,
     processes: Mutex<HashMap<String, Arc<ProcessSetup>>>,
     scheduler_address: std::sync::OnceLock<String>,
@@ -147,18 +149,11 @@ impl Context {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let address = key.address();
-        // The attestation names the backend that served the actor's tensor calls, its device
-        // and its determinism mode; for the CPU backend the device is the host's CPU.
+        // The attestation names the backend that served the actor's tensor calls, its
+        // determinism mode and the device the evaluation ran on.
         let info = runtime.tensor_backend();
-        let backend = format!(
-            "{}/{}",
-            info.kind.as_str(),
-            match info.determinism {
-                crate::gpu::Determinism::Reproducible => "reproducible",
-                crate::gpu::Determinism::Fast => "fast",
-            }
-        );
-        let device = if info.kind == crate::gpu::BackendKind::Cpu { device } else { info.description.clone() };
+        let backend = format!("{}/{}", info.kind.as_str(), info.determinism.as_str());
+        let devices = attested_devices(&info.devices, &device);
         Arc::new(Self {
             journal,
             runtime,
@@ -174,13 +169,18 @@ impl Context {
             max_concurrent,
             advertised,
             backend,
-            device,
+            devices,
             metrics,
             processes: Mutex::new(HashMap::new()),
             scheduler_address: std::sync::OnceLock::new(),
             halted: Mutex::new(HashMap::new()),
             wake: Notify::new(),
         })
+    }
+
+    /// The `Device` of the attestation of an evaluation that ran on device `index` of the pool.
+    pub fn attested_device(&self, index: usize) -> String {
+        self.devices.get(index).cloned().unwrap_or_else(|| format!("device {index}"))
     }
 
     /// Asks the work loop to poll now instead of at its next interval.
@@ -226,6 +226,9 @@ impl Context {
         })
         .await
         .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("dry-run task failed: {e}") })?;
+        if let Err(EvalError::Unavailable(reason)) = &evaluation.outcome {
+            return Err(self.unavailable(reason));
+        }
         let outcome = evaluation.outcome.map_err(|e| e.to_string());
         Ok(eval::result_object(&outcome, evaluation.gas_used))
     }
@@ -333,6 +336,12 @@ impl Context {
         })
         .await
         .map_err(|e| JobError::Halted { process: process.clone(), reason: format!("evaluation task failed: {e}") })?;
+        if let Err(EvalError::Unavailable(reason)) = &evaluation.outcome {
+            // Not the actor's doing (a constant's gateway is down): nothing is recorded, the
+            // message is evaluated again at the next poll.
+            tracing::warn!(%process, msg = %message.id, nonce = slot.nonce, %reason, "evaluation unavailable; will retry");
+            return Err(self.unavailable(reason));
+        }
 
         let outcome: Result<serde_json::Value, String> = match &evaluation.outcome {
             Ok(v) => Ok(v.clone()),
@@ -355,7 +364,14 @@ impl Context {
         m.evaluations.get_or_create(&[("result", if outcome.is_ok() { "ok" } else { "error" })]).inc();
         m.gas_used.inc_by(evaluation.gas_used);
         if let Err(e) = &outcome {
-            tracing::info!(%process, msg = %message.id, nonce = slot.nonce, error = %e, "evaluation failed; state rolled back");
+            tracing::info!(
+                %process,
+                msg = %message.id,
+                nonce = slot.nonce,
+                device = evaluation.device,
+                error = %e,
+                "evaluation failed; state rolled back"
+            );
         }
         let result_hash = sha256_hex(response.to_string().as_bytes());
         let attestation = Attestation {
@@ -371,7 +387,7 @@ impl Context {
             state_sha256: new_state_hash.clone(),
             gas_used: evaluation.gas_used,
             backend: self.backend.clone(),
-            device: self.device.clone(),
+            device: self.attested_device(evaluation.device),
             capacity_advertisement: self.advertised.borrow().as_ref().map(|a| a.id.clone()),
         };
         let attestation_item = attestation
@@ -414,6 +430,17 @@ impl Context {
         .map_err(JobError::from)
     }
 
+    /// The transient error of an evaluation that could not complete for a reason outside the
+    /// actor: the gateway serving its constants is unavailable.
+    fn unavailable(&self, reason: &str) -> JobError {
+        JobError::Net(NetError::Unavailable {
+            unit: crate::net::Unit::Gateway,
+            url: self.gateway.base().to_owned(),
+            attempts: 1,
+            reason: reason.to_owned(),
+        })
+    }
+
     /// The scheduler's address, asked once and then remembered. A failure is transient: the
     /// message is evaluated again at the next poll.
     async fn scheduler_address(&self) -> Result<String, JobError> {
@@ -423,6 +450,19 @@ impl Context {
         let address = self.scheduler.info().await?.address;
         Ok(self.scheduler_address.get_or_init(|| address).clone())
     }
+}
+
+/// The `Device` of attestations, by pool index: the device's description (for the CPU backend,
+/// `host_cpu`, the host's CPU model); with several devices, followed by ` [device <index>]` so
+/// that identical devices are told apart.
+pub fn attested_devices(devices: &[crate::gpu::pool::DeviceInfo], host_cpu: &str) -> Vec<String> {
+    devices
+        .iter()
+        .map(|d| {
+            let name = if d.kind == crate::gpu::BackendKind::Cpu { host_cpu.to_owned() } else { d.description.clone() };
+            if devices.len() == 1 { name } else { format!("{name} [device {}]", d.index) }
+        })
+        .collect()
 }
 
 fn to_outgoing(kind: OutKind, process: &str, nonce: u64, item: &DataItem) -> Outgoing {

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! Runtime::new(RuntimeConfig { cache_dir, max_memory, max_compute, deadline }) -> Result<Runtime, RuntimeError>
-//! Runtime::with_gpu(cfg, GpuConfig { backend: Option<SharedBackend>, max_device_memory }) -> Result<Runtime, RuntimeError>
+//! Runtime::with_gpu(cfg, GpuConfig { backend: Option<SharedBackend>, max_device_memory, constants: Option<Arc<ConstantCache>> }) -> Result<Runtime, RuntimeError>
+//! Runtime::with_pool(cfg, PoolConfig { pool: Arc<DevicePool>, max_device_memory, constant_source, max_constant_memory }) -> Result<Runtime, RuntimeError>
 //! Runtime::load(&self, module_bytes: &[u8], module_tags: &[Tag]) -> Result<Arc<ActorModule>, RuntimeError>
 //! Runtime::limits(&self, module_tags: &[Tag], process_tags: &[Tag]) -> Result<Limits, RuntimeError>
 //! Runtime::evaluate(&self, module: &ActorModule, state: Option<&[u8]>, input: &EvalInput) -> Evaluation
@@ -23,11 +24,17 @@
 //!   and environment with `malloc`; call `handle`; check the JSON. State is the whole linear memory,
 //!   returned only on success, so a failed message leaves the caller's previous state in force.
 //!   `gas_used` counts all fuel the evaluation burned (including `_initialize` on a first message).
+//! - `ao_gpu` runs on a [`DevicePool`]: one device for `with_gpu`, every device of the chosen
+//!   backend kind for `with_pool`. Each evaluation is placed on one device when it starts (fewest
+//!   evaluations in flight, then most free memory, see `crate::gpu::pool`) and keeps it to the
+//!   end: all its tensors live there, constants come from that device's own cache, and
+//!   [`Evaluation::device`] says which device it was.
 //! - Nothing a module does can panic the worker: every pointer is bounds-checked and every failure
 //!   is an [`EvalError`]; a host bug that panics anyway is caught and reported as a trap.
 
 mod abi;
 mod cache;
+mod constants;
 mod gpu;
 pub mod limits;
 mod wasi;
@@ -45,13 +52,16 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store};
 
+pub use constants::{ConstantCache, ConstantMetrics, ConstantSource, ConstantStats, DEFAULT_MAX_CONSTANT_MEMORY, SourceError};
 pub use gpu::{
-    BYTES_PER_GAS, DEFAULT_MAX_DEVICE_MEMORY, FLOPS_PER_GAS, FUNCTIONS as GPU_FUNCTIONS, GAS_PER_CALL, GpuConfig, GpuStatus, MAX_HANDLES,
-    SharedBackend,
+    BYTES_PER_GAS, CMD_F, CMD_FLOATS, CMD_I, CMD_IN, CMD_INPUTS, CMD_INTS, CMD_OP, CMD_OUT, CMD_RESERVED, CMD_SIZE,
+    DEFAULT_MAX_DEVICE_MEMORY, FLOPS_PER_GAS, FUNCTIONS as GPU_FUNCTIONS, Flops, GAS_PER_CALL, GAS_PER_COMMAND, GpuConfig, GpuStatus,
+    MAX_HANDLES, SharedBackend, flops as gpu_flops, gas as gpu_gas, op as gpu_op,
 };
 pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
 pub use wasi::LOG_CAP;
 
+pub use crate::gpu::pool::{DeviceInfo, DeviceLoad, DevicePool};
 use crate::gpu::{Backend, BackendKind, Determinism};
 use crate::protocol::Tag;
 use abi::HostState;
@@ -129,6 +139,10 @@ pub enum EvalError {
     Actor(String),
     #[error("exit {0}")]
     Exit(i32),
+    /// The worker could not complete the evaluation for a reason outside the actor (a constant's
+    /// source is unreachable or answers garbage). Not a result: evaluate the message again later.
+    #[error("worker unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A loaded module, ready to instantiate. Cheap to share between evaluations and threads.
@@ -192,15 +206,59 @@ pub struct Evaluation {
     pub gas_used: u64,
     /// Captured stdout and stderr, at most [`LOG_CAP`] bytes plus a truncation note.
     pub log: String,
+    /// The pool index of the device `ao_gpu` ran on (see [`Runtime::tensor_backend`]'s `devices`).
+    pub device: usize,
 }
 
 /// Which tensor backend `ao_gpu` runs on, for logs and attestations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorBackendInfo {
     pub kind: BackendKind,
-    /// The backend's own description, such as "wgpu (llvmpipe, vulkan)".
+    /// The backend's own description, such as "wgpu (llvmpipe, vulkan)"; with several devices,
+    /// "2 devices: " and each device's description.
     pub description: String,
     pub determinism: Determinism,
+    /// Every device of the pool, by pool index (one for a runtime made by `with_gpu`).
+    pub devices: Vec<DeviceInfo>,
+}
+
+impl TensorBackendInfo {
+    fn of(pool: &DevicePool) -> Self {
+        let devices = pool.infos();
+        let description = match devices.as_slice() {
+            [one] => one.description.clone(),
+            many => {
+                let list: Vec<&str> = many.iter().map(|d| d.description.as_str()).collect();
+                format!("{} devices: {}", many.len(), list.join("; "))
+            }
+        };
+        Self { kind: pool.kind(), description, determinism: pool.determinism(), devices }
+    }
+}
+
+/// The `ao_gpu` settings of a runtime serving every device of a [`DevicePool`].
+#[derive(Clone)]
+pub struct PoolConfig {
+    pub pool: Arc<DevicePool>,
+    /// Cap on the bytes of live tensors per evaluation (beyond: `QUOTA_EXCEEDED`).
+    pub max_device_memory: u64,
+    /// Where constants (`constant`) come from: the runtime keeps one [`ConstantCache`] per
+    /// device, all fed by this source and sharing one [`ConstantMetrics`]. `None`: `constant`
+    /// answers `UNSUPPORTED`.
+    pub constant_source: Option<Arc<dyn ConstantSource>>,
+    /// Cap on the bytes of cached constants, per device.
+    pub max_constant_memory: u64,
+}
+
+impl std::fmt::Debug for PoolConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolConfig")
+            .field("pool", &self.pool)
+            .field("max_device_memory", &self.max_device_memory)
+            .field("constants", &self.constant_source.is_some())
+            .field("max_constant_memory", &self.max_constant_memory)
+            .finish()
+    }
 }
 
 /// The engine, the linker's pre-instantiated modules and the caches. Share it behind an `Arc`.
@@ -208,9 +266,12 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     cfg: RuntimeConfig,
-    backend: SharedBackend,
-    backend_info: TensorBackendInfo,
+    pool: Arc<DevicePool>,
+    /// One per device of the pool, by pool index: its backend, the quota and its constant cache.
+    gpu: Vec<gpu::GpuEnv>,
     max_device_memory: u64,
+    constant_metrics: Option<ConstantMetrics>,
+    backend_info: TensorBackendInfo,
     disk: DiskCache,
     modules: Mutex<HashMap<[u8; 32], Arc<ActorModule>>>,
     deadline_ticks: u64,
@@ -224,6 +285,7 @@ impl std::fmt::Debug for Runtime {
             .field("cfg", &self.cfg)
             .field("tensor_backend", &self.backend_info)
             .field("max_device_memory", &self.max_device_memory)
+            .field("constants", &self.gpu.iter().map(|g| &g.constants).collect::<Vec<_>>())
             .field("disk", &self.disk)
             .finish_non_exhaustive()
     }
@@ -239,11 +301,60 @@ impl Runtime {
     /// A runtime whose `ao_gpu` imports run on `gpu.backend` (or a fresh CPU backend when `None`;
     /// [`Runtime::tensor_backend`] says which, there is never a silent fallback).
     pub fn with_gpu(cfg: RuntimeConfig, gpu: GpuConfig) -> Result<Self, RuntimeError> {
+        let backend = match (gpu.backend, &gpu.constants) {
+            (Some(b), Some(c)) if !Arc::ptr_eq(&b, c.backend()) => {
+                return Err(RuntimeError::Setup("the constant cache was made for another tensor backend".to_owned()));
+            }
+            (Some(b), _) => b,
+            (None, Some(c)) => c.backend().clone(),
+            (None, None) => Arc::new(Mutex::new(Backend::Cpu(crate::gpu::cpu::CpuBackend::new(Determinism::Reproducible)))),
+        };
+        let pool = DevicePool::from_shared(vec![backend]).map_err(|e| RuntimeError::Setup(format!("tensor device: {e}")))?;
+        let metrics = gpu.constants.as_ref().map(|c| c.metrics().clone());
+        Self::build(cfg, Arc::new(pool), gpu.max_device_memory, vec![gpu.constants], metrics)
+    }
+
+    /// A runtime whose `ao_gpu` imports run on every device of `gpu.pool`, each evaluation on the
+    /// device placement picks for it (see the module doc).
+    pub fn with_pool(cfg: RuntimeConfig, gpu: PoolConfig) -> Result<Self, RuntimeError> {
+        let metrics = ConstantMetrics::default();
+        let mut caches = Vec::with_capacity(gpu.pool.len());
+        for index in 0..gpu.pool.len() {
+            let backend = gpu.pool.backend(index).ok_or_else(|| RuntimeError::Setup(format!("tensor device {index} is missing")))?;
+            caches.push(
+                gpu.constant_source
+                    .as_ref()
+                    .map(|source| ConstantCache::with_metrics(backend.clone(), source.clone(), gpu.max_constant_memory, metrics.clone())),
+            );
+        }
+        let metrics = gpu.constant_source.is_some().then_some(metrics);
+        Self::build(cfg, gpu.pool, gpu.max_device_memory, caches, metrics)
+    }
+
+    /// `caches[i]` is device `i`'s constant cache.
+    fn build(
+        cfg: RuntimeConfig,
+        pool: Arc<DevicePool>,
+        max_device_memory: u64,
+        caches: Vec<Option<Arc<ConstantCache>>>,
+        constant_metrics: Option<ConstantMetrics>,
+    ) -> Result<Self, RuntimeError> {
         if cfg.max_memory == 0 || cfg.max_compute == 0 || cfg.deadline.is_zero() {
             return Err(RuntimeError::Setup(format!(
                 "max_memory ({}), max_compute ({}) and deadline ({:?}) must all be positive",
                 cfg.max_memory, cfg.max_compute, cfg.deadline
             )));
+        }
+        if caches.len() != pool.len() {
+            return Err(RuntimeError::Setup(format!("{} constant caches for {} tensor devices", caches.len(), pool.len())));
+        }
+        let mut gpu = Vec::with_capacity(pool.len());
+        for (index, constants) in caches.into_iter().enumerate() {
+            let backend = pool.backend(index).ok_or_else(|| RuntimeError::Setup(format!("tensor device {index} is missing")))?;
+            if constants.as_ref().is_some_and(|c| !Arc::ptr_eq(c.backend(), backend)) {
+                return Err(RuntimeError::Setup(format!("the constant cache of tensor device {index} was made for another device")));
+            }
+            gpu.push(gpu::GpuEnv { backend: backend.clone(), max_device_memory, constants });
         }
         let mut config = Config::new();
         config
@@ -257,13 +368,16 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasi::add_to_linker(&mut linker, abi::wasi_ctx).map_err(|e| RuntimeError::Setup(format!("linker: {e:#}")))?;
         gpu::add_to_linker(&mut linker, abi::gpu_ctx).map_err(|e| RuntimeError::Setup(format!("linker: {e:#}")))?;
-        let backend =
-            gpu.backend.unwrap_or_else(|| Arc::new(Mutex::new(Backend::Cpu(crate::gpu::cpu::CpuBackend::new(Determinism::Reproducible)))));
-        let backend_info = {
-            let b = backend.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            TensorBackendInfo { kind: b.kind(), description: b.describe(), determinism: b.determinism() }
-        };
-        tracing::info!(backend = %backend_info.description, determinism = ?backend_info.determinism, max_device_memory = gpu.max_device_memory, "ao_gpu tensor backend");
+        let backend_info = TensorBackendInfo::of(&pool);
+        tracing::info!(
+            backend = %backend_info.description,
+            kind = %backend_info.kind,
+            devices = backend_info.devices.len(),
+            determinism = ?backend_info.determinism,
+            max_device_memory,
+            max_constant_memory = gpu.first().and_then(|g| g.constants.as_ref()).map(|c| c.max_bytes()),
+            "ao_gpu tensor backend"
+        );
         let disk = DiskCache::open(&cfg.cache_dir, &engine)?;
         let ticker = start_ticker(&engine)?;
         let deadline_ticks = cfg.deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
@@ -271,9 +385,11 @@ impl Runtime {
             engine,
             linker,
             cfg,
-            backend,
+            pool,
+            gpu,
+            max_device_memory,
+            constant_metrics,
             backend_info,
-            max_device_memory: gpu.max_device_memory,
             disk,
             modules: Mutex::new(HashMap::new()),
             deadline_ticks,
@@ -285,14 +401,35 @@ impl Runtime {
         &self.cfg
     }
 
-    /// The backend `ao_gpu` runs on (kind, description, determinism mode): what attestations record.
+    /// The backend `ao_gpu` runs on (kind, description, determinism mode, devices): what
+    /// attestations record, with [`Evaluation::device`].
     pub fn tensor_backend(&self) -> &TensorBackendInfo {
         &self.backend_info
+    }
+
+    /// The devices evaluations are placed on, with their load.
+    pub fn pool(&self) -> &Arc<DevicePool> {
+        &self.pool
     }
 
     /// The device-memory quota of one evaluation, in bytes.
     pub fn max_device_memory(&self) -> u64 {
         self.max_device_memory
+    }
+
+    /// The cache of constants loaded by content on device 0, when the runtime has one.
+    pub fn constants(&self) -> Option<&Arc<ConstantCache>> {
+        self.constants_on(0)
+    }
+
+    /// The cache of constants of device `index` (pool index), when the runtime has one.
+    pub fn constants_on(&self, index: usize) -> Option<&Arc<ConstantCache>> {
+        self.gpu.get(index).and_then(|g| g.constants.as_ref())
+    }
+
+    /// The metrics of the constant caches (shared by every device's cache), to register.
+    pub fn constant_metrics(&self) -> Option<&ConstantMetrics> {
+        self.constant_metrics.as_ref()
     }
 
     /// Validates `Module-Format` / `Input-Encoding` / `Output-Encoding`, then compiles the module
@@ -328,12 +465,22 @@ impl Runtime {
         let max = self.max_limits();
         let limits =
             Limits { memory_bytes: input.limits.memory_bytes.min(max.memory_bytes), compute: input.limits.compute.min(max.compute) };
+        // The device for the whole evaluation; the lease outlives the store, whose drop frees the
+        // evaluation's tensors there.
+        let lease = self.pool.place();
+        let device = lease.index();
+        let Some(env) = self.gpu.get(device) else {
+            // `build` made one environment per device: unreachable, but never a panic.
+            let e = EvalError::Trap(format!("worker bug: tensor device {device} has no environment"));
+            return Evaluation { outcome: Err(e), memory: None, gas_used: 0, log: String::new(), device };
+        };
+        tracing::debug!(device, kind = %self.backend_info.kind, msg = input.message_id, "evaluation placed");
         let mut store = Store::new(
             &self.engine,
             HostState {
                 limiter: StoreLimiter::new(limits.memory_bytes),
                 wasi: wasi::WasiCtx::new(input.timestamp_ms, input.message_id),
-                gpu: gpu::GpuCtx::new(self.backend.clone(), self.max_device_memory),
+                gpu: gpu::GpuCtx::for_evaluation(env, self.cfg.deadline),
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -346,12 +493,20 @@ impl Runtime {
             }
         };
         let gas_used = abi::fuel_used(&store, limits.compute);
+        // A call that could not complete for a reason outside the actor makes the whole
+        // evaluation unavailable, whatever the guest did after it.
+        let outcome = match store.data().gpu.unavailable() {
+            Some(reason) => Err(EvalError::Unavailable(reason.to_owned())),
+            None => outcome,
+        };
         // Tensors die with the evaluation, whatever its outcome.
         store.data_mut().gpu.release();
         let log = store.data_mut().wasi.take_log();
+        drop(store);
+        drop(lease);
         match outcome {
-            Ok((response, memory)) => Evaluation { outcome: Ok(response), memory: Some(memory), gas_used, log },
-            Err(e) => Evaluation { outcome: Err(e), memory: None, gas_used, log },
+            Ok((response, memory)) => Evaluation { outcome: Ok(response), memory: Some(memory), gas_used, log, device },
+            Err(e) => Evaluation { outcome: Err(e), memory: None, gas_used, log, device },
         }
     }
 

@@ -797,3 +797,160 @@ fn runtime_and_modules_are_shareable_across_threads() {
     });
     assert!(gas.windows(2).all(|w| w[0] == w[1]), "{gas:?}");
 }
+
+// ---- ao_gpu: batch submissions and the constant cache ----
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::constants::ConstantKey;
+use super::gpu::lock_backend;
+use crate::gpu::{DType, RawTensor};
+
+/// Uploads A [2, 3] and B [3, 4], then runs the 3-command list at 8192 `runs` times.
+fn batch_actor(runs: u32) -> String {
+    let rec = |op: i32, ins: &[i32], ints: &[i32], floats: &[f32]| {
+        let mut r = vec![0u8; gpu::CMD_SIZE];
+        r[0..4].copy_from_slice(&op.to_le_bytes());
+        for (k, v) in ins.iter().enumerate() {
+            r[gpu::CMD_IN + 4 * k..gpu::CMD_IN + 4 * k + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        for (k, v) in ints.iter().enumerate() {
+            r[gpu::CMD_I + 4 * k..gpu::CMD_I + 4 * k + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        for (k, v) in floats.iter().enumerate() {
+            r[gpu::CMD_F + 4 * k..gpu::CMD_F + 4 * k + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        r
+    };
+    let list =
+        [rec(gpu::op::MATMUL, &[1, 2], &[0, 0], &[]), rec(gpu::op::SCALE, &[-1], &[], &[2.0]), rec(gpu::op::SOFTMAX, &[-2], &[], &[])]
+            .concat();
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut wat = String::from(
+        r#"(module
+  (import "ao_gpu" "tensor_f32" (func $tensor_f32 (param i32 i32 i32 i32 i32) (result i32)))
+  (import "ao_gpu" "run" (func $run (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+"#,
+    );
+    wat.push_str(BUMP_MALLOC);
+    wat.push_str(&data(1024, br#"{"ok":true,"response":{"Output":"ok"}}"#));
+    wat.push_str(&data(1100, br#"{"ok":false,"response":{"Error":"status"}}"#));
+    wat.push_str(&data(2048, &f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])));
+    wat.push_str(&data(2112, &f32s(&[0.5; 12])));
+    wat.push_str(&data(2176, &u32s(&[2, 3, 3, 4])));
+    wat.push_str(&data(8192, &list));
+    wat.push_str(&format!(
+        r#"
+  (func (export "handle") (param i32 i32) (result i32) (local $i i32)
+    (if (call $tensor_f32 (i32.const 2048) (i32.const 6) (i32.const 2176) (i32.const 2) (i32.const 3000)) (then (return (i32.const 1100))))
+    (if (call $tensor_f32 (i32.const 2112) (i32.const 12) (i32.const 2184) (i32.const 2) (i32.const 3004)) (then (return (i32.const 1100))))
+    (block $done (loop $l
+      (br_if $done (i32.ge_u (local.get $i) (i32.const {runs})))
+      (if (call $run (i32.const 8192) (i32.const 3) (i32.const 3008)) (then (return (i32.const 1100))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $l)))
+    (i32.const 1024))
+)"#
+    ));
+    wat
+}
+
+#[test]
+fn each_run_is_one_begin_and_one_end_batch() {
+    let f = runtime();
+    let m = load_wat(&f.rt, &batch_actor(3)).unwrap();
+    let before = gpu::BATCH_CALLS.with(|c| c.get());
+    let e = f.rt.evaluate(&m, None, &msg("x"));
+    assert_eq!(e.outcome.as_ref().map(|v| v["Output"].clone()), Ok(serde_json::json!("ok")), "{e:?}");
+    let after = gpu::BATCH_CALLS.with(|c| c.get());
+    assert_eq!((after.0 - before.0, after.1 - before.1), (3, 3), "three runs of three commands: three batches");
+}
+
+/// A source that counts fetches and takes `delay` to answer; item "fail" is unavailable.
+struct Counting {
+    data: Vec<u8>,
+    fetches: AtomicUsize,
+    delay: Duration,
+}
+
+impl ConstantSource for Counting {
+    fn fetch(&self, id: &str) -> Result<Vec<u8>, SourceError> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        if id == crate::protocol::b64::encode(&[0xee; 32]) {
+            return Err(SourceError::Unavailable("down".into()));
+        }
+        Ok(self.data.clone())
+    }
+}
+
+fn key(n: u8, data: &[u8], len: usize) -> ConstantKey {
+    use sha2::{Digest, Sha256};
+    ConstantKey { id: [n; 32], sha256: Sha256::digest(data).into(), dtype: DType::F32, shape: vec![len] }
+}
+
+fn cache_with(delay: Duration, max_bytes: u64) -> (Arc<ConstantCache>, Arc<Counting>, SharedBackend) {
+    let data: Vec<u8> = (0..16u32).flat_map(|v| (v as f32).to_le_bytes()).collect();
+    let source = Arc::new(Counting { data, fetches: AtomicUsize::new(0), delay });
+    let backend: SharedBackend = Arc::new(Mutex::new(Backend::Cpu(crate::gpu::cpu::CpuBackend::new(Determinism::Reproducible))));
+    (ConstantCache::new(backend.clone(), source.clone(), max_bytes), source, backend)
+}
+
+#[test]
+fn concurrent_evaluations_share_one_fetch_of_a_constant() {
+    let (cache, source, backend) = cache_with(Duration::from_millis(200), 1 << 20);
+    let k = key(1, &source.data, 16);
+    let pins: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4).map(|_| s.spawn(|| cache.acquire(k.clone(), 64).map(|(p, _)| p))).collect();
+        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+    });
+    assert_eq!(source.fetches.load(Ordering::SeqCst), 1);
+    assert!(pins.windows(2).all(|w| w[0].tensor() == w[1].tensor()));
+    let s = cache.stats();
+    assert_eq!((s.misses, s.hits, s.entries, s.bytes), (1, 3, 1, 64));
+    let t = pins[0].tensor();
+    assert_eq!(lock_backend(&backend).read_raw(t).unwrap(), RawTensor::new(DType::F32, vec![16], source.data.clone()).unwrap());
+    drop(pins);
+    // Dropping the cache frees what it holds.
+    drop(cache);
+    assert_eq!(lock_backend(&backend).live_bytes(), 0);
+}
+
+#[test]
+fn pinned_constants_are_never_evicted_and_the_cap_is_restored_when_they_are_released() {
+    let (cache, source, backend) = cache_with(Duration::ZERO, 64);
+    let (k1, k2) = (key(1, &source.data, 16), key(2, &source.data, 16));
+    let (p1, _) = cache.acquire(k1.clone(), 64).unwrap();
+    // Another evaluation needs k2 while k1 is pinned: admitted over the cap, not refused.
+    let (p2, _) = cache.acquire(k2.clone(), 64).unwrap();
+    assert_eq!((cache.stats().entries, cache.stats().bytes, cache.stats().evictions), (2, 128, 0));
+    assert_eq!(lock_backend(&backend).live_bytes(), 128);
+    // Releasing k1 brings the cache back under the cap (k1 is the only unpinned entry).
+    drop(p1);
+    assert_eq!((cache.stats().entries, cache.stats().bytes, cache.stats().evictions), (1, 64, 1));
+    assert_eq!(lock_backend(&backend).live_bytes(), 64);
+    drop(p2);
+    assert_eq!(cache.stats().entries, 1, "k2 fits the cap: it stays for the next evaluation");
+    let (_again, waited) = cache.acquire(k2, 64).unwrap();
+    assert_eq!((source.fetches.load(Ordering::SeqCst), waited), (2, Duration::ZERO));
+}
+
+#[test]
+fn failed_loads_leave_nothing_behind_and_wake_waiters() {
+    let (cache, source, backend) = cache_with(Duration::from_millis(100), 1 << 20);
+    let down = ConstantKey { id: [0xee; 32], ..key(0, &source.data, 16) };
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3).map(|_| s.spawn(|| cache.acquire(down.clone(), 64).map(|_| ()))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Each waiter retries the load itself after the first one failed.
+    assert!(results.iter().all(|r| matches!(r, Err(super::constants::AcquireError::Unavailable(m)) if m.contains("down"))), "{results:?}");
+    assert_eq!(source.fetches.load(Ordering::SeqCst), 3);
+    let wrong = ConstantKey { sha256: [0; 32], ..key(3, &source.data, 16) };
+    assert_eq!(cache.acquire(wrong, 64).map(|_| ()), Err(super::constants::AcquireError::Status(GpuStatus::ConstantMismatch)));
+    let s = cache.stats();
+    assert_eq!((s.entries, s.bytes), (0, 0));
+    assert_eq!(lock_backend(&backend).live_bytes(), 0);
+}

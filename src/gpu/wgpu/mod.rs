@@ -2,80 +2,192 @@
 //! first adapter of the primary backends (Vulkan, Metal, DX12; `WGPU_BACKEND` and the other `WGPU_*`
 //! variables override, as in the capacity probe). Every pipeline is compiled once, when the backend
 //! starts, and cached by entry-point name. Tensors live in pooled storage buffers ([`pool`]); only
-//! [`TensorBackend::read`] maps memory back to the host.
+//! `read` / `read_raw` map memory back to the host. Commands are recorded and submitted by
+//! [`stream`]: one submission per op, or one per batch between `begin_batch` and `end_batch`.
+//!
+//! Storage: every tensor is a buffer of u32 words holding its dtype's storage bytes (padded to a
+//! multiple of 4): f32 / i32 one element per word, f16 two per word (no `shader-f16` feature needed),
+//! the GGUF block types as their raw blocks, decoded in the kernels with shifts. `reshape` and an
+//! identity `cast` share the buffer; `append` writes in place, copying into a buffer twice as large
+//! when full (and copying first when the buffer is shared). f32 -> quantized `cast` runs on the host
+//! (`quant::quantize` after a read, then an upload); every other conversion runs on the device.
+//!
+//! `gather_rows` validates ids without reading them back when their range is known: uploads,
+//! `argmax_last` outputs and layout ops of those carry their value range; ids from a cast are read
+//! back once (flushing an open batch) and the range is remembered.
 //!
 //! Nothing here panics on caller input: shapes are validated before any wgpu call, allocation runs
-//! inside an out-of-memory error scope, bind groups and dispatches inside a validation error scope,
-//! and uncaptured errors are logged instead of hitting wgpu's default (panicking) handler.
+//! inside an out-of-memory error scope, and device errors are collected by the uncaptured-error
+//! handler and reported by the next flush instead of hitting wgpu's default (panicking) handler.
 
 mod pool;
+mod stream;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
-use ::wgpu::util::DeviceExt;
-
-use self::pool::BufferPool;
+use self::stream::{Gpu, Kernel, Purpose, Stream, device_err};
+use super::dtype::{dtype_err, expect_dtype};
 use super::kernels::{FILES, Lang};
+use super::layout::{append_dims, attention_dims, concat_dims, gather_dims, permute_dims, reshape_check, rope_dims, slice_dims, strides};
 use super::{
-    BackendKind, BinaryOp, Determinism, GpuError, HostTensor, ReduceOp, Result, TensorBackend, TensorId, UnaryOp, broadcast, check_param,
-    check_shape, matmul_dims, numel, reduced_shape, rows_last, shape_err,
+    BackendKind, BinaryOp, DType, Determinism, GpuError, HostTensor, RawTensor, ReduceOp, Result, RopeMode, TensorBackend, TensorId,
+    UnaryOp, broadcast, check_param, check_shape, matmul_dims, numel, quant, reduced_shape, rope_table, rows_last, shape_err,
 };
 
 /// Freed buffers kept for reuse, at most this many bytes.
 const MAX_POOLED_BYTES: u64 = 256 << 20;
 
+/// Known inclusive bounds of an i32 tensor's values; `EMPTY` for a tensor with no elements.
+type IdRange = (i32, i32);
+const EMPTY: IdRange = (i32::MAX, i32::MIN);
+
+fn union(a: Option<IdRange>, b: Option<IdRange>) -> Option<IdRange> {
+    Some((a?.0.min(b?.0), a?.1.max(b?.1)))
+}
+
 struct WTensor {
     shape: Vec<usize>,
-    buf: ::wgpu::Buffer,
+    dtype: DType,
+    /// Shared by `reshape` / identity-`cast` views; `append` copies before writing a shared buffer.
+    buf: Arc<::wgpu::Buffer>,
+    /// For i32 tensors whose values are known to the host: their range.
+    ids: Option<IdRange>,
+}
+
+impl WTensor {
+    fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    /// The storage size in bytes (unpadded).
+    fn bytes(&self) -> usize {
+        self.numel() / self.dtype.block_len() * self.dtype.block_bytes()
+    }
+}
+
+fn get(tensors: &HashMap<TensorId, WTensor>, id: TensorId) -> Result<&WTensor> {
+    tensors.get(&id).ok_or(GpuError::UnknownTensor(id))
+}
+
+/// Refuses the block types (the layout ops move single elements).
+fn unquantized(op: &'static str, what: &str, t: &WTensor) -> Result<()> {
+    if t.dtype.is_quantized() {
+        return Err(dtype_err(op, format!("{what} must be an unquantized type (f32, f16 or i32), got {}", t.dtype)));
+    }
+    Ok(())
 }
 
 /// One wgpu device and queue, its compiled pipelines and its tensors.
 pub struct WgpuBackend {
     determinism: Determinism,
-    info: ::wgpu::AdapterInfo,
-    limits: ::wgpu::Limits,
-    device: ::wgpu::Device,
-    queue: ::wgpu::Queue,
-    pipelines: HashMap<&'static str, ::wgpu::ComputePipeline>,
+    gpu: Gpu,
+    stream: Stream,
     tensors: HashMap<TensorId, WTensor>,
-    pool: BufferPool,
     next_id: u64,
 }
 
 impl std::fmt::Debug for WgpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WgpuBackend")
-            .field("adapter", &self.info.name)
+            .field("adapter", &self.gpu.info.name)
             .field("tensors", &self.tensors.len())
-            .field("pooled_bytes", &self.pool.pooled_bytes())
+            .field("pooled_bytes", &self.stream.pooled_bytes())
             .finish()
     }
 }
 
-fn device_err(what: impl std::fmt::Display) -> GpuError {
-    GpuError::Device(what.to_string())
+fn u32_of(v: usize) -> u32 {
+    // `check_shape` keeps every element count below u32::MAX / 4.
+    v as u32
+}
+
+/// A shape padded to 4-D with leading 1s.
+fn pad4(shape: &[usize]) -> [usize; 4] {
+    let mut p = [1usize; 4];
+    p[4 - shape.len()..].copy_from_slice(shape);
+    p
+}
+
+/// Element strides of a 4-D padded shape.
+fn strides4(shape: &[usize]) -> [usize; 4] {
+    let s = strides(shape);
+    let mut p = [0usize; 4];
+    p[4 - s.len()..].copy_from_slice(&s);
+    p
+}
+
+/// One strided copy (see shaders/layout.wgsl): the destination region `dst` (4-D) at element
+/// `dst_off` of the output, written where coordinate `win_axis` is in `win_start..win_start + win_len`
+/// from source element `src_off + sum (c - window offset) * src_strides`.
+struct Copy {
+    dst: [usize; 4],
+    dst_off: usize,
+    win_axis: usize,
+    win_start: usize,
+    win_len: usize,
+    src_off: usize,
+    src_strides: [usize; 4],
+}
+
+impl Copy {
+    /// A plain copy of a whole region whose source is walked with `src_strides`.
+    fn full(dst: [usize; 4], src_off: usize, src_strides: [usize; 4]) -> Self {
+        Self { dst, dst_off: 0, win_axis: 0, win_start: 0, win_len: dst[0], src_off, src_strides }
+    }
 }
 
 impl WgpuBackend {
     /// Opens the first adapter and compiles every WGSL kernel; "unavailable: …" when there is no adapter.
     pub fn new(determinism: Determinism) -> Result<Self> {
         // `Instance::new` panics when no backend is compiled in and drivers can misbehave.
-        std::panic::catch_unwind(|| Self::start(determinism)).unwrap_or_else(|_| Err(device_err("wgpu start panicked")))
+        std::panic::catch_unwind(|| Self::start(determinism, None)).unwrap_or_else(|_| Err(device_err("wgpu start panicked")))
     }
 
-    fn start(determinism: Determinism) -> Result<Self> {
+    /// Opens adapter `index` in the order `enumerate_adapters` lists them on the primary backends
+    /// (the order `ao-gpu-worker capacity` shows), for one queue per device.
+    pub fn new_on(index: usize, determinism: Determinism) -> Result<Self> {
+        std::panic::catch_unwind(|| Self::start(determinism, Some(index))).unwrap_or_else(|_| Err(device_err("wgpu start panicked")))
+    }
+
+    /// How many adapters [`WgpuBackend::new_on`] can open (0 when wgpu finds none).
+    pub fn adapter_count() -> usize {
+        std::panic::catch_unwind(|| {
+            let (instance, backends) = Self::instance();
+            pollster::block_on(instance.enumerate_adapters(backends)).len()
+        })
+        .unwrap_or(0)
+    }
+
+    fn instance() -> (::wgpu::Instance, ::wgpu::Backends) {
         let mut desc = ::wgpu::InstanceDescriptor::new_without_display_handle();
         desc.backends = ::wgpu::Backends::PRIMARY;
         desc.flags = ::wgpu::InstanceFlags::empty();
-        let instance = ::wgpu::Instance::new(desc.with_env());
-        let adapter = pollster::block_on(instance.request_adapter(&::wgpu::RequestAdapterOptions {
-            power_preference: ::wgpu::PowerPreference::HighPerformance,
-            ..Default::default()
-        }))
-        .map_err(|e| device_err(format!("unavailable: {e}")))?;
+        let desc = desc.with_env();
+        let backends = desc.backends;
+        (::wgpu::Instance::new(desc), backends)
+    }
+
+    fn start(determinism: Determinism, index: Option<usize>) -> Result<Self> {
+        let (instance, backends) = Self::instance();
+        let adapter = match index {
+            None => pollster::block_on(instance.request_adapter(&::wgpu::RequestAdapterOptions {
+                power_preference: ::wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            }))
+            .map_err(|e| device_err(format!("unavailable: {e}")))?,
+            Some(i) => {
+                let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
+                let n = adapters.len();
+                if i >= n {
+                    return Err(device_err(format!("unavailable: no wgpu adapter {i} ({n} found)")));
+                }
+                adapters.swap_remove(i)
+            }
+        };
         let info = adapter.get_info();
         let limits = adapter.limits();
+        let features = adapter.features();
         let (device, queue) = pollster::block_on(adapter.request_device(&::wgpu::DeviceDescriptor {
             label: Some("ao-gpu-worker tensors"),
             required_features: ::wgpu::Features::empty(),
@@ -83,10 +195,17 @@ impl WgpuBackend {
             ..Default::default()
         }))
         .map_err(|e| device_err(format!("request device on {}: {e}", info.name)))?;
-        device.on_uncaptured_error(Arc::new(|e| tracing::error!(error = %e, "uncaptured wgpu error")));
+        let errors: Arc<Mutex<Option<String>>> = Arc::default();
+        let slot = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e| {
+            tracing::error!(error = %e, "uncaptured wgpu error");
+            if let Ok(mut s) = slot.lock() {
+                s.get_or_insert_with(|| e.to_string());
+            }
+        }));
 
         let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
-        let mut pipelines = HashMap::new();
+        let mut kernels = HashMap::new();
         for file in FILES.iter().filter(|f| f.lang == Lang::Wgsl) {
             let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
                 label: Some(file.path),
@@ -101,101 +220,86 @@ impl WgpuBackend {
                     compilation_options: Default::default(),
                     cache: None,
                 });
-                pipelines.insert(entry.name, pipeline);
+                let layout = pipeline.get_bind_group_layout(0);
+                kernels.insert(entry.name, Kernel { pipeline, layout });
             }
         }
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(device_err(format!("compiling shaders on {}: {e}", info.name)));
         }
-        let pool = BufferPool::new(MAX_POOLED_BYTES);
-        Ok(Self { determinism, info, limits, device, queue, pipelines, tensors: HashMap::new(), pool, next_id: 1 })
+        tracing::debug!(
+            adapter = %info.name,
+            max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size,
+            max_buffer_size = limits.max_buffer_size,
+            subgroup = features.contains(::wgpu::Features::SUBGROUP),
+            "wgpu tensor backend ready"
+        );
+        let gpu = Gpu { info, limits, features, device, queue, kernels, errors };
+        let stream = Stream::new(&gpu, MAX_POOLED_BYTES);
+        Ok(Self { determinism, gpu, stream, tensors: HashMap::new(), next_id: 1 })
     }
 
     pub fn adapter_info(&self) -> &::wgpu::AdapterInfo {
-        &self.info
+        &self.gpu.info
+    }
+
+    /// The adapter limits the backend runs with (the device requests all of them).
+    pub fn limits(&self) -> &::wgpu::Limits {
+        &self.gpu.limits
+    }
+
+    /// The adapter's features (the device requests none; kernels use only core WGSL).
+    pub fn features(&self) -> ::wgpu::Features {
+        self.gpu.features
+    }
+
+    /// Command submissions so far: one per op outside a batch, one per batch (plus reads) inside.
+    pub fn submissions(&self) -> u64 {
+        self.stream.submits
     }
 
     fn get(&self, id: TensorId) -> Result<&WTensor> {
-        self.tensors.get(&id).ok_or(GpuError::UnknownTensor(id))
+        get(&self.tensors, id)
     }
 
-    fn insert(&mut self, shape: Vec<usize>, buf: ::wgpu::Buffer) -> TensorId {
+    fn insert(&mut self, shape: Vec<usize>, dtype: DType, buf: Arc<::wgpu::Buffer>, ids: Option<IdRange>) -> TensorId {
         let id = TensorId(self.next_id);
         self.next_id += 1;
-        self.tensors.insert(id, WTensor { shape, buf });
+        self.tensors.insert(id, WTensor { shape, dtype, buf, ids });
         id
     }
 
-    /// A storage buffer for `n` f32 values (contents undefined), from the pool when possible.
-    fn alloc(&mut self, n: usize) -> Result<::wgpu::Buffer> {
-        let bytes = (n.max(1) * 4) as u64;
-        let max = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
-        if bytes > max {
-            return Err(GpuError::OutOfMemory { requested: bytes, available: max });
-        }
-        let class = BufferPool::class(bytes, max);
-        if let Some(buf) = self.pool.take(class) {
-            return Ok(buf);
-        }
-        let scope = self.device.push_error_scope(::wgpu::ErrorFilter::OutOfMemory);
-        let buf = self.device.create_buffer(&::wgpu::BufferDescriptor {
-            label: Some("tensor"),
-            size: class,
-            usage: ::wgpu::BufferUsages::STORAGE | ::wgpu::BufferUsages::COPY_SRC | ::wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            tracing::warn!(error = %e, bytes = class, "wgpu allocation failed");
-            return Err(GpuError::OutOfMemory { requested: class, available: 0 });
-        }
-        Ok(buf)
+    fn expect_f32(&self, op: &'static str, what: &str, id: TensorId) -> Result<&WTensor> {
+        let t = self.get(id)?;
+        expect_dtype(op, what, t.dtype, DType::F32)?;
+        Ok(t)
     }
 
-    /// Runs one kernel: `params` (u32 words, floats as bits) at binding 0, `bindings` after it.
-    fn dispatch(&self, entry: &str, params: &[u32], bindings: &[(u32, &::wgpu::Buffer)], groups: [u32; 3]) -> Result<()> {
-        let pipeline = self.pipelines.get(entry).ok_or_else(|| device_err(format!("kernel {entry} is not registered")))?;
-        let max = self.limits.max_compute_workgroups_per_dimension;
-        if groups.iter().any(|&g| g > max) {
-            return Err(GpuError::Unsupported {
-                op: "dispatch larger than max_compute_workgroups_per_dimension",
-                backend: self.describe(),
-            });
+    /// A new device buffer holding `bytes` (padded to a multiple of 4).
+    fn upload_bytes(&mut self, bytes: &[u8]) -> Result<Arc<::wgpu::Buffer>> {
+        let buf = self.stream.alloc(&self.gpu, bytes.len() as u64, Purpose::Upload)?;
+        if !bytes.is_empty() {
+            if bytes.len().is_multiple_of(4) {
+                self.gpu.queue.write_buffer(&buf, 0, bytes);
+            } else {
+                let mut padded = bytes.to_vec();
+                padded.resize(bytes.len().next_multiple_of(4), 0);
+                self.gpu.queue.write_buffer(&buf, 0, &padded);
+            }
         }
-        let mut words = params.to_vec();
-        words.resize(params.len().div_ceil(4).max(1) * 4, 0);
-        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let scope = self.device.push_error_scope(::wgpu::ErrorFilter::Validation);
-        let ubuf = self.device.create_buffer_init(&::wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: &bytes,
-            usage: ::wgpu::BufferUsages::UNIFORM,
-        });
-        let mut entries = vec![::wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
-        entries.extend(bindings.iter().map(|&(binding, buf)| ::wgpu::BindGroupEntry { binding, resource: buf.as_entire_binding() }));
-        let bind_group = self.device.create_bind_group(&::wgpu::BindGroupDescriptor {
-            label: Some(entry),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        let mut encoder = self.device.create_command_encoder(&::wgpu::CommandEncoderDescriptor { label: Some(entry) });
-        {
-            let mut pass = encoder.begin_compute_pass(&::wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
-            pass.set_pipeline(pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        }
-        self.queue.submit([encoder.finish()]);
-        match pollster::block_on(scope.pop()) {
-            Some(e) => Err(device_err(format!("{entry}: {e}"))),
-            None => Ok(()),
-        }
+        Ok(Arc::new(buf))
     }
 
-    /// A 2-D grid of workgroups covering `items` invocations at `per_group` each.
-    fn grid(&self, items: usize, per_group: usize) -> [u32; 3] {
-        let groups = items.div_ceil(per_group).max(1);
-        let x = groups.min(self.limits.max_compute_workgroups_per_dimension as usize);
-        [x as u32, groups.div_ceil(x) as u32, 1]
+    /// An output buffer for `bytes`.
+    fn output(&mut self, bytes: usize) -> Result<Arc<::wgpu::Buffer>> {
+        Ok(Arc::new(self.stream.alloc(&self.gpu, bytes as u64, Purpose::Output)?))
+    }
+
+    /// Runs a one-input, one-output kernel over `n` elements at 256 per workgroup.
+    fn map_op(&mut self, entry: &'static str, x: TensorId, params: &[u32], n: usize, out: &::wgpu::Buffer) -> Result<()> {
+        let t = get(&self.tensors, x)?;
+        let groups = self.gpu.grid(n, 256);
+        self.stream.dispatch(&self.gpu, entry, params, &[(1, &t.buf), (3, out)], groups)
     }
 
     fn row_op(
@@ -203,26 +307,57 @@ impl WgpuBackend {
         entry: &'static str,
         x: TensorId,
         out_shape: Vec<usize>,
+        out_dtype: DType,
         params: &[u32],
         extra: &[(u32, TensorId)],
     ) -> Result<TensorId> {
         let (rows, _) = rows_last(&self.get(x)?.shape);
-        let out = self.alloc(numel(&out_shape))?;
+        let out = self.output(numel(&out_shape) * 4)?;
         if numel(&out_shape) > 0 {
-            let t = self.get(x)?;
-            let mut bindings = vec![(1, &t.buf), (3, &out)];
+            let t = get(&self.tensors, x)?;
+            let mut bindings = vec![(1, &*t.buf), (3, &*out)];
             for &(binding, id) in extra {
-                bindings.push((binding, &self.get(id)?.buf));
+                bindings.push((binding, &*get(&self.tensors, id)?.buf));
             }
-            self.dispatch(entry, params, &bindings, self.grid(rows, 64))?;
+            self.stream.dispatch(&self.gpu, entry, params, &bindings, self.gpu.grid(rows, 64))?;
         }
-        Ok(self.insert(out_shape, out))
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(out_shape, out_dtype, out, None))
+    }
+
+    /// Records one strided copy of `src` (element size from `dtype`) into `dst`.
+    fn record_copy(&mut self, dtype: DType, src: &::wgpu::Buffer, dst: &::wgpu::Buffer, c: &Copy) -> Result<()> {
+        let n = numel(&c.dst);
+        if n == 0 {
+            return Ok(());
+        }
+        let [_, d1, d2, d3] = c.dst;
+        let [s0, s1, s2, s3] = c.src_strides;
+        let (w0, nw) = ((c.dst_off / 2), (c.dst_off + n).div_ceil(2) - c.dst_off / 2);
+        let params = [n, c.dst_off, w0, nw, d1, d2, d3, c.win_axis, c.win_start, c.win_len, c.src_off, s0, s1, s2, s3].map(u32_of);
+        let (entry, items) = if dtype == DType::F16 { ("copy16", nw) } else { ("copy32", n) };
+        let groups = self.gpu.grid(items, 256);
+        self.stream.dispatch(&self.gpu, entry, &params, &[(1, src), (3, dst)], groups)
+    }
+
+    /// Reads an i32 tensor back to learn its value range (flushes an open batch).
+    fn id_range(&mut self, id: TensorId) -> Result<IdRange> {
+        let t = self.get(id)?;
+        if let Some(r) = t.ids {
+            return Ok(r);
+        }
+        let (buf, bytes) = (t.buf.clone(), t.bytes());
+        let raw = self.stream.read(&self.gpu, &buf, bytes as u64)?;
+        let r = i32_range(&raw);
+        if let Some(t) = self.tensors.get_mut(&id) {
+            t.ids = Some(r);
+        }
+        Ok(r)
     }
 }
 
-fn u32_of(v: usize) -> u32 {
-    // `check_shape` keeps every element count below u32::MAX / 4.
-    v as u32
+fn i32_range(bytes: &[u8]) -> IdRange {
+    bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).fold(EMPTY, |(lo, hi), v| (lo.min(v), hi.max(v)))
 }
 
 impl TensorBackend for WgpuBackend {
@@ -231,7 +366,7 @@ impl TensorBackend for WgpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("wgpu ({}, {})", self.info.name, self.info.backend.to_str())
+        format!("wgpu ({}, {})", self.gpu.info.name, self.gpu.info.backend.to_str())
     }
 
     fn determinism(&self) -> Determinism {
@@ -239,48 +374,25 @@ impl TensorBackend for WgpuBackend {
     }
 
     fn upload(&mut self, t: &HostTensor) -> Result<TensorId> {
-        let t = HostTensor::new(t.shape.clone(), t.data.clone())?;
-        let buf = self.alloc(t.data.len())?;
-        if !t.data.is_empty() {
-            let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            self.queue.write_buffer(&buf, 0, &bytes);
+        check_shape("upload", &t.shape)?;
+        let n = numel(&t.shape);
+        if n != t.data.len() {
+            return Err(shape_err("upload", format!("shape {:?} needs {n} values, got {}", t.shape, t.data.len())));
         }
-        Ok(self.insert(t.shape, buf))
+        let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let buf = self.upload_bytes(&bytes)?;
+        Ok(self.insert(t.shape.clone(), DType::F32, buf, None))
     }
 
     fn read(&mut self, id: TensorId) -> Result<HostTensor> {
-        let t = self.get(id)?;
-        let n = numel(&t.shape);
-        if n == 0 {
-            return Ok(HostTensor { shape: t.shape.clone(), data: Vec::new() });
-        }
-        let bytes = (n * 4) as u64;
-        let staging = self.device.create_buffer(&::wgpu::BufferDescriptor {
-            label: Some("read"),
-            size: bytes,
-            usage: ::wgpu::BufferUsages::MAP_READ | ::wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut encoder = self.device.create_command_encoder(&::wgpu::CommandEncoderDescriptor { label: Some("read") });
-        encoder.copy_buffer_to_buffer(&t.buf, 0, &staging, 0, bytes);
-        self.queue.submit([encoder.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.slice(..).map_async(::wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.device.poll(::wgpu::PollType::wait_indefinitely()).map_err(|e| device_err(format!("poll: {e}")))?;
-        rx.recv().map_err(|_| device_err("map callback dropped"))?.map_err(|e| device_err(format!("map: {e}")))?;
-        let data = {
-            let view = staging.slice(..).get_mapped_range().map_err(|e| device_err(format!("mapped range: {e}")))?;
-            view.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-        };
-        staging.unmap();
-        Ok(HostTensor { shape: t.shape.clone(), data })
+        let raw = self.read_raw(id)?;
+        let data = quant::dequantize(raw.dtype, &raw.bytes, numel(&raw.shape))?;
+        Ok(HostTensor { shape: raw.shape, data })
     }
 
     fn free(&mut self, id: TensorId) -> Result<()> {
         let t = self.tensors.remove(&id).ok_or(GpuError::UnknownTensor(id))?;
-        self.pool.put(t.buf);
+        self.stream.release(t.buf);
         Ok(())
     }
 
@@ -289,40 +401,67 @@ impl TensorBackend for WgpuBackend {
     }
 
     fn matmul(&mut self, a: TensorId, b: TensorId, transpose_a: bool, transpose_b: bool) -> Result<TensorId> {
-        let (dims, out_shape) = matmul_dims(&self.get(a)?.shape, &self.get(b)?.shape, transpose_a, transpose_b)?;
-        let out = self.alloc(numel(&out_shape))?;
-        if numel(&out_shape) > 0 {
-            let params =
-                [dims.batch, dims.m, dims.n, dims.k, dims.stride_a, dims.stride_b, transpose_a as usize, transpose_b as usize].map(u32_of);
-            let (entry, tile) = match self.determinism {
-                Determinism::Reproducible => ("matmul_naive", 8),
-                Determinism::Fast => ("matmul_tiled", 64),
-            };
-            let groups = [dims.n.div_ceil(tile), dims.m.div_ceil(tile), dims.batch].map(u32_of);
-            let (ta, tb) = (self.get(a)?, self.get(b)?);
-            self.dispatch(entry, &params, &[(1, &ta.buf), (2, &tb.buf), (3, &out)], groups)?;
+        let (ta, tb) = (self.get(a)?, self.get(b)?);
+        expect_dtype("matmul", "a", ta.dtype, DType::F32)?;
+        let b_dtype = tb.dtype;
+        match b_dtype {
+            DType::I32 => return Err(dtype_err("matmul", "b must be f32, f16 or quantized, got i32")),
+            d if d.is_quantized() && !transpose_b => {
+                return Err(dtype_err("matmul", format!("{d} weights must be stored [n, k] (transpose_b = true)")));
+            }
+            _ => {}
         }
-        Ok(self.insert(out_shape, out))
+        let (dims, out_shape) = matmul_dims(&ta.shape, &tb.shape, transpose_a, transpose_b)?;
+        let out = self.output(numel(&out_shape) * 4)?;
+        if numel(&out_shape) > 0 {
+            let params = [
+                dims.batch,
+                dims.m,
+                dims.n,
+                dims.k,
+                dims.stride_a,
+                dims.stride_b,
+                transpose_a as usize,
+                transpose_b as usize,
+                b_dtype.code() as usize,
+            ]
+            .map(u32_of);
+            let (entry, groups) = match (self.determinism, dims.m) {
+                (Determinism::Reproducible, 1) => ("matvec_ordered", self.gpu.grid(dims.batch * dims.n, 64)),
+                (Determinism::Fast, 1) => ("matvec_split", self.gpu.grid(dims.batch * dims.n, 1)),
+                (Determinism::Reproducible, _) => ("matmul_naive", [dims.n.div_ceil(8), dims.m.div_ceil(8), dims.batch].map(u32_of)),
+                (Determinism::Fast, _) => ("matmul_tiled", [dims.n.div_ceil(64), dims.m.div_ceil(64), dims.batch].map(u32_of)),
+            };
+            let (ta, tb) = (get(&self.tensors, a)?, get(&self.tensors, b)?);
+            self.stream.dispatch(&self.gpu, entry, &params, &[(1, &ta.buf), (2, &tb.buf), (3, &out)], groups)?;
+        }
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(out_shape, DType::F32, out, None))
     }
 
     fn binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId) -> Result<TensorId> {
-        let bc = broadcast(op.name(), &self.get(a)?.shape, &self.get(b)?.shape)?;
+        let (ta, tb) = (self.get(a)?, self.get(b)?);
+        expect_dtype(op.name(), "a", ta.dtype, DType::F32)?;
+        expect_dtype(op.name(), "b", tb.dtype, DType::F32)?;
+        let bc = broadcast(op.name(), &ta.shape, &tb.shape)?;
         let n = numel(&bc.out_shape);
-        let out = self.alloc(n)?;
+        let out = self.output(n * 4)?;
         if n > 0 {
             let mut params = vec![u32_of(n), u32_of(bc.out4[1]), u32_of(bc.out4[2]), u32_of(bc.out4[3])];
             params.extend(bc.a_strides.map(u32_of));
             params.extend(bc.b_strides.map(u32_of));
-            let (ta, tb) = (self.get(a)?, self.get(b)?);
-            self.dispatch(op.name(), &params, &[(1, &ta.buf), (2, &tb.buf), (3, &out)], self.grid(n, 256))?;
+            let (ta, tb) = (get(&self.tensors, a)?, get(&self.tensors, b)?);
+            let groups = self.gpu.grid(n, 256);
+            self.stream.dispatch(&self.gpu, op.name(), &params, &[(1, &ta.buf), (2, &tb.buf), (3, &out)], groups)?;
         }
-        Ok(self.insert(bc.out_shape, out))
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(bc.out_shape, DType::F32, out, None))
     }
 
     fn unary(&mut self, op: UnaryOp, x: TensorId) -> Result<TensorId> {
-        let shape = self.get(x)?.shape.clone();
+        let shape = self.expect_f32(op.name(), "x", x)?.shape.clone();
         let n = numel(&shape);
-        let out = self.alloc(n)?;
+        let out = self.output(n * 4)?;
         if n > 0 {
             let (entry, factor) = match op {
                 UnaryOp::Scale(s) => ("scale", s),
@@ -332,45 +471,331 @@ impl TensorBackend for WgpuBackend {
                 UnaryOp::Tanh => ("tanh_op", 0.0),
                 UnaryOp::Exp => ("exp_op", 0.0),
             };
-            let t = self.get(x)?;
-            self.dispatch(entry, &[u32_of(n), factor.to_bits()], &[(1, &t.buf), (3, &out)], self.grid(n, 256))?;
+            self.map_op(entry, x, &[u32_of(n), factor.to_bits()], n, &out)?;
         }
-        Ok(self.insert(shape, out))
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(shape, DType::F32, out, None))
     }
 
     fn softmax_last(&mut self, x: TensorId) -> Result<TensorId> {
-        let shape = self.get(x)?.shape.clone();
+        let shape = self.expect_f32("softmax_last", "x", x)?.shape.clone();
         let (rows, last) = rows_last(&shape);
         let entry = match self.determinism {
             Determinism::Reproducible => "softmax_repro",
             Determinism::Fast => "softmax_fast",
         };
-        self.row_op(entry, x, shape, &[u32_of(rows), u32_of(last)], &[])
+        self.row_op(entry, x, shape, DType::F32, &[u32_of(rows), u32_of(last)], &[])
     }
 
     fn rmsnorm(&mut self, x: TensorId, weight: TensorId, eps: f32) -> Result<TensorId> {
-        let shape = self.get(x)?.shape.clone();
-        check_param("rmsnorm", "weight", &shape, &self.get(weight)?.shape)?;
+        let (t, w) = (self.get(x)?, self.get(weight)?);
+        expect_dtype("rmsnorm", "x", t.dtype, DType::F32)?;
+        expect_dtype("rmsnorm", "weight", w.dtype, DType::F32)?;
+        check_param("rmsnorm", "weight", &t.shape, &w.shape)?;
+        let shape = t.shape.clone();
         let (rows, last) = rows_last(&shape);
-        self.row_op("rmsnorm", x, shape, &[u32_of(rows), u32_of(last), eps.to_bits()], &[(2, weight)])
+        self.row_op("rmsnorm", x, shape, DType::F32, &[u32_of(rows), u32_of(last), eps.to_bits()], &[(2, weight)])
     }
 
     fn layernorm(&mut self, x: TensorId, weight: TensorId, bias: TensorId, eps: f32) -> Result<TensorId> {
-        let shape = self.get(x)?.shape.clone();
-        check_param("layernorm", "weight", &shape, &self.get(weight)?.shape)?;
-        check_param("layernorm", "bias", &shape, &self.get(bias)?.shape)?;
+        let (t, w, b) = (self.get(x)?, self.get(weight)?, self.get(bias)?);
+        for (what, d) in [("x", t.dtype), ("weight", w.dtype), ("bias", b.dtype)] {
+            expect_dtype("layernorm", what, d, DType::F32)?;
+        }
+        check_param("layernorm", "weight", &t.shape, &w.shape)?;
+        check_param("layernorm", "bias", &t.shape, &b.shape)?;
+        let shape = t.shape.clone();
         let (rows, last) = rows_last(&shape);
-        self.row_op("layernorm", x, shape, &[u32_of(rows), u32_of(last), eps.to_bits()], &[(2, weight), (4, bias)])
+        self.row_op("layernorm", x, shape, DType::F32, &[u32_of(rows), u32_of(last), eps.to_bits()], &[(2, weight), (4, bias)])
     }
 
     fn reduce_last(&mut self, op: ReduceOp, x: TensorId) -> Result<TensorId> {
-        let shape = self.get(x)?.shape.clone();
+        let shape = self.expect_f32(op.name(), "x", x)?.shape.clone();
         let (rows, last) = rows_last(&shape);
         if op == ReduceOp::Argmax && last == 0 {
             return Err(shape_err("argmax_last", format!("the last axis of {shape:?} is empty")));
         }
         let out_shape = reduced_shape(&shape);
         check_shape(op.name(), &out_shape)?;
-        self.row_op(op.name(), x, out_shape, &[u32_of(rows), u32_of(last)], &[])
+        let params = [u32_of(rows), u32_of(last)];
+        if op == ReduceOp::Argmax {
+            let id = self.row_op(op.name(), x, out_shape, DType::I32, &params, &[])?;
+            let range = if rows == 0 { EMPTY } else { (0, i32::try_from(last - 1).unwrap_or(i32::MAX)) };
+            if let Some(t) = self.tensors.get_mut(&id) {
+                t.ids = Some(range);
+            }
+            return Ok(id);
+        }
+        self.row_op(op.name(), x, out_shape, DType::F32, &params, &[])
+    }
+
+    // ---- dtypes, layout, gather, rotary, attention ----
+
+    fn dtype(&self, id: TensorId) -> Result<DType> {
+        Ok(self.get(id)?.dtype)
+    }
+
+    fn upload_raw(&mut self, t: &RawTensor) -> Result<TensorId> {
+        let t = RawTensor::new(t.dtype, t.shape.clone(), t.bytes.clone())?;
+        let ids = (t.dtype == DType::I32).then(|| i32_range(&t.bytes));
+        let buf = self.upload_bytes(&t.bytes)?;
+        Ok(self.insert(t.shape, t.dtype, buf, ids))
+    }
+
+    fn read_raw(&mut self, id: TensorId) -> Result<RawTensor> {
+        let t = self.get(id)?;
+        let (shape, dtype, buf, bytes) = (t.shape.clone(), t.dtype, t.buf.clone(), t.bytes());
+        let bytes = self.stream.read(&self.gpu, &buf, bytes as u64)?;
+        RawTensor::new(dtype, shape, bytes)
+    }
+
+    fn cast(&mut self, x: TensorId, to: DType) -> Result<TensorId> {
+        const OP: &str = "cast";
+        let t = self.get(x)?;
+        let (from, shape, n) = (t.dtype, t.shape.clone(), t.numel());
+        if from == to {
+            let (buf, ids) = (t.buf.clone(), t.ids);
+            return Ok(self.insert(shape, to, buf, ids));
+        }
+        let (entry, params) = match (from, to) {
+            (DType::F32, DType::F16) => ("cast_f32_f16", [n, 0]),
+            (DType::F32, DType::I32) => ("cast_f32_i32", [n, 0]),
+            (DType::I32, DType::F32) => ("cast_i32_f32", [n, 0]),
+            (DType::F16, DType::F32) | (DType::Q8_0 | DType::Q4_0 | DType::Q4_1, DType::F32) => ("dequantize", [n, from.code() as usize]),
+            (DType::F32, q) if q.is_quantized() => {
+                // GGUF's reference quantizer on the host: a read, `quant::quantize`, an upload.
+                q.byte_len(OP, &shape)?;
+                let raw = self.read(x)?;
+                let bytes = quant::quantize(q, &raw.data)?;
+                return self.upload_raw(&RawTensor::new(q, shape, bytes)?);
+            }
+            _ => return Err(dtype_err(OP, format!("cannot convert {from} to {to}"))),
+        };
+        let out = self.output(to.byte_len(OP, &shape)?)?;
+        if n > 0 {
+            let items = if to == DType::F16 { n.div_ceil(2) } else { n };
+            self.map_op(entry, x, &params.map(u32_of), items, &out)?;
+        }
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(shape, to, out, None))
+    }
+
+    fn reshape(&mut self, x: TensorId, shape: &[usize]) -> Result<TensorId> {
+        let t = self.get(x)?;
+        reshape_check(&t.shape, shape)?;
+        t.dtype.byte_len("reshape", shape)?;
+        let (dtype, buf, ids) = (t.dtype, t.buf.clone(), t.ids);
+        Ok(self.insert(shape.to_vec(), dtype, buf, ids))
+    }
+
+    fn permute(&mut self, x: TensorId, axes: &[usize]) -> Result<TensorId> {
+        let t = self.get(x)?;
+        unquantized("permute", "x", t)?;
+        let out_shape = permute_dims(&t.shape, axes)?;
+        let (dtype, ids) = (t.dtype, t.ids);
+        let in_strides = strides(&t.shape);
+        let mut src_strides = [0usize; 4];
+        for (i, &a) in axes.iter().enumerate() {
+            src_strides[4 - axes.len() + i] = in_strides[a];
+        }
+        let out = self.output(dtype.byte_len("permute", &out_shape)?)?;
+        let src = get(&self.tensors, x)?.buf.clone();
+        self.record_copy(dtype, &src, &out, &Copy::full(pad4(&out_shape), 0, src_strides))?;
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(out_shape, dtype, out, ids))
+    }
+
+    fn slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize) -> Result<TensorId> {
+        let t = self.get(x)?;
+        unquantized("slice", "x", t)?;
+        let (out_shape, _) = slice_dims(&t.shape, axis, start, len)?;
+        let (dtype, ids) = (t.dtype, t.ids);
+        let in_strides = strides4(&t.shape);
+        let src_off = start * in_strides[4 - t.shape.len() + axis];
+        let src = t.buf.clone();
+        let out = self.output(dtype.byte_len("slice", &out_shape)?)?;
+        self.record_copy(dtype, &src, &out, &Copy::full(pad4(&out_shape), src_off, in_strides))?;
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(out_shape, dtype, out, ids))
+    }
+
+    fn concat(&mut self, a: TensorId, b: TensorId, axis: usize) -> Result<TensorId> {
+        let (ta, tb) = (self.get(a)?, self.get(b)?);
+        unquantized("concat", "a", ta)?;
+        expect_dtype("concat", "b", tb.dtype, ta.dtype)?;
+        let (out_shape, _) = concat_dims(&ta.shape, &tb.shape, axis)?;
+        let (dtype, ids) = (ta.dtype, union(ta.ids, tb.ids));
+        let (sa, sb) = (strides4(&ta.shape), strides4(&tb.shape));
+        let (bufa, bufb) = (ta.buf.clone(), tb.buf.clone());
+        let ax = 4 - out_shape.len() + axis;
+        let dst = pad4(&out_shape);
+        let len_a = ta.shape[axis];
+        let out = self.output(dtype.byte_len("concat", &out_shape)?)?;
+        let first = Copy { dst, dst_off: 0, win_axis: ax, win_start: 0, win_len: len_a, src_off: 0, src_strides: sa };
+        self.record_copy(dtype, &bufa, &out, &first)?;
+        let second = Copy { win_start: len_a, win_len: dst[ax] - len_a, src_strides: sb, ..first };
+        self.record_copy(dtype, &bufb, &out, &second)?;
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(out_shape, dtype, out, ids))
+    }
+
+    fn append(&mut self, cache: TensorId, rows: TensorId) -> Result<()> {
+        let (tc, tr) = (self.get(cache)?, self.get(rows)?);
+        unquantized("append", "cache", tc)?;
+        expect_dtype("append", "rows", tr.dtype, tc.dtype)?;
+        let new_shape = append_dims(&tc.shape, &tr.shape)?;
+        let dtype = tc.dtype;
+        let (old_n, add_n) = (tc.numel(), tr.numel());
+        let old_bytes = (old_n * dtype.block_bytes()) as u64;
+        let new_bytes = ((old_n + add_n) * dtype.block_bytes()).next_multiple_of(4) as u64;
+        let ids = union(tc.ids, tr.ids);
+        let (mut dst, src) = (tc.buf.clone(), tr.buf.clone());
+        // Copy into a new buffer when full, or when another tensor shares the cache's storage (a
+        // reshape view, or `rows` itself): views must not see the write.
+        let shared = Arc::strong_count(&dst) > 2 || Arc::ptr_eq(&dst, &src);
+        if new_bytes > dst.size() || shared {
+            // Twice the old capacity where the binding limit allows (past it, `output` refuses).
+            let max = self.gpu.max_binding();
+            let cap = if new_bytes > max { new_bytes } else { new_bytes.max(dst.size().saturating_mul(2)).min(max) };
+            let grown = self.output(cap as usize)?;
+            self.stream.copy(&self.gpu, &dst, 0, &grown, 0, old_bytes.next_multiple_of(4));
+            if let Some(t) = self.tensors.get_mut(&cache) {
+                let old = std::mem::replace(&mut t.buf, grown.clone());
+                drop(dst);
+                self.stream.release(old);
+            }
+            dst = grown;
+        }
+        if add_n > 0 {
+            let add_bytes = (add_n * dtype.block_bytes()) as u64;
+            if old_bytes.is_multiple_of(4) {
+                // The rows' buffer is padded to 4 bytes; the padding lands past the cache's end.
+                self.stream.copy(&self.gpu, &src, 0, &dst, old_bytes, add_bytes.next_multiple_of(4));
+            } else {
+                let region = [1, 1, 1, add_n];
+                let c = Copy { dst_off: old_n, ..Copy::full(region, 0, [0, 0, 0, 1]) };
+                self.record_copy(dtype, &src, &dst, &c)?;
+            }
+        }
+        if let Some(t) = self.tensors.get_mut(&cache) {
+            t.shape = new_shape;
+            t.ids = ids;
+        }
+        self.stream.end_op(&self.gpu)
+    }
+
+    fn gather_rows(&mut self, table: TensorId, ids: TensorId) -> Result<TensorId> {
+        const OP: &str = "gather_rows";
+        let (tt, ti) = (self.get(table)?, self.get(ids)?);
+        if tt.dtype == DType::I32 {
+            return Err(dtype_err(OP, "the table must be f32, f16 or quantized, got i32"));
+        }
+        expect_dtype(OP, "ids", ti.dtype, DType::I32)?;
+        let out_shape = gather_dims(&tt.shape, &ti.shape)?;
+        let (v, d, dtype) = (tt.shape[0], tt.shape[1], tt.dtype);
+        let (lo, hi) = self.id_range(ids)?;
+        if lo <= hi && (lo < 0 || hi as usize >= v) {
+            let bad = if lo < 0 { lo } else { hi };
+            return Err(shape_err(OP, format!("id {bad} is outside the table's rows 0..{v}")));
+        }
+        let n = numel(&out_shape);
+        let out = self.output(n * 4)?;
+        if n > 0 {
+            let (tt, ti) = (get(&self.tensors, table)?, get(&self.tensors, ids)?);
+            let params = [n, dtype.code() as usize, v, d].map(u32_of);
+            let groups = self.gpu.grid(n, 256);
+            self.stream.dispatch(&self.gpu, "gather_rows", &params, &[(1, &tt.buf), (2, &ti.buf), (3, &out)], groups)?;
+        }
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(out_shape, DType::F32, out, None))
+    }
+
+    fn rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode) -> Result<TensorId> {
+        let t = self.expect_f32("rope", "x", x)?;
+        let shape = t.shape.clone();
+        let dims = rope_dims(&shape)?;
+        let pairs = numel(&shape) / 2;
+        let out = self.output(numel(&shape) * 4)?;
+        if pairs > 0 {
+            let table: Vec<u8> = rope_table(pos0, dims.seq, dims.dim, theta).iter().flat_map(|v| v.to_le_bytes()).collect();
+            let table = self.upload_bytes(&table)?;
+            let mode = match mode {
+                RopeMode::Interleaved => 0,
+                RopeMode::Neox => 2,
+            };
+            let params = [pairs, dims.seq, dims.heads, dims.dim, mode].map(u32_of);
+            let t = get(&self.tensors, x)?;
+            let groups = self.gpu.grid(pairs, 256);
+            self.stream.dispatch(&self.gpu, "rope", &params, &[(1, &t.buf), (2, &table), (3, &out)], groups)?;
+            self.stream.release(table);
+        }
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(shape, DType::F32, out, None))
+    }
+
+    fn attention(&mut self, q: TensorId, k: TensorId, v: TensorId, pos0: u32, scale: f32) -> Result<TensorId> {
+        let (tq, tk, tv) = (self.get(q)?, self.get(k)?, self.get(v)?);
+        for (what, t) in [("q", tq), ("k", tk), ("v", tv)] {
+            expect_dtype("attention", what, t.dtype, DType::F32)?;
+        }
+        let d = attention_dims(&tq.shape, &tk.shape, &tv.shape)?;
+        let shape = tq.shape.clone();
+        let rows = d.batch * d.tq * d.hq;
+        let scores = rows
+            .checked_mul(d.tk)
+            .filter(|&s| s <= u32::MAX as usize / 4)
+            .ok_or_else(|| shape_err("attention", format!("{rows} query rows x {} keys is too large", d.tk)))?;
+        let out = self.output(numel(&shape) * 4)?;
+        if numel(&shape) > 0 {
+            let s = self.output(scores * 4)?;
+            let params = [d.batch, d.tq, d.tk, d.hq, d.hkv, d.dim, pos0 as usize].map(u32_of);
+            let mut params = params.to_vec();
+            params.push(scale.to_bits());
+            let (tq, tk, tv) = (get(&self.tensors, q)?, get(&self.tensors, k)?, get(&self.tensors, v)?);
+            let softmax = match self.determinism {
+                Determinism::Reproducible => "attn_softmax_repro",
+                Determinism::Fast => "attn_softmax_fast",
+            };
+            let g = &self.gpu;
+            self.stream.dispatch(g, "attn_scores", &params, &[(1, &tq.buf), (2, &tk.buf), (3, &s)], g.grid(scores, 64))?;
+            self.stream.dispatch(g, softmax, &params, &[(3, &s)], g.grid(rows, 64))?;
+            self.stream.dispatch(g, "attn_values", &params, &[(1, &s), (2, &tv.buf), (3, &out)], g.grid(numel(&shape), 64))?;
+            self.stream.release(s);
+        }
+        self.stream.end_op(&self.gpu)?;
+        Ok(self.insert(shape, DType::F32, out, None))
+    }
+
+    fn begin_batch(&mut self) {
+        self.stream.batching = true;
+    }
+
+    fn end_batch(&mut self) -> Result<()> {
+        self.stream.batching = false;
+        self.stream.flush(&self.gpu)
+    }
+
+    /// The sizes of the device buffers live tensors hold (a buffer shared by views counts once;
+    /// buffers are rounded up to the pool's power-of-two size classes).
+    fn live_bytes(&self) -> u64 {
+        let mut seen = HashSet::new();
+        self.tensors.values().filter(|t| seen.insert(Arc::as_ptr(&t.buf))).map(|t| t.buf.size()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padded_shapes_and_strides() {
+        assert_eq!(pad4(&[3, 5]), [1, 1, 3, 5]);
+        assert_eq!(strides4(&[2, 3, 4]), [0, 12, 4, 1]);
+        assert_eq!(union(Some((0, 3)), Some((-1, 2))), Some((-1, 3)));
+        assert_eq!(union(Some(EMPTY), Some((4, 4))), Some((4, 4)));
+        assert_eq!(union(None, Some((4, 4))), None);
+        let bytes: Vec<u8> = [5i32, -2, 9].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(i32_range(&bytes), (-2, 9));
+        assert_eq!(i32_range(&[]), EMPTY);
     }
 }
