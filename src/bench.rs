@@ -26,9 +26,10 @@
 //! # Measured scores
 //! `ao-gpu-worker bench` writes `<data_dir>/bench.json`. At startup the daemon takes the scores
 //! from it when it was written by this worker version on this hardware (the same
-//! [`CapacityManifest::hardware_fingerprint`]) and measures the backend that serves evaluations
-//! (in its determinism mode); otherwise it runs the quick suite for that backend once, on a
-//! background thread, saves it, and advertises the scores from then on ([`ScoreSlot`]).
+//! [`CapacityManifest::hardware_fingerprint`]) and holds figures of the backend that serves
+//! evaluations, in its determinism mode; otherwise it runs the quick suite for that backend once,
+//! on a background thread, saves it (keeping the other backends' figures of a matching file), and
+//! advertises the scores from then on ([`ScoreSlot`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -596,11 +597,11 @@ impl HostCallBench {
     /// The wall time of one evaluation whose actor runs `kind` `n` times. An `ao_gpu` status other
     /// than 0 is an error naming it ("status -7" is `UNSUPPORTED`).
     pub fn evaluate(&mut self, kind: HostCall, n: u64) -> Result<Duration, String> {
-        self.evaluate_with_memory(kind, n).map(|(t, _)| t)
+        self.evaluate_with_memory(kind, n).map(|(t, _, _)| t)
     }
 
-    /// [`HostCallBench::evaluate`], and the actor's memory after it.
-    fn evaluate_with_memory(&mut self, kind: HostCall, n: u64) -> Result<(Duration, Vec<u8>), String> {
+    /// [`HostCallBench::evaluate`], the actor's memory after it and the gas it used.
+    fn evaluate_with_memory(&mut self, kind: HostCall, n: u64) -> Result<(Duration, Vec<u8>, u64), String> {
         let module = self.module(kind)?;
         let msg = n.to_string();
         let input = EvalInput {
@@ -614,7 +615,7 @@ impl HostCallBench {
         let evaluation = self.runtime.evaluate(&module, None, &input);
         let elapsed = started.elapsed();
         match evaluation.outcome {
-            Ok(response) if response["Output"] == "ok" => Ok((elapsed, evaluation.memory.unwrap_or_default())),
+            Ok(response) if response["Output"] == "ok" => Ok((elapsed, evaluation.memory.unwrap_or_default(), evaluation.gas_used)),
             Ok(response) => Err(format!("{kind:?} actor answered {}", response["Output"])),
             Err(e) => Err(format!("{kind:?} actor failed: {e}")),
         }
@@ -1400,6 +1401,14 @@ mod tests {
         }
         // Every tensor an evaluation made is gone with it.
         assert_eq!(lock(&backend).live_bytes(), 0);
+        // The actors really loop `n` times: gas grows by the same amount per iteration.
+        let gas = |hc: &mut HostCallBench, kind, n| hc.evaluate_with_memory(kind, n).unwrap().2;
+        for (kind, at_least) in [(HostCall::Empty, 4), (HostCall::GpuNoop, crate::runtime::GAS_PER_CALL), (HostCall::TinyOp, 200)] {
+            // Two-digit counts: parsing the message costs the same.
+            let (g10, g20, g30) = (gas(&mut hc, kind, 10), gas(&mut hc, kind, 20), gas(&mut hc, kind, 30));
+            assert_eq!(g30 - g20, g20 - g10, "{kind:?}: {g10} {g20} {g30}");
+            assert!(g20 - g10 >= 10 * at_least, "{kind:?}: {g10} {g20}");
+        }
     }
 
     /// Both 100-op actors compute 1.0001^100 (f32, one rounding per op) in all 64 elements and read
@@ -1413,7 +1422,7 @@ mod tests {
         let backend = Arc::new(Mutex::new(Backend::new(BackendKind::Cpu, Determinism::Reproducible).unwrap()));
         let mut hc = HostCallBench::new(backend.clone()).unwrap();
         for kind in [HostCall::Ops100OneByOne, HostCall::Ops100Batched] {
-            let (_, mem) = hc.evaluate_with_memory(kind, 2).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+            let (_, mem, _) = hc.evaluate_with_memory(kind, 2).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
             let out = &mem[READ_AT as usize..READ_AT as usize + 64 * 4];
             for (i, c) in out.chunks_exact(4).enumerate() {
                 let got = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);

@@ -93,6 +93,9 @@ pub struct GpuSection {
     pub max_device_memory: u64,
     /// Cap on the bytes of constants (`ao_gpu.constant`) cached on the device across evaluations.
     pub max_constant_memory: u64,
+    /// Whether `run` measures the serving backend (the quick `bench`) at startup when
+    /// `bench.json` does not match this machine, version and backend.
+    pub startup_bench: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -322,7 +325,16 @@ impl Config {
         let determinism_text = v.string(&mut s, "gpu", "determinism", "reproducible", None);
         let max_device_memory_text = v.string(&mut s, "gpu", "max_device_memory", "256-mb", None);
         let max_constant_memory_text = v.string(&mut s, "gpu", "max_constant_memory", "1-gb", None);
+        let startup_bench_text = v.string(&mut s, "gpu", "startup_bench", "when-stale", None);
         v.unknown(s, "gpu");
+        let startup_bench = match startup_bench_text.as_str() {
+            "when-stale" => true,
+            "off" => false,
+            other => {
+                v.issue("gpu.startup_bench", format!("{other:?} is not one of when-stale, off"));
+                true
+            }
+        };
         let determinism = crate::gpu::Determinism::parse(&determinism_text).unwrap_or_else(|| {
             v.issue("gpu.determinism", format!("{determinism_text:?} is not one of reproducible, fast"));
             crate::gpu::Determinism::Reproducible
@@ -374,7 +386,7 @@ impl Config {
             attestation: AttestationSection { target: Some(target).filter(|t| !t.is_empty()) },
             api: ApiSection { listen },
             log: LogSection { level, format },
-            gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory },
+            gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory, startup_bench },
         })
     }
 }
@@ -637,6 +649,10 @@ mod tests {
         assert_eq!(c.gpu.determinism, Determinism::Fast);
         assert_eq!(c.gpu.max_device_memory, 1 << 30);
         assert_eq!(c.gpu.max_constant_memory, 3 << 30);
+        assert!(c.gpu.startup_bench);
+        assert!(!parse("[gpu]\nstartup_bench = \"off\"\n").unwrap().gpu.startup_bench);
+        let err = parse("[gpu]\nstartup_bench = \"sometimes\"\n").unwrap_err();
+        assert_eq!(err.issues[0].path, "gpu.startup_bench", "{err}");
         let err = parse("[gpu]\nbackends = []\n").unwrap_err();
         assert_eq!(err.to_string().lines().nth(1).unwrap().trim(), "gpu.backends: must name at least one backend (cuda, wgpu, cpu)");
         let err = parse("[gpu]\nbackends = [\"cpu\", \"cpu\"]\nspeed = 1\n").unwrap_err();

@@ -80,6 +80,12 @@ impl Worker {
         tracing::info!(%address, capacity = %manifest.backends_summary(), "worker identity and capacity");
         let data_dir = &config.worker.data_dir;
         let pool = Arc::new(open_devices(&config.gpu, &manifest).await?);
+        manifest.serving = Some(capacity::ServingInfo {
+            backend: pool.kind().as_str().to_owned(),
+            determinism: pool.determinism().as_str().to_owned(),
+            devices: pool.infos().into_iter().map(|d| d.description).collect(),
+            skipped: pool.skipped().to_vec(),
+        });
         let policy = Policy::from_config(&config.network);
         let gateway = GatewayClient::new(&config.network.gateway_url, policy.clone());
         let runtime = Runtime::with_pool(
@@ -147,11 +153,13 @@ impl Worker {
         let api_url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
         let status_state = state.clone();
-        scores.measure_in_background(&manifest, data_dir, serving, mode, shutdown.clone(), move |s| {
-            if let Some(m) = status_state.status().manifest.as_mut() {
-                m.scores = Some(s.clone());
-            }
-        });
+        if config.gpu.startup_bench {
+            scores.measure_in_background(&manifest, data_dir, serving, mode, shutdown.clone(), move |s| {
+                if let Some(m) = status_state.status().manifest.as_mut() {
+                    m.scores = Some(s.clone());
+                }
+            });
+        }
         let mut tasks = vec![crate::httpd::serve(listener, crate::api::router(state.clone()), shutdown.clone())];
         tracing::info!(api = %api_url, "worker api listening");
 
@@ -289,7 +297,7 @@ impl Heartbeat {
                 // Re-measure what changes (free memory and disk, devices coming and going).
                 let opts = DetectOptions { data_dir: self.data_dir.clone(), worker_address: Some(self.state.address.clone()) };
                 match tokio::task::spawn_blocking(move || capacity::detect(&opts)).await {
-                    Ok(m) => self.manifest = m,
+                    Ok(m) => self.manifest = CapacityManifest { serving: self.manifest.serving.take(), ..m },
                     Err(e) => tracing::warn!(error = %e, "capacity re-detection failed; advertising the previous manifest"),
                 }
             }

@@ -34,6 +34,12 @@ async fn metrics(worker: &Worker) -> String {
 async fn capacity_backend(worker: &Worker) -> serde_json::Value {
     let body: serde_json::Value = reqwest::get(format!("{}/capacity", worker.api_url)).await.unwrap().json().await.unwrap();
     assert!(body["manifest"].is_object(), "{body}");
+    // The signed manifest names what serves ao_gpu calls too, device by device.
+    let (serving, shown) = (&body["manifest"]["serving"], &body["tensor_backend"]);
+    assert_eq!(serving["backend"], shown["kind"], "{body}");
+    assert_eq!(serving["determinism"], shown["determinism"], "{body}");
+    let devices: Vec<&serde_json::Value> = shown["devices"].as_array().unwrap().iter().map(|d| &d["description"]).collect();
+    assert_eq!(serving["devices"].as_array().unwrap().iter().collect::<Vec<_>>(), devices, "{body}");
     body["tensor_backend"].clone()
 }
 

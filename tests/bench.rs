@@ -196,7 +196,8 @@ async fn a_bench_json_from_another_machine_is_ignored_and_the_worker_measures_it
     assert_ne!(fingerprint, other);
     write_report(&data_dir, &other);
 
-    let (_net, worker) = common::inproc::devnet_and_worker(dir.path(), "[gpu]\nbackends = [\"cpu\"]\n").await;
+    let (_net, worker) =
+        common::inproc::devnet_and_worker(dir.path(), "[gpu]\nbackends = [\"cpu\"]\nstartup_bench = \"when-stale\"\n").await;
     let at_start = worker.state.status().manifest.as_ref().and_then(|m| m.scores.clone());
     assert!(at_start.as_ref().is_none_or(|s| s.source == "startup"), "another machine's scores were used: {at_start:?}");
 

@@ -349,6 +349,8 @@ struct Direct {
     module: Arc<ActorModule>,
     state: Option<Vec<u8>>,
     n: u64,
+    /// The Compute-Limit of each message.
+    compute: u64,
     _dir: tempfile::TempDir,
 }
 
@@ -369,7 +371,7 @@ impl Direct {
         let gpu = GpuConfig { backend: Some(backend), max_device_memory: 256 << 20, constants: Some(constants) };
         let rt = Runtime::with_gpu(cfg, gpu).unwrap();
         let module = rt.load(ACTOR_WASM, &ao::module_tags("smollm2", "64-mb", COMPUTE_LIMIT)).unwrap();
-        let mut d = Self { rt, module, state: None, n: 0, _dir: dir };
+        let mut d = Self { rt, module, state: None, n: 0, compute: COMPUTE_LIMIT.parse().unwrap(), _dir: dir };
         let out = d.eval(&[("Type", "Process")], &serde_json::to_string(manifest).unwrap()).unwrap();
         assert!(out.0.as_str().unwrap().starts_with("loaded "), "{}", out.0);
         d
@@ -383,7 +385,7 @@ impl Direct {
                          "Nonce": self.n, "Timestamp": 1_700_000_000_000u64});
         let env = json!({"Process": {"Id": "p", "Owner": OWNER, "Tags": []}, "Module": {"Id": "m", "Owner": OWNER, "Tags": []}});
         let (msg, env) = (msg.to_string(), env.to_string());
-        let limits = Limits { memory_bytes: 64 << 20, compute: COMPUTE_LIMIT.parse().unwrap() };
+        let limits = Limits { memory_bytes: 64 << 20, compute: self.compute };
         let input = EvalInput { msg_json: &msg, env_json: &env, timestamp_ms: 1_700_000_000_000, message_id: "m", limits };
         let e = self.rt.evaluate(&self.module, self.state.as_deref(), &input);
         match e.outcome {
@@ -417,6 +419,13 @@ fn smollm2_actor_agrees_with_an_f64_reference_and_across_backends() {
     let (_, gas3) = cpu.eval(&[("Action", "Generate")], &generate_data(&r.prompt_tokens, 3, &ids)).unwrap();
     eprintln!("GasUsed: {gas} for 6 prompt tokens + 2 new; one more token costs {}", gas3 - gas);
     assert!(gas3 > gas);
+    // A Compute-Limit below what the message needs ends it out of fuel; the state (the loaded
+    // model) is untouched and the next message runs as before.
+    cpu.compute = gas / 2;
+    let e = cpu.eval(&[("Action", "Generate")], &request).unwrap_err();
+    assert!(e.contains("fuel"), "{e}");
+    cpu.compute = COMPUTE_LIMIT.parse().unwrap();
+    assert_eq!(cpu.eval(&[("Action", "Generate")], &request).unwrap().0, out);
 
     // The f64 reference on the same dequantized weights agrees far more tightly than llama.cpp.
     let bytes = std::fs::read(&path).unwrap();
@@ -522,43 +531,11 @@ mod reference {
     pub struct Model<'a> {
         g: Gguf,
         file: &'a [u8],
-        /// Emulate llama.cpp's CPU path: activations quantized to 8 bits per block of 32 (with an
-        /// f16 scale) before each quantized matmul, and f16 operands in attention.
-        pub emulate: bool,
-    }
-
-    /// f64 -> f16 -> f64, round to nearest even (normal range only, as used here).
-    fn to_f16(v: f64) -> f64 {
-        if v == 0.0 || !v.is_finite() {
-            return v;
-        }
-        let e = v.abs().log2().floor().max(-14.0);
-        let ulp = 2f64.powi(e as i32 - 10);
-        let q = v / ulp;
-        let r = q.round();
-        let r = if (q - q.trunc()).abs() == 0.5 { 2.0 * (q / 2.0).round() } else { r };
-        r * ulp
-    }
-
-    /// x quantized as ggml's quantize_row_q8_0 / q8_1 do: per 32, d = amax / 127 (kept as f16),
-    /// q = round(x / d) (half away from zero), x' = d_f16 * q.
-    fn q8(x: &[f64]) -> Vec<f64> {
-        let mut out = vec![0.0; x.len()];
-        for (b, chunk) in x.chunks(32).enumerate() {
-            let amax = chunk.iter().fold(0f64, |m, v| m.max(v.abs())) as f32;
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let dh = to_f16(d as f64);
-            for (j, v) in chunk.iter().enumerate() {
-                out[b * 32 + j] = dh * ((*v as f32) * id).round() as f64;
-            }
-        }
-        out
     }
 
     impl<'a> Model<'a> {
         pub fn new(file: &'a [u8]) -> Self {
-            Self { g: Gguf::parse(file).unwrap(), file, emulate: false }
+            Self { g: Gguf::parse(file).unwrap(), file }
         }
 
         fn tensor(&self, name: &str) -> (u32, &'a [u8], usize, usize) {
@@ -578,19 +555,12 @@ mod reference {
         /// y[t] = W x[t] for every row of x.
         fn linear(&self, name: &str, x: &[Vec<f64>]) -> Vec<Vec<f64>> {
             let (ty, data, cols, rows) = self.tensor(name);
-            let quantized: Vec<Vec<f64>>;
-            let x = if self.emulate && ty != 0 {
-                quantized = x.iter().map(|r| q8(r)).collect();
-                &quantized[..]
-            } else {
-                x
-            };
             let mut y = vec![vec![0.0; rows]; x.len()];
             let mut w = vec![0.0; cols];
             for r in 0..rows {
                 row(ty, data, cols, r, &mut w);
-                for (t, xt) in x.iter().enumerate() {
-                    y[t][r] = w.iter().zip(xt).map(|(a, b)| a * b).sum();
+                for (yt, xt) in y.iter_mut().zip(x) {
+                    yt[r] = w.iter().zip(xt).map(|(a, b)| a * b).sum();
                 }
             }
             y
@@ -647,12 +617,6 @@ mod reference {
                 let v = self.linear(&p("attn_v"), &h);
                 Self::rope(&mut q, heads, hd, theta);
                 Self::rope(&mut k, kvh, hd, theta);
-                let mut v = v;
-                if self.emulate {
-                    for m in [&mut q, &mut k, &mut v] {
-                        m.iter_mut().for_each(|r| r.iter_mut().for_each(|x| *x = to_f16(*x)));
-                    }
-                }
                 let mut att = vec![vec![0.0; dim]; n];
                 for t in 0..n {
                     for hq in 0..heads {
@@ -663,7 +627,7 @@ mod reference {
                         let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                         let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
                         let z: f64 = e.iter().sum();
-                        let pr: Vec<f64> = e.iter().map(|e| if self.emulate { to_f16(e / z) } else { e / z }).collect();
+                        let pr: Vec<f64> = e.iter().map(|e| e / z).collect();
                         for i in 0..hd {
                             att[t][hq * hd + i] = (0..=t).map(|j| pr[j] * v[j][hk * hd + i]).sum();
                         }

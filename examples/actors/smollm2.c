@@ -44,12 +44,13 @@
  * Every step is ONE ao_gpu_run command list (all blocks, the logits and the argmax; the
  * temporaries are freed by commands of the same list), plus the id upload and the reads.
  *
- * Gas (Compute-Limit): each op costs from shapes (include/ao_gpu.h), so a step of T rows at
- * position p costs, for SmolLM2-135M, about 25.1M fuel to name the weights once per message
- * (storage size / 4), and per step about 98.6M * T (matmul FLOPs / 2) + 24.6M (weight bytes
- * read / 4) + attention; tests/smollm2.rs reports the measured GasUsed per generated token.
- * When the Compute-Limit does not cover a message the evaluation ends out of fuel and the state
- * is rolled back; lower max_new_tokens or raise the limit.
+ * Gas (Compute-Limit): each op costs from shapes (include/ao_gpu.h), so for SmolLM2-135M a
+ * message costs about 24.2M fuel to name the 275 weight items (their storage size / 4), and a
+ * step of T rows about 106M * T + 53M (matmul FLOPs / 2, weight bytes / 4; the output projection
+ * runs on the last row only) plus attention: a decoded token costs about 161M (measured
+ * 160,624,074 at position 7), a Generate of a 14-token prompt and 32 new tokens about 6.6G.
+ * When the Compute-Limit does not cover a message, the evaluation ends out of fuel and the state
+ * is rolled back: lower max_new_tokens or raise the limit.
  *
  * Deterministic: the result depends only on the manifest, the message and the backend's
  * determinism mode (reproducible by default: CPU and wgpu give the same bits).
@@ -385,6 +386,25 @@ static int32_t fail_status(const char *what, int32_t status) {
     return status;
 }
 
+/* Runs the commands emitted so far and starts a new list; *live (an output of this list, or a
+ * handle) becomes a handle. Long prompts and many weight chunks need several lists per step. */
+static int32_t flush(ao_tensor *live) {
+    if (cmds_full) return fail_status("a step needs more commands than a list holds", AO_GPU_INVALID_ARGUMENT);
+    int32_t done = 0;
+    int32_t s = ncmd ? ao_gpu_run(cmds, ncmd, &done) : AO_GPU_OK;
+    if (s) {
+        snprintf(step_error, sizeof step_error, "ao_gpu_run: command %d (op %d) failed: %s", (int)done,
+                 done >= 0 && done < ncmd ? (int)cmds[done].op : -1, status_name(s));
+        return s;
+    }
+    if (*live < 0) *live = cmds[-(int)*live - 1].out;
+    ncmd = 0;
+    return AO_GPU_OK;
+}
+
+/* Commands a block emits at most for one weight chunk each, plus room per extra chunk. */
+#define BLOCK_CMDS 64
+
 /* Runs tokens[0..n) at positions pos0.. through the model; the caches grow by n rows. */
 static int32_t step(const uint32_t *tokens, uint32_t n, uint32_t pos0, step_out *out) {
     ncmd = 0;
@@ -400,6 +420,10 @@ static int32_t step(const uint32_t *tokens, uint32_t n, uint32_t pos0, step_out 
         while (j < n && chunk_of(&model.embd, tokens[j]) == c) {
             local[j - i] = (int32_t)(tokens[j] - model.chunks[c].row);
             j++;
+        }
+        if (ncmd > MAX_CMDS - 8) {
+            int32_t s = flush(&x);
+            if (s) return s;
         }
         uint32_t shape[1] = {j - i};
         ao_tensor ids = 0;
@@ -424,6 +448,12 @@ static int32_t step(const uint32_t *tokens, uint32_t n, uint32_t pos0, step_out 
     const uint32_t flat[2] = {n, model.dim};
     for (uint32_t b = 0; b < model.blocks; b++) {
         const tensor_ref *w = model.block[b];
+        int32_t extra = 0;
+        for (int k = 0; k < W_PER_BLOCK; k++) extra += 3 * (w[k].count - 1);
+        if (ncmd + BLOCK_CMDS + extra > MAX_CMDS) {
+            int32_t s = flush(&x);
+            if (s) return s;
+        }
         ao_tensor h = emit(ao_gpu_cmd_rmsnorm(x, weights[w[W_ATTN_NORM].first], model.rms_eps));
         ao_tensor q = emit_linear(h, &w[W_Q]);
         ao_tensor k = emit_linear(h, &w[W_K]);
@@ -468,6 +498,10 @@ static int32_t step(const uint32_t *tokens, uint32_t n, uint32_t pos0, step_out 
         emit_free(d);
     }
     /* Only the last row's logits are needed. */
+    if (ncmd + 16 + 3 * model.output.count > MAX_CMDS) {
+        int32_t s = flush(&x);
+        if (s) return s;
+    }
     ao_tensor last = x;
     if (n > 1) {
         last = emit(ao_gpu_cmd_slice(x, 0, (int32_t)n - 1, 1));
@@ -478,23 +512,18 @@ static int32_t step(const uint32_t *tokens, uint32_t n, uint32_t pos0, step_out 
     ao_tensor logits = emit_linear(xn, &model.output);
     emit_free(xn);
     ao_tensor best = emit(ao_gpu_cmd_reduce(AO_GPU_ARGMAX, logits));
-    int logits_at = -(int)logits - 1, best_at = -(int)best - 1;
+    int logits_at = -(int)logits - 1;
     if (!out->logits) emit_free(logits);
-    if (cmds_full) return fail_status("the step needs more commands than the list holds", AO_GPU_INVALID_ARGUMENT);
-
-    int32_t done = 0;
-    int32_t s = ao_gpu_run(cmds, ncmd, &done);
-    if (s) {
-        snprintf(step_error, sizeof step_error, "ao_gpu_run: command %d (op %d) failed: %s", (int)done,
-                 done >= 0 && done < ncmd ? (int)cmds[done].op : -1, status_name(s));
-        return s;
-    }
+    ao_tensor keep = logits;
+    int32_t s = flush(&best);
+    if (!s && out->logits) keep = cmds[logits_at].out;
+    if (s) return s;
     float next = 0;
-    s = ao_gpu_read_f32(cmds[best_at].out, &next, 1);
-    if (!s && out->logits) s = ao_gpu_read_f32(cmds[logits_at].out, out->logits, (int32_t)model.vocab);
+    s = ao_gpu_read_f32(best, &next, 1);
+    if (!s && out->logits) s = ao_gpu_read_f32(keep, out->logits, (int32_t)model.vocab);
     if (s) return fail_status("reading the logits", s);
-    ao_gpu_free(cmds[best_at].out);
-    if (out->logits) ao_gpu_free(cmds[logits_at].out);
+    ao_gpu_free(best);
+    if (out->logits) ao_gpu_free(keep);
     out->next = (uint32_t)next;
     return AO_GPU_OK;
 }

@@ -49,6 +49,21 @@ pub struct CapacityManifest {
     /// until a measurement for this machine exists. [`detect`] never fills it: the daemon does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scores: Option<MeasuredScores>,
+    /// The tensor backend and devices that serve `ao_gpu` calls (chosen by `[gpu]`); absent from
+    /// [`detect`]'s output, filled by the daemon once its device pool is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingInfo>,
+}
+
+/// What serves the `ao_gpu` host calls: the backend kind and mode, each device of the pool (in
+/// pool order; attestations name these), and why every earlier candidate was passed over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServingInfo {
+    pub backend: String,
+    pub determinism: String,
+    pub devices: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 /// Measured scores: the figures of a `bench` run of this worker version on this hardware
@@ -290,6 +305,7 @@ pub fn detect(opts: &DetectOptions) -> CapacityManifest {
         host,
         gpus: GpuInfo { wgpu, cuda },
         scores: None,
+        serving: None,
     };
     tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "capacity detected");
     manifest
@@ -545,6 +561,7 @@ mod tests {
                 cuda: CudaReport::unavailable("no CUDA driver: libcuda not found"),
             },
             scores: None,
+            serving: None,
         }
     }
 

@@ -1,15 +1,29 @@
 //! Stand-in for builds without the `cuda` feature: an uninhabited `CudaBackend`, so the `Cuda` variant
-//! of [`super::Backend`] exists without cfg noise at its uses and can never be constructed.
+//! of [`super::Backend`] exists without cfg noise at its uses and can never be constructed, and a
+//! [`device_count`] of 0.
 
 use super::{BackendKind, BinaryOp, Determinism, GpuError, HostTensor, ReduceOp, Result, TensorBackend, TensorId, UnaryOp};
+
+/// No CUDA devices in a build without the `cuda` feature.
+pub fn device_count() -> usize {
+    0
+}
 
 /// Cannot be constructed: [`CudaBackend::new`] always fails in this build.
 #[derive(Debug)]
 pub enum CudaBackend {}
 
 impl CudaBackend {
-    pub fn new(_determinism: Determinism) -> Result<Self> {
-        Err(GpuError::Unsupported { op: "backend", backend: "cuda (built without the `cuda` feature)".to_owned() })
+    pub fn new(determinism: Determinism) -> Result<Self> {
+        Self::new_on(0, determinism)
+    }
+
+    pub fn new_on(_ordinal: usize, _determinism: Determinism) -> Result<Self> {
+        Err(GpuError::Device("unavailable: built without the `cuda` feature".to_owned()))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        match *self {}
     }
 }
 
@@ -55,5 +69,17 @@ impl TensorBackend for CudaBackend {
     }
     fn reduce_last(&mut self, _op: ReduceOp, _x: TensorId) -> Result<TensorId> {
         match *self {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disabled_build_reports_unavailable() {
+        assert_eq!(device_count(), 0);
+        let e = CudaBackend::new_on(1, Determinism::Fast).unwrap_err();
+        assert_eq!(e.to_string(), "device error: unavailable: built without the `cuda` feature");
     }
 }

@@ -11,6 +11,14 @@ use ao_gpu_worker::devnet::{Devnet, DevnetOptions};
 /// authority and polls every 50 ms. `extra` is TOML appended to the worker's configuration
 /// (whole sections only, e.g. `[gpu]\nbackends = ["cpu"]\n`).
 pub async fn devnet_and_worker(dir: &Path, extra: &str) -> (Devnet, Worker) {
+    // Tests do not need measured scores: no background bench competing with them, unless asked.
+    let extra = if extra.contains("startup_bench") {
+        extra.to_owned()
+    } else if extra.contains("[gpu]\n") {
+        extra.replacen("[gpu]\n", "[gpu]\nstartup_bench = \"off\"\n", 1)
+    } else {
+        format!("{extra}\n[gpu]\nstartup_bench = \"off\"\n")
+    };
     let mut net = Devnet::start(&DevnetOptions::new(dir.join("devnet"), 0)).await.unwrap();
     let text = format!(
         "[worker]\ndata_dir = {:?}\n[network]\nscheduler_url = {:?}\nmessenger_url = {:?}\ngateway_url = {:?}\nmax_attempts = 3\n\

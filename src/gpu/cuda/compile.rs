@@ -151,9 +151,7 @@ pub(crate) fn supported_archs() -> Result<Vec<i32>, String> {
     let mut archs = vec![0 as c_int; n.max(0) as usize];
     if !archs.is_empty() {
         // SAFETY: `archs` holds exactly the `n` entries NVRTC said it would write.
-        unsafe { nvrtc_sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
-            .result()
-            .map_err(|e| format!("nvrtcGetSupportedArchs: {e:?}"))?;
+        unsafe { nvrtc_sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }.result().map_err(|e| format!("nvrtcGetSupportedArchs: {e:?}"))?;
     }
     Ok(archs)
 }

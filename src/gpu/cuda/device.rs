@@ -107,14 +107,21 @@ impl RealDevice {
         let nvrtc = compile::nvrtc_version().map_err(GpuError::Device)?;
         let archs = compile::supported_archs().map_err(GpuError::Device)?;
         let target = choose_target(major, minor, &archs).ok_or_else(|| {
-            GpuError::Device(format!("unavailable: NVRTC {}.{} cannot compile for sm_{major}{minor} (supports {archs:?})", nvrtc.0, nvrtc.1))
+            GpuError::Device(format!(
+                "unavailable: NVRTC {}.{} cannot compile for sm_{major}{minor} (supports {archs:?})",
+                nvrtc.0, nvrtc.1
+            ))
         })?;
         let cache = compile::cache_dir(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"));
         let started = std::time::Instant::now();
         let (mut functions, mut compiled, mut cached) = (HashMap::new(), 0, 0);
         for file in FILES.iter().filter(|f| f.lang == Lang::Cuda) {
             let (module, from_cache) = load_module(&ctx, file.path, file.source, target, nvrtc, cache.as_deref())?;
-            if from_cache { cached += 1 } else { compiled += 1 }
+            if from_cache {
+                cached += 1
+            } else {
+                compiled += 1
+            }
             for entry in file.entries {
                 let f = module.load_function(entry.name).map_err(|e| dev_err(&format!("{}: kernel {}", file.path, entry.name), e))?;
                 functions.insert(entry.name, f);
@@ -277,7 +284,8 @@ impl Device for RealDevice {
             let ptr = Self::ptr(src, &self.stream) + offset as u64;
             // SAFETY: the range is inside the allocation and `out` holds `len` bytes; the stream is
             // synchronized below before `out` is used.
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, ptr, self.stream.cu_stream()) }.map_err(|e| dev_err("download", e))?;
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut out, ptr, self.stream.cu_stream()) }
+                .map_err(|e| dev_err("download", e))?;
         }
         self.stream.synchronize().map_err(|e| dev_err("synchronize", e))?;
         self.check()?;

@@ -89,7 +89,10 @@ fn cxx() -> Option<String> {
     if let Some(c) = std::env::var_os("AO_EMU_CXX") {
         return c.into_string().ok();
     }
-    ["clang++-16", "clang++"].into_iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success())).map(str::to_owned)
+    ["clang++-16", "clang++"]
+        .into_iter()
+        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .map(str::to_owned)
 }
 
 /// Builds (once per process, cached on disk by content) the emulator executable.
@@ -354,7 +357,9 @@ impl Device for EmuDevice {
         for x in [plan.m, plan.n, plan.k] {
             req.extend(x.to_le_bytes());
         }
-        for (buf, ld, stride) in [(b, plan.ld_first, plan.stride_first), (a, plan.ld_second, plan.stride_second), (c, plan.ldc, plan.stride_c)] {
+        for (buf, ld, stride) in
+            [(b, plan.ld_first, plan.stride_first), (a, plan.ld_second, plan.stride_second), (c, plan.ldc, plan.stride_c)]
+        {
             push_u64(&mut req, buf.id);
             req.extend(ld.to_le_bytes());
             req.extend(stride.to_le_bytes());

@@ -224,10 +224,7 @@ impl<D: Device> TensorBackend for Engine<D> {
         check_shape("upload", &t.shape)?;
         let want = t.dtype.byte_len("upload", &t.shape)?;
         if t.bytes.len() != want {
-            return Err(shape_err(
-                "upload",
-                format!("a {} tensor of shape {:?} is {want} bytes, got {}", t.dtype, t.shape, t.bytes.len()),
-            ));
+            return Err(shape_err("upload", format!("a {} tensor of shape {:?} is {want} bytes, got {}", t.dtype, t.shape, t.bytes.len())));
         }
         let out = self.alloc("upload", t.dtype, t.shape.clone())?;
         self.dev.upload(&out.buf, 0, &t.bytes)?;
@@ -630,11 +627,7 @@ impl TensorBackend for CudaBackend {
         BackendKind::Cuda
     }
     fn describe(&self) -> String {
-        if self.ordinal == 0 {
-            self.engine.describe()
-        } else {
-            format!("cuda ({}, device {})", self.engine.dev.describe(), self.ordinal)
-        }
+        if self.ordinal == 0 { self.engine.describe() } else { format!("cuda ({}, device {})", self.engine.dev.describe(), self.ordinal) }
     }
     fn determinism(&self) -> Determinism {
         self.engine.determinism()

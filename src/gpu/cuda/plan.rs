@@ -388,9 +388,13 @@ mod tests {
                     let mut acc = 0.0;
                     for l in 0..p.k as usize {
                         // Column-major element (row, col) of a matrix with leading dimension ld is row + col * ld.
-                        let a = if p.trans_first { first[f0 + l + i * p.ld_first as usize] } else { first[f0 + i + l * p.ld_first as usize] };
-                        let b =
-                            if p.trans_second { second[s0 + j + l * p.ld_second as usize] } else { second[s0 + l + j * p.ld_second as usize] };
+                        let a =
+                            if p.trans_first { first[f0 + l + i * p.ld_first as usize] } else { first[f0 + i + l * p.ld_first as usize] };
+                        let b = if p.trans_second {
+                            second[s0 + j + l * p.ld_second as usize]
+                        } else {
+                            second[s0 + l + j * p.ld_second as usize]
+                        };
                         acc += a * b;
                     }
                     c[c0 + i + j * p.ldc as usize] = acc;

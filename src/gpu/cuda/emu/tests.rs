@@ -132,10 +132,7 @@ fn kernel_signatures_parse() {
     );
     assert_eq!(sigs.len(), 2);
     assert_eq!(sigs[0].name, "k1");
-    assert_eq!(
-        sigs[0].params,
-        vec![("const float *".to_owned(), true), ("u32".to_owned(), false), ("Broadcast4".to_owned(), false)]
-    );
+    assert_eq!(sigs[0].params, vec![("const float *".to_owned(), true), ("u32".to_owned(), false), ("Broadcast4".to_owned(), false)]);
     assert_eq!(sigs[1].params, vec![]);
     // Every registered CUDA entry point is an extern "C" kernel the emulator can register.
     for f in FILES.iter().filter(|f| f.lang == Lang::Cuda) {
@@ -258,12 +255,30 @@ fn reductions_match_cpu() {
     let special = f32t(
         &[6, 4],
         vec![
-            nan, 1.0, 3.0, 3.0, // first maximum wins; a leading NaN is skipped
-            -0.0, 0.0, -0.0, 0.0, // -0 then +0: max is -0, argmax 0
-            nan, nan, nan, nan, // all NaN: max -inf, argmax 0
-            f32::NEG_INFINITY, nan, f32::NEG_INFINITY, -5.0,
-            2.0, f32::INFINITY, nan, f32::INFINITY,
-            -1.0, -1.0, -1.0, -1.0,
+            nan,
+            1.0,
+            3.0,
+            3.0, // first maximum wins; a leading NaN is skipped
+            -0.0,
+            0.0,
+            -0.0,
+            0.0, // -0 then +0: max is -0, argmax 0
+            nan,
+            nan,
+            nan,
+            nan, // all NaN: max -inf, argmax 0
+            f32::NEG_INFINITY,
+            nan,
+            f32::NEG_INFINITY,
+            -5.0,
+            2.0,
+            f32::INFINITY,
+            nan,
+            f32::INFINITY,
+            -1.0,
+            -1.0,
+            -1.0,
+            -1.0,
         ],
     );
     // [800, 3]: more rows than the emulator's 3 x 256 threads (one thread per row in reproducible sums).
@@ -352,7 +367,9 @@ fn casts_match_cpu_bit_for_bit() {
         for from in DType::ALL {
             let x = match from {
                 DType::I32 => i32t(&[8, 32], &(0..256).map(|i| i * 7919 - 1_000_000 + i32::MIN / 300 * (i % 3)).collect::<Vec<_>>()),
-                d => as_dtype(d, &[8, 32], &v.iter().map(|x| if x.is_nan() { 1.0 } else { x.clamp(-60000.0, 60000.0) }).collect::<Vec<_>>()),
+                d => {
+                    as_dtype(d, &[8, 32], &v.iter().map(|x| if x.is_nan() { 1.0 } else { x.clamp(-60000.0, 60000.0) }).collect::<Vec<_>>())
+                }
             };
             for to in DType::ALL {
                 same(&format!("cast {from} -> {to} {det:?}"), cuda, cpu, &[&x], Tol::Bits, |b, ids| b.cast(ids[0], to));
@@ -380,7 +397,9 @@ fn layout_ops_match_cpu() {
             same(&format!("permute 2-D {dtype}"), cuda, cpu, &[&y], Tol::Bits, |b, ids| b.permute(ids[0], &[1, 0]));
             same(&format!("permute bad {dtype}"), cuda, cpu, &[&y], Tol::Bits, |b, ids| b.permute(ids[0], &[0, 0]));
             for (axis, start, len) in [(0, 1, 1), (1, 0, 3), (2, 1, 2), (3, 4, 1), (3, 0, 0), (1, 2, 2)] {
-                same(&format!("slice {dtype} {axis} {start} {len}"), cuda, cpu, &[&x], Tol::Bits, |b, ids| b.slice(ids[0], axis, start, len));
+                same(&format!("slice {dtype} {axis} {start} {len}"), cuda, cpu, &[&x], Tol::Bits, |b, ids| {
+                    b.slice(ids[0], axis, start, len)
+                });
             }
             for axis in 0..4 {
                 let mut sb = vec![2, 3, 4, 5];
@@ -432,9 +451,7 @@ fn append_grows_in_place_and_matches_cpu() {
             let caps = &ids[0].1;
             let grows = caps.windows(2).filter(|w| w[1] != w[0]).count();
             assert!(grows <= 6, "{dtype}: {grows} reallocations in 20 appends: {caps:?}");
-            let errs = [
-                (cuda.append(ids[0].0, TensorId(999)), cpu.append(ids[1].0, TensorId(999))),
-            ];
+            let errs = [(cuda.append(ids[0].0, TensorId(999)), cpu.append(ids[1].0, TensorId(999)))];
             for (g, w) in errs {
                 assert_eq!(g, w);
             }
