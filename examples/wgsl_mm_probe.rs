@@ -134,7 +134,7 @@ fn main() {
             layout: None,
             module: &module,
             entry_point: Some(parts[1]),
-            compilation_options: wgpu::PipelineCompilationOptions { constants: &consts, zero_initialize_workgroup_memory: false },
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &consts, zero_initialize_workgroup_memory: std::env::var("ZI").is_ok() },
             cache: None,
         });
         let groups = match parts[2] {

@@ -320,7 +320,7 @@ impl Config {
         };
 
         let mut s = v.section(&mut root, "gpu");
-        let backends = v.backends(&mut s, "gpu", "backends", &["wgpu", "cpu"]);
+        let backends = v.backends(&mut s, "gpu", "backends", &["cuda", "wgpu", "cpu"]);
         let devices = v.devices(&mut s, "gpu", "devices");
         let determinism_text = v.string(&mut s, "gpu", "determinism", "reproducible", None);
         let max_device_memory_text = v.string(&mut s, "gpu", "max_device_memory", "256-mb", None);
@@ -632,7 +632,7 @@ mod tests {
         assert_eq!(from_file.registry.advertise_interval, Duration::from_secs(300));
         assert_eq!(from_file.worker.key_file, PathBuf::from("/var/lib/ao-gpu-worker/worker.key"));
         assert_eq!(from_file.registry.process, None);
-        assert_eq!(from_file.gpu.backends, vec![crate::gpu::BackendKind::Wgpu, crate::gpu::BackendKind::Cpu]);
+        assert_eq!(from_file.gpu.backends, crate::gpu::DEFAULT_ORDER);
         assert_eq!(from_file.gpu.determinism, crate::gpu::Determinism::Reproducible);
         assert_eq!(from_file.gpu.max_device_memory, crate::runtime::DEFAULT_MAX_DEVICE_MEMORY);
         assert_eq!(from_file.gpu.max_constant_memory, crate::runtime::DEFAULT_MAX_CONSTANT_MEMORY);

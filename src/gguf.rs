@@ -693,7 +693,7 @@ pub(crate) mod tests {
             self.infos.extend((self.data.len() as u64).to_le_bytes());
             self.n_tensors += 1;
             self.data.extend(data);
-            while self.data.len() as u64 % self.alignment != 0 {
+            while !(self.data.len() as u64).is_multiple_of(self.alignment) {
                 self.data.push(0);
             }
             self
@@ -706,7 +706,7 @@ pub(crate) mod tests {
             out.extend(self.n_kv.to_le_bytes());
             out.extend(&self.kvs);
             out.extend(&self.infos);
-            while out.len() as u64 % self.alignment != 0 {
+            while !(out.len() as u64).is_multiple_of(self.alignment) {
                 out.push(0);
             }
             out.extend(&self.data);
@@ -734,7 +734,7 @@ pub(crate) mod tests {
         let q8 = {
             // One Q8_0 block: d = 0.5 (f16 0x3800), qs = 0..32.
             let mut b = vec![0x00, 0x38];
-            b.extend((0..32u8).map(|i| i as u8));
+            b.extend(0..32u8);
             b
         };
         Builder::new()

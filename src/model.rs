@@ -24,6 +24,14 @@
 //!
 //! The [`Manifest`] (JSON) lists the hyperparameters and, for each tensor, its chunks as
 //! `{id, sha256, dtype, shape, row}`.
+//!
+//! Items default to at most 8 MiB ([`DEFAULT_MAX_ITEM_BYTES`], headers included): under the
+//! ~10 MiB many bundlers accept (the embedded devnet's gateway takes up to 256 MiB).
+//!
+//! Command line ([`ModelCommand`]): `ao-gpu-worker model inspect FILE` prints the header,
+//! `model publish FILE --gateway URL [--key K] [--max-item-bytes N] [--out M]` publishes and writes
+//! the manifest, and `model demo FILE` runs the whole path (publish, spawn
+//! examples/actors/smollm2.c, Generate) on an embedded devnet and worker and reports the speed.
 
 use std::io::{Read, Seek};
 use std::path::Path;
@@ -516,17 +524,7 @@ pub fn run_cli(command: ModelCommand) -> anyhow::Result<()> {
                     })
                 })
                 .collect();
-            let metadata: serde_json::Map<String, serde_json::Value> = g
-                .metadata
-                .iter()
-                .map(|(k, v)| {
-                    let shown = match v.as_array() {
-                        Some(a) => serde_json::json!(format!("[{} values]", a.len())),
-                        None => serde_json::json!(format!("{v:?}")),
-                    };
-                    (k.clone(), shown)
-                })
-                .collect();
+            let metadata: serde_json::Map<String, serde_json::Value> = g.metadata.iter().map(|(k, v)| (k.clone(), value_json(v))).collect();
             print_json(
                 &serde_json::json!({
                     "version": g.version,
@@ -594,6 +592,27 @@ pub fn run_cli(command: ModelCommand) -> anyhow::Result<()> {
             };
             rt.block_on(demo(&file, &prompts, max_new_tokens, kind, determinism, &dir))
         }
+    }
+}
+
+/// A metadata value as JSON; arrays longer than 16 are summarized (tokenizer vocabularies).
+fn value_json(v: &crate::gguf::Value) -> serde_json::Value {
+    use crate::gguf::Value as V;
+    match v {
+        V::U8(x) => (*x).into(),
+        V::I8(x) => (*x).into(),
+        V::U16(x) => (*x).into(),
+        V::I16(x) => (*x).into(),
+        V::U32(x) => (*x).into(),
+        V::I32(x) => (*x).into(),
+        V::U64(x) => (*x).into(),
+        V::I64(x) => (*x).into(),
+        V::F32(x) => (*x as f64).into(),
+        V::F64(x) => (*x).into(),
+        V::Bool(x) => (*x).into(),
+        V::String(x) => x.clone().into(),
+        V::Array(ty, items) if items.len() > 16 => format!("[{} values of type {ty:?}]", items.len()).into(),
+        V::Array(_, items) => items.iter().map(value_json).collect::<Vec<_>>().into(),
     }
 }
 

@@ -33,6 +33,16 @@ fn backends(det: Determinism) -> Vec<Backend> {
             eprintln!("!!!!! SKIPPING wgpu conformance cases: {e} (set REQUIRE_WGPU=1 to make this fail) !!!!!");
         }
     }
+    // CUDA where a driver and device exist (a lent GPU machine); REQUIRE_CUDA=1 makes absence fail.
+    match Backend::new(ao_gpu_worker::gpu::BackendKind::Cuda, det) {
+        Ok(b) => v.push(b),
+        Err(e) => {
+            if std::env::var("REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+                panic!("REQUIRE_CUDA=1 but the cuda backend did not start: {e}");
+            }
+            eprintln!("skipping cuda conformance cases: {e}");
+        }
+    }
     v
 }
 

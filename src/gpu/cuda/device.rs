@@ -51,6 +51,9 @@ pub(crate) trait Device {
     fn gemm(&self, plan: &GemmPlan, a: &Self::Buf, b: &Self::Buf, c: &Self::Buf) -> Option<Result<()>>;
     /// Reports an asynchronous failure recorded since the last call, without waiting.
     fn check(&self) -> Result<()>;
+    /// Makes the device current on the calling thread. Every call above does this itself; dropping
+    /// a buffer does not (cudarc frees on the current context), so call it before freeing.
+    fn bind(&self) -> Result<()>;
 }
 
 /// `[offset, offset + len)` lies inside a buffer of `cap` bytes.
@@ -148,10 +151,6 @@ impl RealDevice {
         // Event tracking is off, so the returned guard does nothing.
         let (ptr, _guard) = buf.device_ptr(stream);
         ptr
-    }
-
-    fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| dev_err("bind context", e))
     }
 }
 
@@ -380,5 +379,9 @@ impl Device for RealDevice {
 
     fn check(&self) -> Result<()> {
         self.ctx.check_err().map_err(|e| dev_err("asynchronous error", e))
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| dev_err("bind context", e))
     }
 }

@@ -129,6 +129,15 @@ pub(crate) struct Engine<D: Device> {
     live: u64,
 }
 
+/// Tensors are released on the device's context, whichever thread drops the backend.
+impl<D: Device> Drop for Engine<D> {
+    fn drop(&mut self) {
+        if let Err(e) = self.dev.bind() {
+            tracing::warn!(error = %e, "cuda: could not bind the context to release tensors");
+        }
+    }
+}
+
 impl<D: Device> Engine<D> {
     pub(crate) fn new(dev: D, determinism: Determinism) -> Self {
         Self { tensors: HashMap::new(), dev, determinism, next_id: 1, live: 0 }
@@ -247,6 +256,9 @@ impl<D: Device> TensorBackend for Engine<D> {
     fn free(&mut self, id: TensorId) -> Result<()> {
         let t = self.tensors.remove(&id).ok_or(GpuError::UnknownTensor(id))?;
         self.live = self.live.saturating_sub(D::capacity(&t.buf) as u64);
+        // The buffer is released on the device's context, which must be current on this thread.
+        self.dev.bind()?;
+        drop(t);
         Ok(())
     }
 
@@ -715,6 +727,13 @@ impl TensorBackend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The runtime moves backends between threads.
+    #[test]
+    fn the_backend_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<CudaBackend>();
+    }
 
     /// On this machine there is no driver: the error is the clean "unavailable" one, and the device
     /// count is 0. (Where a driver exists, both are skipped.)

@@ -21,6 +21,8 @@ fn emu(det: Determinism, blas: bool) -> Option<Engine<EmuDevice>> {
     match EmuDevice::start(blas) {
         Ok(dev) => Some(Engine::new(dev, det)),
         Err(why) => {
+            // Only a missing compiler is a skip; a kernel that does not compile for the host is a failure.
+            assert!(why.starts_with(super::NO_CXX), "the CUDA kernel emulator did not build: {why}");
             if std::env::var("REQUIRE_CUDA_EMU").is_ok_and(|v| v == "1") {
                 panic!("REQUIRE_CUDA_EMU=1 but the CUDA kernel emulator is unavailable: {why}");
             }
@@ -281,13 +283,15 @@ fn reductions_match_cpu() {
             -1.0,
         ],
     );
-    // [800, 3]: more rows than the emulator's 3 x 256 threads (one thread per row in reproducible sums).
-    let shapes: &[&[usize]] = &[&[1, 1], &[3, 5], &[4, 1000], &[2, 3, 7], &[5], &[3, 0], &[2, 2, 2, 3], &[800, 3]];
+    let shapes: &[&[usize]] = &[&[1, 1], &[3, 5], &[4, 1000], &[2, 3, 7], &[5], &[3, 0], &[2, 2, 2, 3], &[70, 3]];
     each_mode(false, |det, cuda, cpu| {
         for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Argmax] {
             let exact = matches!(op, ReduceOp::Max | ReduceOp::Argmax);
             let tol = if exact { Tol::Bits } else { repro_or(det, Tol::Near { abs: 1e-5, rel: 1e-5 }) };
-            for (i, &shape) in shapes.iter().enumerate() {
+            // More rows than the emulator's 3 x 256 threads, for the one-thread-per-row kernels
+            // (reproducible sums); the block-per-row kernels already wrap with 8 rows.
+            let long: &[&[usize]] = if det == Determinism::Reproducible && !exact { &[&[800, 3]] } else { &[] };
+            for (i, &shape) in shapes.iter().chain(long).enumerate() {
                 let x = rand_t(40 + i as u64, shape, 2.0);
                 same(&format!("{} {shape:?} {det:?}", op.name()), cuda, cpu, &[&x], tol, |b, ids| b.reduce_last(op, ids[0]));
             }
