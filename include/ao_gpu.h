@@ -140,7 +140,8 @@ typedef int32_t ao_tensor;
 #define AO_GPU_MUL 2
 #define AO_GPU_DIV 3
 
-/* ao_gpu_unary ops. gelu is the tanh approximation; silu is x / (1 + exp(-x)). */
+/* ao_gpu_unary ops. gelu is the tanh approximation; silu is x / (1 + exp(-x)). In reproducible
+ * mode every op, these included, gives the same bits on every backend. */
 #define AO_GPU_RELU 0
 #define AO_GPU_GELU 1
 #define AO_GPU_SILU 2

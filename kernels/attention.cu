@@ -10,82 +10,13 @@
 // operations and `repro_exp` (bitwise equal to the CPU); the fast one uses fmaf, expf and a tree
 // sum. Launch: 256 threads per block, any grid size.
 
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#define BLOCK 256
-#define FULL_MASK 0xffffffffu
+#include "common.cuh"
 
 // Mirrors `AttnParams` in src/gpu/cuda/plan.rs.
 struct AttnParams {
     u32 batch, tq, tk, hq, hkv, dim, pos0;
     float scale;
 };
-
-// ==== shared: repro_exp (identical in reduce.cu and attention.cu; mirrors gpu::repro_exp) ====
-static __device__ float repro_exp(float x) {
-    if (x != x) return x;
-    if (x > 88.72f) return __uint_as_float(0x7f800000u);
-    if (x < -86.0f) return 0.0f;
-    float n = floorf(__fadd_rn(__fmul_rn(x, __uint_as_float(0x3fb8aa3bu)), 0.5f));
-    float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, __uint_as_float(0x3f317200u))), __fmul_rn(n, __uint_as_float(0x35bfbe8eu)));
-    float p = __uint_as_float(0x3ab60b61u);
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3c088889u));
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3d2aaaabu));
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3e2aaaabu));
-    p = __fadd_rn(__fmul_rn(p, r), 0.5f);
-    p = __fadd_rn(__fmul_rn(p, r), 1.0f);
-    p = __fadd_rn(__fmul_rn(p, r), 1.0f);
-    int ni = (int)n;
-    if (ni > 127) return __fmul_rn(__fmul_rn(p, __uint_as_float(127u << 23)), 2.0f);
-    return __fmul_rn(p, __uint_as_float((u32)(ni + 127) << 23));
-}
-// ==== end shared ====
-
-// ==== shared: block_sum (identical in reduce.cu, norm.cu and attention.cu) ====
-// Every thread of the block must call this (it synchronizes); `scratch` holds BLOCK / 32 floats.
-static __device__ float block_sum(float v, float *scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
-    u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (blockDim.x >> 5) ? scratch[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
-        if (lane == 0) scratch[0] = v;
-    }
-    __syncthreads();
-    float total = scratch[0];
-    __syncthreads();
-    return total;
-}
-// ==== end shared ====
-
-// ==== shared: block_max (identical in reduce.cu and attention.cu) ====
-// The largest value (NaN never greater; the sign of a zero maximum may vary): softmax only
-// subtracts it, where +0 and -0 give the same results.
-static __device__ float block_max(float v, float *scratch) {
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_down_sync(FULL_MASK, v, o);
-        v = w > v ? w : v;
-    }
-    u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (blockDim.x >> 5) ? scratch[lane] : __uint_as_float(0xff800000u);
-        for (int o = 16; o > 0; o >>= 1) {
-            float w = __shfl_down_sync(FULL_MASK, v, o);
-            v = w > v ? w : v;
-        }
-        if (lane == 0) scratch[0] = v;
-    }
-    __syncthreads();
-    float total = scratch[0];
-    __syncthreads();
-    return total;
-}
-// ==== end shared ====
 
 template <bool REPRO>
 static __device__ __forceinline__ float score(const float *qrow, const float *krow, u32 dim, float scale) {

@@ -9,10 +9,7 @@
 //   axis, or one operand of a concat.
 // Launch: 256 threads per block, any grid size (grid-stride loops).
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-
-#define GRID_STRIDE(i, n) for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += gridDim.x * blockDim.x)
+#include "common.cuh"
 
 // Mirrors `PermuteParams` in src/gpu/cuda/plan.rs.
 struct PermuteParams {
@@ -27,15 +24,7 @@ struct CopyParams {
 
 template <typename T>
 static __device__ __forceinline__ void permute(const T *x, T *out, const PermuteParams &p) {
-    GRID_STRIDE(i, p.n) {
-        u32 i3 = i % p.d3;
-        u32 t = i / p.d3;
-        u32 i2 = t % p.d2;
-        t = t / p.d2;
-        u32 i1 = t % p.d1;
-        u32 i0 = t / p.d1;
-        out[i] = x[i0 * p.strides[0] + i1 * p.strides[1] + i2 * p.strides[2] + i3 * p.strides[3]];
-    }
+    GRID_STRIDE(i, p.n) { out[i] = x[offset4(unravel4(i, p.d1, p.d2, p.d3), p.strides)]; }
 }
 
 template <typename T>

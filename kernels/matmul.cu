@@ -16,11 +16,7 @@
 // Launch: 256 threads per block; the grid is a grid-stride loop over (batch, tile) or outputs.
 // Index arithmetic is u32: the host keeps every tensor below 2^30 elements.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
-
-#define FULL_MASK 0xffffffffu
+#include "common.cuh"
 
 // Mirrors `MatmulParams` in src/gpu/cuda/plan.rs. Strides are in elements (0 broadcasts a 2-D
 // operand over the batch); ta / tb are 0 or 1.
@@ -30,58 +26,11 @@ struct MatmulParams {
     u32 ta, tb;
 };
 
-// ==== shared: dequant (identical in matmul.cu, gather.cu and cast.cu; mirrors gpu::quant) ====
-#define DT_F32 0
-#define DT_F16 1
-#define DT_Q8_0 3
-#define DT_Q4_0 4
-#define DT_Q4_1 5
-
-// The f32 value of IEEE binary16 bits (exact), as `quant::f16_value`.
-static __device__ __forceinline__ float f16_value(u32 h) {
-    u32 sign = (h & 0x8000u) << 16;
-    u32 e = (h >> 10) & 0x1fu;
-    u32 man = h & 0x3ffu;
-    if (e == 0) {
-        // man * 2^-24: exact, and a normal f32.
-        float v = __fmul_rn((float)man, __uint_as_float(0x33800000u));
-        return sign ? -v : v;
-    }
-    if (e == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (man << 13));
-    return __uint_as_float(sign | ((e + 112u) << 23) | (man << 13));
-}
-
-// A little-endian u16 at any byte address.
-static __device__ __forceinline__ u32 ld_u16(const u8 *p) { return (u32)p[0] | ((u32)p[1] << 8); }
-
-// The nibble code of element j of a q4 block's 16 code bytes.
-static __device__ __forceinline__ u32 nibble(const u8 *qs, u32 j) { return j < 16u ? (qs[j] & 15u) : (qs[j - 16u] >> 4); }
-
-// Element i (row-major element index) of a tensor of type DT stored at `base`, as f32.
-template <int DT>
-static __device__ __forceinline__ float load_elem(const u8 *base, u32 i) {
-    if (DT == DT_F32) return ((const float *)base)[i];
-    if (DT == DT_F16) return f16_value(ld_u16(base + 2u * i));
-    u32 j = i & 31u;
-    if (DT == DT_Q8_0) {
-        const u8 *blk = base + (i >> 5) * 34u;
-        return __fmul_rn(f16_value(ld_u16(blk)), (float)(signed char)blk[2u + j]);
-    }
-    if (DT == DT_Q4_0) {
-        const u8 *blk = base + (i >> 5) * 18u;
-        return __fmul_rn(f16_value(ld_u16(blk)), (float)((int)nibble(blk + 2, j) - 8));
-    }
-    const u8 *blk = base + (i >> 5) * 20u;
-    return __fadd_rn(__fmul_rn(f16_value(ld_u16(blk)), (float)nibble(blk + 4, j)), f16_value(ld_u16(blk + 2)));
-}
-// ==== end shared ====
-
 #define BM 128
 #define BN 128
 #define BK 8
 #define TM 8
 #define TN 8
-#define THREADS 256
 
 template <bool REPRO>
 static __device__ __forceinline__ float mad(float acc, float a, float b) {
@@ -112,7 +61,7 @@ static __device__ void matmul_tiled(const float *a, const u8 *b, float *out, con
             // contiguous axis of the operand; out-of-range entries are zero and never used.
 #pragma unroll
             for (u32 l = 0; l < 4; l++) {
-                const u32 e = tid + l * THREADS;
+                const u32 e = tid + l * BLOCK;
                 const u32 i = p.ta ? e % BM : e / BK;
                 const u32 kk = p.ta ? e / BM : e % BK;
                 const u32 gi = m0 + i, gk = k0 + kk;
@@ -122,7 +71,7 @@ static __device__ void matmul_tiled(const float *a, const u8 *b, float *out, con
             }
 #pragma unroll
             for (u32 l = 0; l < 4; l++) {
-                const u32 e = tid + l * THREADS;
+                const u32 e = tid + l * BLOCK;
                 const u32 j = p.tb ? e / BK : e % BN;
                 const u32 kk = p.tb ? e % BK : e / BN;
                 const u32 gj = n0 + j, gk = k0 + kk;
@@ -191,24 +140,24 @@ static __device__ void matvec(const float *a, const u8 *b, float *out, const Mat
     }
 }
 
-extern "C" __global__ __launch_bounds__(THREADS) void matmul_f32(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_F32, false>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matmul_f32_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_F32, true>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matmul_f16(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_F16, false>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matmul_f16_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_F16, true>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matmul_q8_0(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q8_0, false>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matmul_q8_0_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q8_0, true>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matmul_q4_0(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q4_0, false>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matmul_q4_0_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q4_0, true>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matmul_q4_1(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q4_1, false>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matmul_q4_1_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q4_1, true>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matmul_f32(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_F32, false>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matmul_f32_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_F32, true>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matmul_f16(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_F16, false>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matmul_f16_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_F16, true>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matmul_q8_0(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q8_0, false>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matmul_q8_0_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q8_0, true>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matmul_q4_0(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q4_0, false>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matmul_q4_0_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q4_0, true>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matmul_q4_1(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q4_1, false>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matmul_q4_1_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matmul_tiled<DT_Q4_1, true>(a, b, out, p); }
 
-extern "C" __global__ __launch_bounds__(THREADS) void matvec_f32(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_F32, false>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matvec_f32_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_F32, true>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matvec_f16(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_F16, false>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matvec_f16_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_F16, true>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matvec_q8_0(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q8_0, false>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matvec_q8_0_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q8_0, true>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matvec_q4_0(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q4_0, false>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matvec_q4_0_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q4_0, true>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matvec_q4_1(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q4_1, false>(a, b, out, p); }
-extern "C" __global__ __launch_bounds__(THREADS) void matvec_q4_1_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q4_1, true>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matvec_f32(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_F32, false>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matvec_f32_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_F32, true>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matvec_f16(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_F16, false>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matvec_f16_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_F16, true>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matvec_q8_0(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q8_0, false>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matvec_q8_0_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q8_0, true>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matvec_q4_0(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q4_0, false>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matvec_q4_0_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q4_0, true>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matvec_q4_1(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q4_1, false>(a, b, out, p); }
+extern "C" __global__ __launch_bounds__(BLOCK) void matvec_q4_1_repro(const float *a, const u8 *b, float *out, MatmulParams p) { matvec<DT_Q4_1, true>(a, b, out, p); }

@@ -8,29 +8,7 @@
 // The `_fast` kernels sum with a 256-thread tree (DeviceDependent).
 // Launch: 256 threads per block, any grid size (grid-stride over rows).
 
-typedef unsigned int u32;
-
-#define BLOCK 256
-#define FULL_MASK 0xffffffffu
-
-// ==== shared: block_sum (identical in reduce.cu, norm.cu and attention.cu) ====
-// Every thread of the block must call this (it synchronizes); `scratch` holds BLOCK / 32 floats.
-static __device__ float block_sum(float v, float *scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
-    u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (blockDim.x >> 5) ? scratch[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
-        if (lane == 0) scratch[0] = v;
-    }
-    __syncthreads();
-    float total = scratch[0];
-    __syncthreads();
-    return total;
-}
-// ==== end shared ====
+#include "common.cuh"
 
 // 1 / sqrt(s / n + eps), each step correctly rounded.
 static __device__ __forceinline__ float inv_root(float s, u32 n, float eps) {

@@ -10,75 +10,7 @@
 // Launch: 256 threads per block. Kernels with one thread per row and the block-per-row kernels are
 // grid-stride loops over rows, so any grid size works.
 
-typedef unsigned int u32;
-
-#define BLOCK 256
-#define FULL_MASK 0xffffffffu
-
-// ==== shared: repro_exp (identical in reduce.cu and attention.cu; mirrors gpu::repro_exp) ====
-static __device__ float repro_exp(float x) {
-    if (x != x) return x;
-    if (x > 88.72f) return __uint_as_float(0x7f800000u);
-    if (x < -86.0f) return 0.0f;
-    float n = floorf(__fadd_rn(__fmul_rn(x, __uint_as_float(0x3fb8aa3bu)), 0.5f));
-    float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, __uint_as_float(0x3f317200u))), __fmul_rn(n, __uint_as_float(0x35bfbe8eu)));
-    float p = __uint_as_float(0x3ab60b61u);
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3c088889u));
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3d2aaaabu));
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3e2aaaabu));
-    p = __fadd_rn(__fmul_rn(p, r), 0.5f);
-    p = __fadd_rn(__fmul_rn(p, r), 1.0f);
-    p = __fadd_rn(__fmul_rn(p, r), 1.0f);
-    int ni = (int)n;
-    if (ni > 127) return __fmul_rn(__fmul_rn(p, __uint_as_float(127u << 23)), 2.0f);
-    return __fmul_rn(p, __uint_as_float((u32)(ni + 127) << 23));
-}
-// ==== end shared ====
-
-// ==== shared: block_sum (identical in reduce.cu, norm.cu and attention.cu) ====
-// Every thread of the block must call this (it synchronizes); `scratch` holds BLOCK / 32 floats.
-static __device__ float block_sum(float v, float *scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
-    u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (blockDim.x >> 5) ? scratch[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
-        if (lane == 0) scratch[0] = v;
-    }
-    __syncthreads();
-    float total = scratch[0];
-    __syncthreads();
-    return total;
-}
-// ==== end shared ====
-
-// ==== shared: block_max (identical in reduce.cu and attention.cu) ====
-// The largest value (NaN never greater; the sign of a zero maximum may vary): softmax only
-// subtracts it, where +0 and -0 give the same results.
-static __device__ float block_max(float v, float *scratch) {
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_down_sync(FULL_MASK, v, o);
-        v = w > v ? w : v;
-    }
-    u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < (blockDim.x >> 5) ? scratch[lane] : __uint_as_float(0xff800000u);
-        for (int o = 16; o > 0; o >>= 1) {
-            float w = __shfl_down_sync(FULL_MASK, v, o);
-            v = w > v ? w : v;
-        }
-        if (lane == 0) scratch[0] = v;
-    }
-    __syncthreads();
-    float total = scratch[0];
-    __syncthreads();
-    return total;
-}
-// ==== end shared ====
+#include "common.cuh"
 
 // A max/argmax candidate; idx == EMPTY marks "no element".
 #define EMPTY 0xffffffffu
@@ -95,7 +27,8 @@ static __device__ __forceinline__ bool beats(float v, u32 i, float w, u32 j) {
     return i < j;
 }
 
-static __device__ void block_argmax(float &v, u32 &i, float *sv, u32 *si) {
+// The warp's best (v, i) into lane 0 (the other lanes keep partial results).
+static __device__ __forceinline__ void warp_argmax(float &v, u32 &i) {
     for (int o = 16; o > 0; o >>= 1) {
         float w = __shfl_down_sync(FULL_MASK, v, o);
         u32 j = __shfl_down_sync(FULL_MASK, i, o);
@@ -105,6 +38,11 @@ static __device__ void block_argmax(float &v, u32 &i, float *sv, u32 *si) {
             i = j;
         }
     }
+}
+
+// The block's best (v, i), returned to every thread; `sv` / `si` hold BLOCK / 32 entries.
+static __device__ void block_argmax(float &v, u32 &i, float *sv, u32 *si) {
+    warp_argmax(v, i);
     u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     if (lane == 0) {
         sv[warp] = v;
@@ -115,14 +53,7 @@ static __device__ void block_argmax(float &v, u32 &i, float *sv, u32 *si) {
         bool have = lane < (blockDim.x >> 5);
         v = have ? sv[lane] : 0.0f;
         i = have ? si[lane] : EMPTY;
-        for (int o = 16; o > 0; o >>= 1) {
-            float w = __shfl_down_sync(FULL_MASK, v, o);
-            u32 j = __shfl_down_sync(FULL_MASK, i, o);
-            if (beats(w, j, v, i)) {
-                v = w;
-                i = j;
-            }
-        }
+        warp_argmax(v, i);
         if (lane == 0) {
             sv[0] = v;
             si[0] = i;
@@ -132,6 +63,22 @@ static __device__ void block_argmax(float &v, u32 &i, float *sv, u32 *si) {
     v = sv[0];
     i = si[0];
     __syncthreads();
+}
+
+// The first maximum (v, i) of a row, i == EMPTY when the row is empty; every thread of the block
+// must call this, and gets the block's answer.
+static __device__ void row_argmax(const float *row, u32 last, float &v, u32 &i) {
+    __shared__ float sv[BLOCK / 32];
+    __shared__ u32 si[BLOCK / 32];
+    v = 0.0f;
+    i = EMPTY;
+    for (u32 j = threadIdx.x; j < last; j += blockDim.x) {
+        if (beats(row[j], j, v, i)) {
+            v = row[j];
+            i = j;
+        }
+    }
+    block_argmax(v, i, sv, si);
 }
 
 // ---- one thread per row, index order (reproducible) ----
@@ -157,64 +104,47 @@ extern "C" __global__ void mean_last_f32(const float *x, float *out, u32 rows, u
 
 // ---- one block per row ----
 
-extern "C" __global__ void sum_last_fast_f32(const float *x, float *out, u32 rows, u32 last) {
+// The sum (MEAN: divided by the row length) of each row, a block tree per row.
+template <bool MEAN>
+static __device__ __forceinline__ void sum_rows_fast(const float *x, float *out, u32 rows, u32 last) {
     __shared__ float scratch[BLOCK / 32];
     for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float *row = x + r * last;
         float acc = 0.0f;
         for (u32 j = threadIdx.x; j < last; j += blockDim.x) acc += row[j];
         acc = block_sum(acc, scratch);
-        if (threadIdx.x == 0) out[r] = acc;
+        if (threadIdx.x == 0) out[r] = MEAN ? acc / (float)last : acc;
     }
 }
 
-extern "C" __global__ void mean_last_fast_f32(const float *x, float *out, u32 rows, u32 last) {
-    __shared__ float scratch[BLOCK / 32];
-    for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const float *row = x + r * last;
-        float acc = 0.0f;
-        for (u32 j = threadIdx.x; j < last; j += blockDim.x) acc += row[j];
-        acc = block_sum(acc, scratch);
-        if (threadIdx.x == 0) out[r] = acc / (float)last;
-    }
-}
+extern "C" __global__ void sum_last_fast_f32(const float *x, float *out, u32 rows, u32 last) { sum_rows_fast<false>(x, out, rows, last); }
+extern "C" __global__ void mean_last_fast_f32(const float *x, float *out, u32 rows, u32 last) { sum_rows_fast<true>(x, out, rows, last); }
 
 // An empty or all-NaN row gives -inf, as on the CPU.
 extern "C" __global__ void max_last_f32(const float *x, float *out, u32 rows, u32 last) {
-    __shared__ float sv[BLOCK / 32];
-    __shared__ u32 si[BLOCK / 32];
     for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const float *row = x + r * last;
-        float v = 0.0f;
-        u32 i = EMPTY;
-        for (u32 j = threadIdx.x; j < last; j += blockDim.x) {
-            if (beats(row[j], j, v, i)) {
-                v = row[j];
-                i = j;
-            }
-        }
-        block_argmax(v, i, sv, si);
+        float v;
+        u32 i;
+        row_argmax(x + r * last, last, v, i);
         if (threadIdx.x == 0) out[r] = (i == EMPTY || v != v) ? __uint_as_float(0xff800000u) : v;
     }
 }
 
 // The host rejects an empty last axis; an all-NaN row gives 0, as on the CPU.
 extern "C" __global__ void argmax_last_i32(const float *x, int *out, u32 rows, u32 last) {
-    __shared__ float sv[BLOCK / 32];
-    __shared__ u32 si[BLOCK / 32];
     for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const float *row = x + r * last;
-        float v = 0.0f;
-        u32 i = EMPTY;
-        for (u32 j = threadIdx.x; j < last; j += blockDim.x) {
-            if (beats(row[j], j, v, i)) {
-                v = row[j];
-                i = j;
-            }
-        }
-        block_argmax(v, i, sv, si);
+        float v;
+        u32 i;
+        row_argmax(x + r * last, last, v, i);
         if (threadIdx.x == 0) out[r] = i == EMPTY ? 0 : (int)i;
     }
+}
+
+// The largest value of a row (-inf when empty; see block_max), returned to every thread.
+static __device__ __forceinline__ float row_max(const float *row, u32 last, float *scratch) {
+    float m = __uint_as_float(0xff800000u);
+    for (u32 j = threadIdx.x; j < last; j += blockDim.x) m = row[j] > m ? row[j] : m;
+    return block_max(m, scratch);
 }
 
 // Softmax, one block per row: the maximum in parallel (exact), exp(x - max) in parallel (each
@@ -226,9 +156,7 @@ extern "C" __global__ void softmax_repro_f32(const float *x, float *out, u32 row
     for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float *row = x + r * last;
         float *orow = out + r * last;
-        float m = __uint_as_float(0xff800000u);
-        for (u32 j = threadIdx.x; j < last; j += blockDim.x) m = row[j] > m ? row[j] : m;
-        m = block_max(m, scratch);
+        float m = row_max(row, last, scratch);
         for (u32 j = threadIdx.x; j < last; j += blockDim.x) orow[j] = repro_exp(__fsub_rn(row[j], m));
         __syncthreads();
         if (threadIdx.x == 0) total = row_sum_ordered(orow, last);
@@ -244,9 +172,7 @@ extern "C" __global__ void softmax_fast_f32(const float *x, float *out, u32 rows
     for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float *row = x + r * last;
         float *orow = out + r * last;
-        float m = __uint_as_float(0xff800000u);
-        for (u32 j = threadIdx.x; j < last; j += blockDim.x) m = row[j] > m ? row[j] : m;
-        m = block_max(m, scratch);
+        float m = row_max(row, last, scratch);
         float acc = 0.0f;
         for (u32 j = threadIdx.x; j < last; j += blockDim.x) {
             float e = expf(row[j] - m);

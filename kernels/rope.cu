@@ -5,9 +5,7 @@
 //   out0 = x0 * cos - x1 * sin,   out1 = x0 * sin + x1 * cos
 // One thread per rotated pair; launch: 256 threads per block, any grid size (grid-stride loop).
 
-typedef unsigned int u32;
-
-#define GRID_STRIDE(i, n) for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += gridDim.x * blockDim.x)
+#include "common.cuh"
 
 // Mirrors `RopeParams` in src/gpu/cuda/plan.rs. mode 0: pairs (2i, 2i + 1) (GGML normal);
 // mode 2: pairs (i, i + dim / 2) (NeoX).

@@ -64,7 +64,7 @@ fn repro_exp(v: f32) -> f32 {
     q = q * r + 1.0;
     let ni = i32(n);
     if ni > 127 {
-        return q * bitcast<f32>(127u << 23u) * 2.0;
+        return q * bitcast<f32>(254u << 23u) * 2.0;
     }
     return q * bitcast<f32>(u32(ni + 127) << 23u);
 }

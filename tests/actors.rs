@@ -2,7 +2,7 @@
 //! runtime: the counter's actions and rollback, the ledger's mint, transfers, overdraft
 //! refusal with rollback, and its outbox notices; the MLP actor's `ao_gpu` inference against the
 //! same MLP on the CPU backend (bitwise), with equal gas on every run, and on wgpu when present
-//! (within 1e-6: gelu is not bitwise across backends).
+//! (bitwise too: reproducible mode covers gelu's tanh with a portable function).
 
 use std::sync::{Arc, Mutex};
 
@@ -180,11 +180,10 @@ fn mlp_infers_through_ao_gpu_like_the_cpu_backend() {
     assert_eq!(g.runtime.tensor_backend().kind, BackendKind::Wgpu);
     eprintln!("mlp actor on {}", g.runtime.tensor_backend().description);
     let (on_gpu, arg_gpu, gas_gpu) = mlp_infer(&mut g, &infer, &data);
-    // Not bitwise: reproducible mode makes matmul, add and softmax agree bitwise with the CPU, but
-    // not the transcendental elementwise ops (gelu here; see tests/gpu_conformance.rs), and gelu's
-    // last-bit differences reach the probabilities (about 1e-7 on llvmpipe).
+    // Bitwise: in reproducible mode every op of the MLP (matmul, add, gelu, softmax) gives the
+    // CPU backend's bits on wgpu (tests/gpu_conformance.rs checks each op).
     for (i, (a, c)) in on_gpu.iter().zip(&probs).enumerate() {
-        assert!((a - c).abs() <= 1e-6, "probability {i}: wgpu {a:e}, cpu {c:e} (wgpu {on_gpu:?}, cpu {probs:?})");
+        assert_eq!(a.to_bits(), c.to_bits(), "probability {i}: wgpu {a:e}, cpu {c:e} (wgpu {on_gpu:?}, cpu {probs:?})");
     }
     assert_eq!(arg_gpu, arg);
     // ao_gpu charges by shape, but the actor's own %.9g formatting costs fuel by value.

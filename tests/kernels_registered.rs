@@ -1,12 +1,12 @@
 //! Every kernel file is registered and valid: each `shaders/*.wgsl` parses and validates with naga
 //! (no GPU needed), every file in `shaders/` and `kernels/` (except README.md) is listed in the
-//! registry, every registered file exists with the embedded contents, and every registered entry point
-//! is defined in its file.
+//! registry (`.cuh` headers in `HEADERS`), every registered file exists with the embedded contents,
+//! and every registered entry point is defined in its file.
 
 use std::collections::HashSet;
 use std::path::Path;
 
-use ao_gpu_worker::gpu::kernels::{FILES, Lang};
+use ao_gpu_worker::gpu::kernels::{FILES, HEADERS, Lang};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -16,6 +16,8 @@ fn root() -> &'static Path {
 fn every_kernel_file_is_registered_and_exists() {
     let registered: HashSet<&str> = FILES.iter().map(|f| f.path).collect();
     assert_eq!(registered.len(), FILES.len(), "a file is registered twice");
+    let headers: HashSet<&str> = HEADERS.iter().map(|h| h.path).collect();
+    assert_eq!(headers.len(), HEADERS.len(), "a header is registered twice");
     for dir in ["shaders", "kernels"] {
         for entry in std::fs::read_dir(root().join(dir)).unwrap() {
             let name = entry.unwrap().file_name().into_string().unwrap();
@@ -23,6 +25,10 @@ fn every_kernel_file_is_registered_and_exists() {
                 continue;
             }
             let path = format!("{dir}/{name}");
+            if name.ends_with(".cuh") {
+                assert!(headers.contains(path.as_str()), "{path} is not in src/gpu/kernels.rs HEADERS");
+                continue;
+            }
             assert!(registered.contains(path.as_str()), "{path} is not in src/gpu/kernels.rs FILES");
         }
     }
@@ -32,6 +38,11 @@ fn every_kernel_file_is_registered_and_exists() {
         let expected_lang = if f.path.ends_with(".wgsl") { Lang::Wgsl } else { Lang::Cuda };
         assert_eq!(f.lang, expected_lang, "{}", f.path);
         assert!(!f.entries.is_empty(), "{} has no entry points", f.path);
+    }
+    for h in HEADERS {
+        let on_disk = std::fs::read_to_string(root().join(h.path)).unwrap_or_else(|e| panic!("{}: {e}", h.path));
+        assert_eq!(on_disk, h.source, "{} differs from the embedded source", h.path);
+        assert!(h.path.starts_with("kernels/") && h.path.ends_with(".cuh") && h.lang == Lang::Cuda, "{}", h.path);
     }
     let mut names = HashSet::new();
     for f in FILES {

@@ -9,7 +9,10 @@
 //! or tiles only, so threading never changes a result. In [`Determinism::Fast`] mode matmul picks by
 //! the number of rows (see the constants below `matmul_f32`): SIMD row dots (the fused quantized
 //! dots of [`super::quant`] for one row), an FMA tile kernel, or `matrixmultiply` (weights as
-//! dequantized tiles); softmax uses `f32::exp`.
+//! dequantized tiles); softmax uses `f32::exp`. The elementwise exp, tanh, silu and gelu are the
+//! portable functions of [`super`] (`repro_exp_full`, `repro_tanh`, `repro_silu`, `repro_gelu`) in
+//! reproducible mode, which the WGSL and CUDA kernels mirror bit for bit, and the standard library's
+//! in fast mode.
 //!
 //! Dtypes: tensors keep their own element type (f32 and i32 as typed vectors, f16 and the GGUF block
 //! types as their little-endian storage bytes). Arithmetic takes f32 only; f16 / quantized weights
@@ -36,7 +39,8 @@ use super::layout::{
 use super::quant;
 use super::{
     BackendKind, BinaryOp, DType, Determinism, GpuError, HostTensor, MatmulDims, RawTensor, ReduceOp, Result, RopeMode, TensorBackend,
-    TensorId, UnaryOp, broadcast, check_param, check_shape, matmul_dims, numel, reduced_shape, repro_exp, rope_table, rows_last, shape_err,
+    TensorId, UnaryOp, broadcast, check_param, check_shape, matmul_dims, numel, reduced_shape, repro_exp, repro_exp_full, repro_gelu,
+    repro_silu, repro_tanh, rope_table, rows_last, shape_err,
 };
 
 /// Storage of one tensor.
@@ -271,7 +275,8 @@ impl TensorBackend for CpuBackend {
         let t = self.get(x)?;
         let mut out = t.f32s(op.name(), "x")?.to_vec();
         let shape = t.shape.clone();
-        for_chunks(&mut out, 4096, |c| c.iter_mut().for_each(|v| *v = unary_f32(op, *v)));
+        let det = self.determinism;
+        for_chunks(&mut out, 4096, |c| c.iter_mut().for_each(|v| *v = unary_f32(op, det, *v)));
         Ok(self.insert_f32(shape, out))
     }
 
@@ -1108,7 +1113,11 @@ fn attention_ref(d: &AttentionDims, q: &[f32], k: &[f32], v: &[f32], pos0: u32, 
     out
 }
 
-pub(crate) fn unary_f32(op: UnaryOp, x: f32) -> f32 {
+/// One element of a unary op. The transcendental ops use the portable functions of [`super`] in
+/// reproducible mode (bitwise equal to the wgpu and CUDA kernels) and the standard library in fast
+/// mode.
+pub(crate) fn unary_f32(op: UnaryOp, det: Determinism, x: f32) -> f32 {
+    let repro = det == Determinism::Reproducible;
     match op {
         UnaryOp::Scale(s) => x * s,
         UnaryOp::Relu => {
@@ -1118,9 +1127,13 @@ pub(crate) fn unary_f32(op: UnaryOp, x: f32) -> f32 {
                 0.0
             }
         }
+        UnaryOp::Gelu if repro => repro_gelu(x),
         UnaryOp::Gelu => 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh()),
+        UnaryOp::Silu if repro => repro_silu(x),
         UnaryOp::Silu => x / (1.0 + (-x).exp()),
+        UnaryOp::Tanh if repro => repro_tanh(x),
         UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Exp if repro => repro_exp_full(x),
         UnaryOp::Exp => x.exp(),
     }
 }

@@ -1,15 +1,17 @@
 //! The one kernel registry: every file in `shaders/` (WGSL, wgpu backend) and `kernels/` (CUDA C++,
 //! NVRTC) is embedded here with `include_str!`, with its entry points and each entry point's
-//! determinism class. Backends look kernels up by entry-point name; `tests/kernels_registered.rs`
-//! checks that every file on disk is listed, every listed file exists, and every WGSL file validates.
+//! determinism class, and so is every header those files include (`kernels/*.cuh`, [`HEADERS`]).
+//! Backends look kernels up by entry-point name; `tests/kernels_registered.rs` checks that every file
+//! on disk is listed, every listed file exists, and every WGSL file validates.
 
 /// How far a kernel's results can be trusted to match across backends and devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelClass {
     /// Elementwise with IEEE-exact operations (+, -, *, /, max, compare): bitwise equal everywhere.
     Exact,
-    /// A reduction in a fixed order with no FMA contraction: bitwise equal between backends that
-    /// implement the same order (CPU and wgpu in reproducible mode).
+    /// A fixed sequence of IEEE +, -, * (and /, sqrt where noted) with no FMA contraction, such as a
+    /// reduction in a fixed order or the portable exp / tanh / silu / gelu of `gpu`: bitwise equal
+    /// between backends that implement the same sequence (CPU, wgpu and CUDA in reproducible mode).
     ReproducibleReduction,
     /// Uses transcendental built-ins (exp, tanh) or a device-chosen order: compare with a tolerance.
     DeviceDependent,
@@ -38,6 +40,33 @@ pub struct KernelFile {
     pub entries: &'static [Entry],
 }
 
+/// A header that kernel files of one language include by file name (`#include "common.cuh"`). The
+/// compilers get it under that name (NVRTC as a named header, see `src/gpu/cuda/compile.rs`), and
+/// it is part of every compiled-kernel cache key.
+#[derive(Debug)]
+pub struct KernelHeader {
+    /// Relative to the crate root, such as `kernels/common.cuh`.
+    pub path: &'static str,
+    pub lang: Lang,
+    pub source: &'static str,
+}
+
+impl KernelHeader {
+    /// The name kernel files include it by: its file name.
+    pub fn include_name(&self) -> &'static str {
+        self.path.rsplit('/').next().unwrap_or(self.path)
+    }
+}
+
+/// Every header of the kernel files (helpers shared by several files, defined once).
+pub static HEADERS: &[KernelHeader] =
+    &[KernelHeader { path: "kernels/common.cuh", lang: Lang::Cuda, source: include_str!("../../kernels/common.cuh") }];
+
+/// The headers of language `lang`, in registry order.
+pub fn headers(lang: Lang) -> impl Iterator<Item = &'static KernelHeader> {
+    HEADERS.iter().filter(move |h| h.lang == lang)
+}
+
 const fn e(name: &'static str, class: KernelClass) -> Entry {
     Entry { name, class }
 }
@@ -50,15 +79,17 @@ pub static FILES: &[KernelFile] = &[
         path: "shaders/matmul.wgsl",
         lang: Lang::Wgsl,
         source: include_str!("../../shaders/matmul.wgsl"),
+        // Specialized per call with override constants (src/gpu/wgpu/matmul.rs). Every entry but
+        // `mv_split` sums each output over k in index order with a separate multiply and add.
         entries: &[
-            // One thread per output, k in order: the reproducible kernel.
-            e("matmul_naive", ReproducibleReduction),
-            // 64x64 output tiles, 4x4 per thread; each output still sums k in order, so on devices
-            // without FMA contraction it also matches, but it is only promised within a tolerance.
-            e("matmul_tiled", DeviceDependent),
-            // m = 1: one thread per output, k in order (reproducible) / a 64-thread tree per output.
-            e("matvec_ordered", ReproducibleReduction),
-            e("matvec_split", DeviceDependent),
+            // CPU adapters: 8x16 outputs per invocation (64x128 tiles) / few rows, 4 columns each.
+            e("mm_rb", ReproducibleReduction),
+            e("mv_rb", ReproducibleReduction),
+            // GPUs: 64x64 tiles staged in workgroup memory / m = 1 with 64 weight rows staged as words.
+            e("mm_tiled", ReproducibleReduction),
+            e("mv_staged", ReproducibleReduction),
+            // GPUs, fast mode, m = 1: 32 invocations per output and a tree of partial sums.
+            e("mv_split", DeviceDependent),
         ],
     },
     KernelFile {
@@ -111,10 +142,18 @@ pub static FILES: &[KernelFile] = &[
             e("div", Exact),
             e("scale", Exact),
             e("relu", Exact),
+            // Fast mode: the device's built-in exp / tanh.
             e("gelu", DeviceDependent),
             e("silu", DeviceDependent),
             e("tanh_op", DeviceDependent),
             e("exp_op", DeviceDependent),
+            // Reproducible mode: the portable functions of `gpu` (`repro_gelu`, `repro_silu`,
+            // `repro_tanh`, `repro_exp_full`) from +, -, * in a fixed order: bitwise only without FMA
+            // contraction.
+            e("gelu_repro", ReproducibleReduction),
+            e("silu_repro", ReproducibleReduction),
+            e("tanh_repro", ReproducibleReduction),
+            e("exp_repro", ReproducibleReduction),
         ],
     },
     KernelFile {
@@ -147,14 +186,21 @@ pub static FILES: &[KernelFile] = &[
             e("div_f32", Exact),
             e("scale_f32", Exact),
             e("relu_f32", Exact),
+            // Fast mode: the CUDA math library (expf, tanhf).
             e("gelu_f32", DeviceDependent),
             e("silu_f32", DeviceDependent),
             e("tanh_f32", DeviceDependent),
             e("exp_f32", DeviceDependent),
+            // Reproducible mode: the portable functions of `gpu`, correctly rounded intrinsics.
+            e("gelu_repro_f32", ReproducibleReduction),
+            e("silu_repro_f32", ReproducibleReduction),
+            e("tanh_repro_f32", ReproducibleReduction),
+            e("exp_repro_f32", ReproducibleReduction),
         ],
     },
-    // The remaining CUDA files (src/gpu/cuda/, kernels/README.md). `_repro` kernels sum in the CPU's
-    // order with correctly rounded operations; the others use fmaf and tree reductions.
+    // The remaining CUDA files (src/gpu/cuda/, kernels/README.md); they include kernels/common.cuh
+    // (`HEADERS`). `_repro` kernels sum in the CPU's order with correctly rounded operations; the
+    // others use fmaf and tree reductions.
     KernelFile {
         path: "kernels/matmul.cu",
         lang: Lang::Cuda,

@@ -2,11 +2,13 @@
 //!
 //! Each kernel file is one NVRTC program, compiled for the device's architecture (a cubin, or PTX
 //! for a device newer than this NVRTC) with `--fmad=false`: no multiply-add is contracted unless a
-//! kernel asks for `fmaf` itself, so the reproducible kernels keep the CPU's rounding. Results are
-//! cached under `$XDG_CACHE_HOME/ao-gpu-worker/cuda` (else `~/.cache/ao-gpu-worker/cuda`), keyed
-//! by the sha256 of (source, options, target, NVRTC version). A cache entry carries the sha256 of
-//! its payload; an entry that fails that check (or fails to load) is recompiled and rewritten.
-//! Cache trouble is logged and never fatal.
+//! kernel asks for `fmaf` itself, so the reproducible kernels keep the CPU's rounding. Every program
+//! gets the registered headers (`kernels/*.cuh`, [`crate::gpu::kernels::HEADERS`]) as NVRTC named
+//! headers, so `#include "common.cuh"` needs no file system. Results are cached under
+//! `$XDG_CACHE_HOME/ao-gpu-worker/cuda` (else `~/.cache/ao-gpu-worker/cuda`), keyed by the sha256 of
+//! (path, source, headers, options, target, NVRTC version). A cache entry carries the sha256 of its
+//! payload; an entry that fails that check (or fails to load) is recompiled and rewritten. Cache
+//! trouble is logged and never fatal.
 
 use std::ffi::{CStr, CString, OsString, c_char, c_int};
 use std::io::Write;
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::plan::Target;
+use crate::gpu::kernels::{Lang, headers};
 
 /// NVRTC options every kernel file is compiled with (plus `--gpu-architecture`). Spelled out even
 /// where they are NVRTC's defaults, so the cache key and the logs say exactly what was used.
@@ -42,12 +45,36 @@ pub(crate) fn cache_dir(xdg_cache_home: Option<OsString>, home: Option<OsString>
     Some(base.join("ao-gpu-worker").join("cuda"))
 }
 
-/// The cache key of one kernel file: sha256 over every input of the compilation, hex.
+/// The headers every kernel program is compiled with, as (include name, source): the registered
+/// CUDA headers. [`compile`] hands exactly these to NVRTC and [`cache_key`] hashes exactly these.
+pub(crate) fn program_headers() -> Vec<(&'static str, &'static str)> {
+    headers(Lang::Cuda).map(|h| (h.include_name(), h.source)).collect()
+}
+
+/// The cache key of one kernel file: sha256 over every input of the compilation (the file, the
+/// headers it may include, options, target, NVRTC version), hex.
 pub(crate) fn cache_key(path: &str, source: &str, options: &[String], target: Target, nvrtc_version: (i32, i32)) -> String {
+    cache_key_with(path, source, &program_headers(), options, target, nvrtc_version)
+}
+
+/// [`cache_key`] with the headers given.
+fn cache_key_with(
+    path: &str,
+    source: &str,
+    headers: &[(&str, &str)],
+    options: &[String],
+    target: Target,
+    nvrtc_version: (i32, i32),
+) -> String {
     let mut h = Sha256::new();
     for part in [MAGIC.as_slice(), path.as_bytes(), source.as_bytes()] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
+    }
+    h.update((headers.len() as u64).to_le_bytes());
+    for part in headers.iter().flat_map(|&(name, text)| [name, text]) {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
     }
     for o in options {
         h.update((o.len() as u64).to_le_bytes());
@@ -166,11 +193,27 @@ impl Drop for Program {
     }
 }
 
-/// Compiles one kernel file; the error carries NVRTC's log.
+/// Compiles one kernel file, with [`program_headers`] as NVRTC named headers; the error carries
+/// NVRTC's log.
 pub(crate) fn compile(path: &str, source: &str, target: Target) -> Result<Image, String> {
     let src = CString::new(source).map_err(|_| format!("{path}: the source contains a NUL byte"))?;
     let name = CString::new(path).map_err(|_| format!("{path}: the path contains a NUL byte"))?;
-    let prog = Program(nvrtc::create_program(&src, Some(&name)).map_err(|e| format!("{path}: nvrtcCreateProgram: {e:?}"))?);
+    // Declared before `prog`, so they outlive it.
+    let (header_names, header_sources) = program_headers()
+        .into_iter()
+        .map(|(n, t)| Ok((CString::new(n).map_err(|_| ())?, CString::new(t).map_err(|_| ())?)))
+        .collect::<std::result::Result<(Vec<CString>, Vec<CString>), ()>>()
+        .map_err(|()| format!("{path}: a header contains a NUL byte"))?;
+    let name_ptrs: Vec<*const c_char> = header_names.iter().map(|c| c.as_ptr()).collect();
+    let source_ptrs: Vec<*const c_char> = header_sources.iter().map(|c| c.as_ptr()).collect();
+    let count = c_int::try_from(name_ptrs.len()).map_err(|_| format!("{path}: too many headers"))?;
+    let mut raw: nvrtc_sys::nvrtcProgram = std::ptr::null_mut();
+    // SAFETY: every pointer is a NUL-terminated string alive for the call (NVRTC copies them), and
+    // both arrays hold `count` entries.
+    unsafe { nvrtc_sys::nvrtcCreateProgram(&mut raw, src.as_ptr(), name.as_ptr(), count, source_ptrs.as_ptr(), name_ptrs.as_ptr()) }
+        .result()
+        .map_err(|e| format!("{path}: nvrtcCreateProgram: {e:?}"))?;
+    let prog = Program(raw);
     let options = options_for(target);
     // SAFETY: `prog` is a live program; the options are NUL-free ASCII.
     if let Err(e) = unsafe { nvrtc::compile_program(prog.0, &options) } {
@@ -248,6 +291,28 @@ mod tests {
         for (i, v) in variants.iter().enumerate() {
             assert_ne!(*v, base, "variant {i}");
         }
+        // The headers are inputs too: their names, their texts, how many there are.
+        let hdr = |headers: &[(&str, &str)]| cache_key_with("kernels/a.cu", "src", headers, &opts, Target::Cubin(90), (13, 0));
+        let with = hdr(&[("common.cuh", "int x;")]);
+        let keys = [
+            hdr(&[]),
+            with.clone(),
+            hdr(&[("other.cuh", "int x;")]),
+            hdr(&[("common.cuh", "int y;")]),
+            hdr(&[("common.cuh", "int x;"), ("more.cuh", "")]),
+            hdr(&[("common.cuh", "int x;src")]),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b, "header variant {i}");
+            }
+        }
+        assert_eq!(with, hdr(&[("common.cuh", "int x;")]), "deterministic");
+        // `cache_key` hashes the registered headers, which are exactly what `compile` hands NVRTC.
+        let registered = program_headers();
+        assert!(registered.iter().any(|(name, text)| *name == "common.cuh" && text.contains("repro_exp")), "{registered:?}");
+        assert_eq!(base, hdr(&registered));
+        assert_ne!(base, hdr(&[]));
         let f = cache_file(Path::new("/c"), "kernels/matmul.cu", Target::Cubin(90), &base);
         assert_eq!(f, PathBuf::from(format!("/c/matmul-sm_90-{base}.bin")));
     }

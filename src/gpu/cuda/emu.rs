@@ -1,10 +1,11 @@
-//! A host emulator of the CUDA device, for the unit tests: the real `kernels/*.cu` sources compiled
-//! for the CPU with clang (`emu_prelude.h` maps the CUDA built-ins; AddressSanitizer catches any
-//! out-of-bounds access), run by a child process (`emu_runtime.cpp`) that the [`EmuDevice`] drives
-//! through the same [`Device`] trait as the real GPU. The tests then run the backend's [`Engine`]
-//! unchanged against the CPU backend: argument lists against each kernel's C signature (checked by
-//! the emulator), index arithmetic, grid-stride loops (the emulator runs at most 3 blocks),
-//! barriers and shuffles, and the bit-exactness of every reproducible kernel.
+//! A host emulator of the CUDA device, for the unit tests: the real `kernels/*.cu` sources (and the
+//! `kernels/*.cuh` headers they include) compiled for the CPU with clang (`emu_prelude.h` maps the
+//! CUDA built-ins; AddressSanitizer catches any out-of-bounds access), run by a child process
+//! (`emu_runtime.cpp`) that the [`EmuDevice`] drives through the same [`Device`] trait as the real
+//! GPU. The tests then run the backend's [`Engine`] unchanged against the CPU backend: argument
+//! lists against each kernel's C signature (checked by the emulator), index arithmetic, grid-stride
+//! loops (the emulator runs at most 3 blocks), barriers and shuffles, and the bit-exactness of every
+//! reproducible kernel.
 //!
 //! Needs clang++ (Debian's clang-16) at test time; without it the tests print a loud skip, unless
 //! `REQUIRE_CUDA_EMU=1` makes that a failure. What it cannot show: NVRTC accepting the sources (see
@@ -20,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::device::{Arg, Device, check_range};
 use super::plan::GemmPlan;
-use crate::gpu::kernels::{FILES, Lang};
+use crate::gpu::kernels::{FILES, Lang, headers};
 use crate::gpu::{GpuError, Result};
 
 const PRELUDE: &str = include_str!("emu_prelude.h");
@@ -107,7 +108,12 @@ fn build() -> std::result::Result<PathBuf, String> {
     let cxx = cxx().ok_or_else(|| format!("{NO_CXX} (install clang-16, or set AO_EMU_CXX)"))?;
     let files: Vec<_> = FILES.iter().filter(|f| f.lang == Lang::Cuda).collect();
     let mut h = Sha256::new();
-    for part in [cxx.as_str(), PRELUDE, RUNTIME].into_iter().chain(CXXFLAGS.iter().copied()).chain(files.iter().map(|f| f.source)) {
+    for part in [cxx.as_str(), PRELUDE, RUNTIME]
+        .into_iter()
+        .chain(CXXFLAGS.iter().copied())
+        .chain(files.iter().map(|f| f.source))
+        .chain(headers(Lang::Cuda).flat_map(|h| [h.include_name(), h.source]))
+    {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
@@ -118,6 +124,10 @@ fn build() -> std::result::Result<PathBuf, String> {
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     std::fs::write(dir.join("emu_prelude.h"), PRELUDE).map_err(|e| e.to_string())?;
+    // `#include "common.cuh"` finds the embedded copy next to the sources (the directory is on -I).
+    for header in headers(Lang::Cuda) {
+        std::fs::write(dir.join(header.include_name()), header.source).map_err(|e| e.to_string())?;
+    }
     let compile = |name: &str, text: String| -> std::result::Result<PathBuf, String> {
         let src = dir.join(format!("{name}.cpp"));
         let obj = dir.join(format!("{name}.o"));

@@ -1,6 +1,6 @@
 // Host emulation of the CUDA built-ins that kernels/*.cu use, so the unit tests of the CUDA backend
 // can run the real kernel sources on the CPU (src/gpu/cuda/emu.rs). Each kernel file is compiled as
-// C++ with this header forced in front of it. Blocks run one at a time, each CUDA thread a fiber
+// C++ with this header forced in front of it (and kernels/*.cuh beside it). Blocks run one at a time, each CUDA thread a fiber
 // (ucontext) on one OS thread: `__shared__` variables become function statics (shared by the block),
 // and `__syncthreads` / warp shuffles become barriers at which a fiber yields until every live thread
 // of the block (or warp) has arrived. Arithmetic intrinsics are plain IEEE f32 operations

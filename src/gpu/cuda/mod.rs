@@ -329,7 +329,10 @@ impl<D: Device> TensorBackend for Engine<D> {
         let factor = if let UnaryOp::Scale(s) = op { s } else { 1.0 };
         let out = self.alloc(op.name(), DType::F32, t.shape.clone())?;
         let args = [Arg::Buf(&t.buf), Arg::Buf(&out.buf), Arg::U32(u32_of(n)), Arg::F32(factor)];
-        self.run(&format!("{}_f32", op.name()), n, BLOCK as usize, &args)?;
+        // Reproducible mode: the transcendental ops run the portable functions of `gpu` (`_repro`).
+        let portable = self.repro() && matches!(op, UnaryOp::Gelu | UnaryOp::Silu | UnaryOp::Tanh | UnaryOp::Exp);
+        let kernel = if portable { format!("{}_repro_f32", op.name()) } else { format!("{}_f32", op.name()) };
+        self.run(&kernel, n, BLOCK as usize, &args)?;
         Ok(self.insert(out))
     }
 

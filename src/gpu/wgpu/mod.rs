@@ -1,7 +1,9 @@
 //! The wgpu backend: WGSL kernels from `shaders/` (through the registry in [`super::kernels`]) on the
 //! first adapter of the primary backends (Vulkan, Metal, DX12; `WGPU_BACKEND` and the other `WGPU_*`
 //! variables override, as in the capacity probe). Every pipeline is compiled once, when the backend
-//! starts, and cached by entry-point name. Tensors live in pooled storage buffers ([`pool`]); only
+//! starts, and cached by entry-point name, except the matmul kernels: those are specialized per call
+//! shape and compiled on first use, from a kernel set chosen by adapter type ([`matmul`]). Tensors
+//! live in pooled storage buffers ([`pool`]); only
 //! `read` / `read_raw` map memory back to the host. Commands are recorded and submitted by
 //! [`stream`]: one submission per op, or one per batch between `begin_batch` and `end_batch`.
 //!
@@ -20,12 +22,15 @@
 //! inside an out-of-memory error scope, and device errors are collected by the uncaptured-error
 //! handler and reported by the next flush instead of hitting wgpu's default (panicking) handler.
 
+mod matmul;
 mod pool;
 mod stream;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+pub use self::matmul::MatmulKernels;
+use self::matmul::MatmulPipelines;
 use self::stream::{Gpu, Kernel, Purpose, Stream, device_err};
 use super::dtype::{dtype_err, expect_dtype};
 use super::kernels::{FILES, Lang};
@@ -34,6 +39,9 @@ use super::{
     BackendKind, BinaryOp, DType, Determinism, GpuError, HostTensor, RawTensor, ReduceOp, Result, RopeMode, TensorBackend, TensorId,
     UnaryOp, broadcast, check_param, check_shape, matmul_dims, numel, quant, reduced_shape, rope_table, rows_last, shape_err,
 };
+
+/// The kernel file whose pipelines are specialized per call ([`matmul`]).
+const MATMUL_FILE: &str = "shaders/matmul.wgsl";
 
 /// Freed buffers kept for reuse, at most this many bytes.
 const MAX_POOLED_BYTES: u64 = 256 << 20;
@@ -83,6 +91,7 @@ pub struct WgpuBackend {
     determinism: Determinism,
     gpu: Gpu,
     stream: Stream,
+    matmul: MatmulPipelines,
     tensors: HashMap<TensorId, WTensor>,
     next_id: u64,
 }
@@ -206,7 +215,13 @@ impl WgpuBackend {
 
         let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
         let mut kernels = HashMap::new();
+        let mut matmul = None;
         for file in FILES.iter().filter(|f| f.lang == Lang::Wgsl) {
+            if file.path == MATMUL_FILE {
+                // Specialized pipelines, compiled on first use (`matmul::MatmulPipelines`).
+                matmul = Some(MatmulPipelines::new(&device, file.source, MatmulKernels::for_adapter(&info)));
+                continue;
+            }
             let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
                 label: Some(file.path),
                 source: ::wgpu::ShaderSource::Wgsl(file.source.into()),
@@ -227,6 +242,7 @@ impl WgpuBackend {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(device_err(format!("compiling shaders on {}: {e}", info.name)));
         }
+        let matmul = matmul.ok_or_else(|| device_err(format!("{MATMUL_FILE} is not registered")))?;
         tracing::debug!(
             adapter = %info.name,
             max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size,
@@ -236,7 +252,7 @@ impl WgpuBackend {
         );
         let gpu = Gpu { info, limits, features, device, queue, kernels, errors };
         let stream = Stream::new(&gpu, MAX_POOLED_BYTES);
-        Ok(Self { determinism, gpu, stream, tensors: HashMap::new(), next_id: 1 })
+        Ok(Self { determinism, gpu, stream, matmul, tensors: HashMap::new(), next_id: 1 })
     }
 
     pub fn adapter_info(&self) -> &::wgpu::AdapterInfo {
@@ -251,6 +267,17 @@ impl WgpuBackend {
     /// The adapter's features (the device requests none; kernels use only core WGSL).
     pub fn features(&self) -> ::wgpu::Features {
         self.gpu.features
+    }
+
+    /// The matmul kernel set in use (chosen from the adapter type at start).
+    pub fn matmul_kernels(&self) -> MatmulKernels {
+        self.matmul.set
+    }
+
+    /// Switches the matmul kernel set, e.g. to check the GPU kernels on a CPU adapter; results are
+    /// the same in reproducible mode.
+    pub fn set_matmul_kernels(&mut self, set: MatmulKernels) {
+        self.matmul.set = set;
     }
 
     /// Command submissions so far: one per op outside a batch, one per batch (plus reads) inside.
@@ -412,6 +439,11 @@ impl TensorBackend for WgpuBackend {
             _ => {}
         }
         let (dims, out_shape) = matmul_dims(&ta.shape, &tb.shape, transpose_a, transpose_b)?;
+        // The kernels read whole 16-byte vectors; pooled buffers are sized in multiples of 16 except
+        // at a binding limit that is not one, where the last bytes could not be read.
+        if [ta, tb].iter().any(|t| t.bytes() as u64 > t.buf.size() / 16 * 16) {
+            return Err(GpuError::Unsupported { op: "matmul of a tensor at the binding size limit", backend: self.describe() });
+        }
         let out = self.output(numel(&out_shape) * 4)?;
         if numel(&out_shape) > 0 {
             let params = [
@@ -426,14 +458,11 @@ impl TensorBackend for WgpuBackend {
                 b_dtype.code() as usize,
             ]
             .map(u32_of);
-            let (entry, groups) = match (self.determinism, dims.m) {
-                (Determinism::Reproducible, 1) => ("matvec_ordered", self.gpu.grid(dims.batch * dims.n, 64)),
-                (Determinism::Fast, 1) => ("matvec_split", self.gpu.grid(dims.batch * dims.n, 1)),
-                (Determinism::Reproducible, _) => ("matmul_naive", [dims.n.div_ceil(8), dims.m.div_ceil(8), dims.batch].map(u32_of)),
-                (Determinism::Fast, _) => ("matmul_tiled", [dims.n.div_ceil(64), dims.m.div_ceil(64), dims.batch].map(u32_of)),
-            };
+            let plan = matmul::plan(self.matmul.set, self.determinism, &dims, b_dtype, &self.gpu);
+            let kernel = self.matmul.get(&self.gpu, plan.variant)?;
             let (ta, tb) = (get(&self.tensors, a)?, get(&self.tensors, b)?);
-            self.stream.dispatch(&self.gpu, entry, &params, &[(1, &ta.buf), (2, &tb.buf), (3, &out)], groups)?;
+            let bindings = [(1, &*ta.buf), (2, &*tb.buf), (3, &*out)];
+            self.stream.dispatch_kernel(&self.gpu, kernel, plan.variant.entry, &params, &bindings, plan.groups)?;
         }
         self.stream.end_op(&self.gpu)?;
         Ok(self.insert(out_shape, DType::F32, out, None))
@@ -463,15 +492,23 @@ impl TensorBackend for WgpuBackend {
         let n = numel(&shape);
         let out = self.output(n * 4)?;
         if n > 0 {
+            // Reproducible mode: the portable functions of `gpu` (`_repro`, bitwise equal to the CPU).
+            let repro = self.determinism == Determinism::Reproducible;
             let (entry, factor) = match op {
                 UnaryOp::Scale(s) => ("scale", s),
                 UnaryOp::Relu => ("relu", 0.0),
+                UnaryOp::Gelu if repro => ("gelu_repro", 0.0),
                 UnaryOp::Gelu => ("gelu", 0.0),
+                UnaryOp::Silu if repro => ("silu_repro", 0.0),
                 UnaryOp::Silu => ("silu", 0.0),
+                UnaryOp::Tanh if repro => ("tanh_repro", 0.0),
                 UnaryOp::Tanh => ("tanh_op", 0.0),
+                UnaryOp::Exp if repro => ("exp_repro", 0.0),
                 UnaryOp::Exp => ("exp_op", 0.0),
             };
-            self.map_op(entry, x, &[u32_of(n), factor.to_bits()], n, &out)?;
+            // `UnaryParams`: n, factor, and a 0 the `_repro` kernels read where the shader compiler
+            // must not see a constant (`opaque` in shaders/elementwise.wgsl).
+            self.map_op(entry, x, &[u32_of(n), factor.to_bits(), 0], n, &out)?;
         }
         self.stream.end_op(&self.gpu)?;
         Ok(self.insert(shape, DType::F32, out, None))

@@ -204,6 +204,19 @@ impl Stream {
     /// Records one kernel launch: `params` at binding 0, `bindings` after it.
     pub fn dispatch(&mut self, gpu: &Gpu, entry: &str, params: &[u32], bindings: &[(u32, &wgpu::Buffer)], groups: [u32; 3]) -> Result<()> {
         let kernel = gpu.kernels.get(entry).ok_or_else(|| device_err(format!("kernel {entry} is not registered")))?;
+        self.dispatch_kernel(gpu, kernel, entry, params, bindings, groups)
+    }
+
+    /// [`Stream::dispatch`] of a pipeline the caller holds (the specialized matmul kernels).
+    pub fn dispatch_kernel(
+        &mut self,
+        gpu: &Gpu,
+        kernel: &Kernel,
+        entry: &str,
+        params: &[u32],
+        bindings: &[(u32, &wgpu::Buffer)],
+        groups: [u32; 3],
+    ) -> Result<()> {
         let max = gpu.limits.max_compute_workgroups_per_dimension;
         if groups.iter().any(|&g| g > max) {
             return Err(GpuError::Unsupported {

@@ -238,7 +238,8 @@ fn elementwise_ops_match_cpu() {
         same("add broadcast error", cuda, cpu, &[&rand_t(1, &[3], 1.0), &rand_t(2, &[4], 1.0)], Tol::Bits, |b, ids| b.add(ids[0], ids[1]));
         let finite = rand_t(30, &[7, 37], 6.0);
         for op in [UnaryOp::Scale(0.37), UnaryOp::Relu, UnaryOp::Gelu, UnaryOp::Silu, UnaryOp::Tanh, UnaryOp::Exp] {
-            let exact = matches!(op, UnaryOp::Scale(_) | UnaryOp::Relu);
+            // Reproducible mode computes gelu / silu / tanh / exp with the portable functions of `gpu`.
+            let exact = matches!(op, UnaryOp::Scale(_) | UnaryOp::Relu) || det == Determinism::Reproducible;
             for x in [&finite, &special, &f32t(&[2, 0], vec![])] {
                 let what = format!("{} {:?} {det:?}", op.name(), x.shape);
                 same(&what, cuda, cpu, &[x], if exact { Tol::Bits } else { NEAR }, |b, ids| b.unary(op, ids[0]));
@@ -248,6 +249,48 @@ fn elementwise_ops_match_cpu() {
         same("relu of i32", cuda, cpu, &[&i], Tol::Bits, |b, ids| b.relu(ids[0]));
         same("add of i32", cuda, cpu, &[&finite, &i], Tol::Bits, |b, ids| b.add(ids[0], ids[1]));
     });
+}
+
+/// Inputs at every branch and threshold of the portable exp / tanh / silu / gelu (`gpu::repro_*`,
+/// mirrored by the `_repro_f32` kernels of elementwise.cu) one ULP either side, IEEE specials (signed
+/// zeros, subnormals, huge values, infinities, NaNs with payloads), then seeded random values at
+/// several scales and as arbitrary bit patterns.
+fn transcendental_inputs(n: usize) -> Vec<f32> {
+    let mut v = vec![0.0, -0.0, f32::from_bits(1), f32::from_bits(0x8000_0001), 1e-40, -1e-40, f32::MIN_POSITIVE, -f32::MIN_POSITIVE];
+    v.extend([1e-30, -1e-20, 1e-14, f32::MAX, f32::MIN, 1e13, -7e12, f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+    v.extend([0x7fc0_0001, 0xffc0_0000, 0x7f80_0001].map(f32::from_bits));
+    for t in [2f32.powi(-12), 0.5625, 9.5, 0.015625, 11.0, 18.0, 100.0, 88.722_84, 88.75, 87.336_55, 87.5, 91.9, 10.1] {
+        for m in [t, -t] {
+            v.extend([f32::from_bits(m.to_bits() - 1), m, f32::from_bits(m.to_bits() + 1)]);
+        }
+    }
+    let mut rng = fastrand::Rng::with_seed(77);
+    while v.len() < n {
+        let scale = [1.0, 4.0, 12.0, 100.0, 0.05][v.len() % 5];
+        v.push(if v.len() % 6 == 0 { f32::from_bits(rng.u32(..)) } else { (rng.f32() * 2.0 - 1.0) * scale });
+    }
+    v
+}
+
+#[test]
+fn portable_transcendentals_are_bitwise_equal_to_the_cpu() {
+    let x = transcendental_inputs(20_000);
+    let Some(mut cuda) = emu(Determinism::Reproducible, false) else { return };
+    let mut cpu = CpuBackend::new(Determinism::Reproducible);
+    let input = f32t(&[x.len()], x.clone());
+    for op in [UnaryOp::Gelu, UnaryOp::Silu, UnaryOp::Tanh, UnaryOp::Exp] {
+        same(op.name(), &mut cuda, &mut cpu, &[&input], Tol::Bits, |b, ids| b.unary(op, ids[0]));
+        // `same` compares NaNs loosely; the payloads must survive too.
+        let run = |b: &mut dyn TensorBackend| -> Vec<u32> {
+            let id = b.upload_raw(&input).unwrap();
+            let out = b.unary(op, id).unwrap();
+            b.read(out).unwrap().data.iter().map(|v| v.to_bits()).collect()
+        };
+        let (got, want) = (run(&mut cuda), run(&mut cpu));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{} of {:e} ({:#010x}): cuda {g:#010x}, cpu {w:#010x}", op.name(), x[i], x[i].to_bits());
+        }
+    }
 }
 
 #[test]
