@@ -66,39 +66,6 @@ fn attn_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     out[e] = acc * p.scale;
 }
 
-// NaN by its bits: a float compare like `v != v` may be folded away (Vulkan does not promise NaN
-// semantics without float-controls).
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
-// Mirrors `repro_exp` in src/gpu/mod.rs (and reduce.wgsl) operation for operation.
-fn repro_exp(v: f32) -> f32 {
-    if is_nan(v) {
-        return v;
-    }
-    if v > 88.72 {
-        return bitcast<f32>(0x7f800000u);
-    }
-    if v < -86.0 {
-        return 0.0;
-    }
-    let n = floor(v * bitcast<f32>(0x3fb8aa3bu) + 0.5);
-    let r = (v - n * bitcast<f32>(0x3f317200u)) - n * bitcast<f32>(0x35bfbe8eu);
-    var y = bitcast<f32>(0x3ab60b61u);
-    y = y * r + bitcast<f32>(0x3c088889u);
-    y = y * r + bitcast<f32>(0x3d2aaaabu);
-    y = y * r + bitcast<f32>(0x3e2aaaabu);
-    y = y * r + 0.5;
-    y = y * r + 1.0;
-    y = y * r + 1.0;
-    let ni = i32(n);
-    if ni > 127 {
-        return y * bitcast<f32>(254u << 23u) * 2.0;
-    }
-    return y * bitcast<f32>(u32(ni + 127) << 23u);
-}
-
 fn softmax_row(r: u32, portable: bool) {
     let len = keys_of(r);
     let base = r * p.tk;

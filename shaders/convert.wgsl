@@ -149,12 +149,6 @@ fn dequantize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     }
 }
 
-// NaN by its bits: a float compare like `v != v` may be folded away (Vulkan does not promise NaN
-// semantics without float-controls).
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
 // f32 -> i32: toward zero, saturating, NaN -> 0.
 @compute @workgroup_size(256)
 fn cast_f32_i32(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {

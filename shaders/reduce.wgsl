@@ -36,39 +36,6 @@ fn row_max(r: u32) -> f32 {
     return acc;
 }
 
-// NaN by its bits: a float compare like `v != v` may be folded away (Vulkan does not promise NaN
-// semantics without float-controls).
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
-// Mirrors `repro_exp` in src/gpu/mod.rs operation for operation (constants as bits).
-fn repro_exp(v: f32) -> f32 {
-    if is_nan(v) {
-        return v;
-    }
-    if v > 88.72 {
-        return bitcast<f32>(0x7f800000u);
-    }
-    if v < -86.0 {
-        return 0.0;
-    }
-    let n = floor(v * bitcast<f32>(0x3fb8aa3bu) + 0.5);
-    let r = (v - n * bitcast<f32>(0x3f317200u)) - n * bitcast<f32>(0x35bfbe8eu);
-    var q = bitcast<f32>(0x3ab60b61u);
-    q = q * r + bitcast<f32>(0x3c088889u);
-    q = q * r + bitcast<f32>(0x3d2aaaabu);
-    q = q * r + bitcast<f32>(0x3e2aaaabu);
-    q = q * r + 0.5;
-    q = q * r + 1.0;
-    q = q * r + 1.0;
-    let ni = i32(n);
-    if ni > 127 {
-        return q * bitcast<f32>(254u << 23u) * 2.0;
-    }
-    return q * bitcast<f32>(u32(ni + 127) << 23u);
-}
-
 @compute @workgroup_size(64)
 fn sum_last(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let r = row_index(wg, nwg, lid);

@@ -59,12 +59,28 @@ impl KernelHeader {
 }
 
 /// Every header of the kernel files (helpers shared by several files, defined once).
-pub static HEADERS: &[KernelHeader] =
-    &[KernelHeader { path: "kernels/common.cuh", lang: Lang::Cuda, source: include_str!("../../kernels/common.cuh") }];
+pub static HEADERS: &[KernelHeader] = &[
+    KernelHeader { path: "kernels/common.cuh", lang: Lang::Cuda, source: include_str!("../../kernels/common.cuh") },
+    // WGSL has no #include: `compiled_source` puts this in front of every WGSL file.
+    KernelHeader { path: "shaders/common.wgsl", lang: Lang::Wgsl, source: include_str!("../../shaders/common.wgsl") },
+];
 
 /// The headers of language `lang`, in registry order.
 pub fn headers(lang: Lang) -> impl Iterator<Item = &'static KernelHeader> {
     HEADERS.iter().filter(move |h| h.lang == lang)
+}
+
+/// The text a backend compiles for `file`. CUDA files include their headers themselves (NVRTC gets
+/// them as named headers); WGSL has no `#include`, so every WGSL header comes first, then the file.
+pub fn compiled_source(file: &KernelFile) -> std::borrow::Cow<'static, str> {
+    match file.lang {
+        Lang::Cuda => std::borrow::Cow::Borrowed(file.source),
+        Lang::Wgsl => {
+            let mut text: String = headers(Lang::Wgsl).map(|h| h.source).collect();
+            text.push_str(file.source);
+            std::borrow::Cow::Owned(text)
+        }
+    }
 }
 
 const fn e(name: &'static str, class: KernelClass) -> Entry {

@@ -103,10 +103,10 @@ pub(super) struct MatmulPipelines {
 
 impl MatmulPipelines {
     /// Compiles the module (validation errors go to the caller's error scope).
-    pub fn new(device: &wgpu::Device, source: &'static str, set: MatmulKernels) -> Self {
+    pub fn new(device: &wgpu::Device, source: &str, set: MatmulKernels) -> Self {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("shaders/matmul.wgsl"),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
+            source: wgpu::ShaderSource::Wgsl(source.to_owned().into()),
         });
         Self { set, module, cache: HashMap::new() }
     }

@@ -33,7 +33,7 @@ pub use self::matmul::MatmulKernels;
 use self::matmul::MatmulPipelines;
 use self::stream::{Gpu, Kernel, Purpose, Stream, device_err};
 use super::dtype::{dtype_err, expect_dtype};
-use super::kernels::{FILES, Lang};
+use super::kernels::{FILES, Lang, compiled_source};
 use super::layout::{append_dims, attention_dims, concat_dims, gather_dims, permute_dims, reshape_check, rope_dims, slice_dims, strides};
 use super::{
     BackendKind, BinaryOp, DType, Determinism, GpuError, HostTensor, RawTensor, ReduceOp, Result, RopeMode, TensorBackend, TensorId,
@@ -219,12 +219,12 @@ impl WgpuBackend {
         for file in FILES.iter().filter(|f| f.lang == Lang::Wgsl) {
             if file.path == MATMUL_FILE {
                 // Specialized pipelines, compiled on first use (`matmul::MatmulPipelines`).
-                matmul = Some(MatmulPipelines::new(&device, file.source, MatmulKernels::for_adapter(&info)));
+                matmul = Some(MatmulPipelines::new(&device, &compiled_source(file), MatmulKernels::for_adapter(&info)));
                 continue;
             }
             let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
                 label: Some(file.path),
-                source: ::wgpu::ShaderSource::Wgsl(file.source.into()),
+                source: ::wgpu::ShaderSource::Wgsl(compiled_source(file)),
             });
             for entry in file.entries {
                 let pipeline = device.create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
