@@ -126,6 +126,26 @@ typedef int32_t ao_tensor;
 #define AO_GPU_CONSTANT_MISMATCH    (-11) /* the item's data does not have the sha256 given to ao_gpu_constant */
 #define AO_GPU_NOT_FOUND            (-12) /* the constant's item does not exist */
 
+/* The name of a status code, such as "SHAPE_MISMATCH", for error messages ("OK" for 0). */
+static inline const char *ao_gpu_status_name(int32_t status) {
+    switch (status) {
+    case AO_GPU_OK: return "OK";
+    case AO_GPU_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case AO_GPU_SHAPE_MISMATCH: return "SHAPE_MISMATCH";
+    case AO_GPU_UNKNOWN_HANDLE: return "UNKNOWN_HANDLE";
+    case AO_GPU_QUOTA_EXCEEDED: return "QUOTA_EXCEEDED";
+    case AO_GPU_DEVICE_OUT_OF_MEMORY: return "DEVICE_OUT_OF_MEMORY";
+    case AO_GPU_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
+    case AO_GPU_UNSUPPORTED: return "UNSUPPORTED";
+    case AO_GPU_DEVICE_ERROR: return "DEVICE_ERROR";
+    case AO_GPU_DTYPE_MISMATCH: return "DTYPE_MISMATCH";
+    case AO_GPU_READ_ONLY: return "READ_ONLY";
+    case AO_GPU_CONSTANT_MISMATCH: return "CONSTANT_MISMATCH";
+    case AO_GPU_NOT_FOUND: return "NOT_FOUND";
+    default: return "UNKNOWN_STATUS";
+    }
+}
+
 /* Dtypes. */
 #define AO_GPU_F32  0
 #define AO_GPU_F16  1

@@ -40,21 +40,6 @@ static void fill(float *w, uint32_t n, uint32_t *next, float scale) {
     *next += n;
 }
 
-static const char *status_name(int32_t status) {
-    switch (status) {
-    case AO_GPU_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case AO_GPU_SHAPE_MISMATCH: return "SHAPE_MISMATCH";
-    case AO_GPU_UNKNOWN_HANDLE: return "UNKNOWN_HANDLE";
-    case AO_GPU_QUOTA_EXCEEDED: return "QUOTA_EXCEEDED";
-    case AO_GPU_DEVICE_OUT_OF_MEMORY: return "DEVICE_OUT_OF_MEMORY";
-    case AO_GPU_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
-    case AO_GPU_UNSUPPORTED: return "UNSUPPORTED";
-    case AO_GPU_DEVICE_ERROR: return "DEVICE_ERROR";
-    case AO_GPU_DTYPE_MISMATCH: return "DTYPE_MISMATCH";
-    default: return "UNKNOWN_STATUS";
-    }
-}
-
 /* Parses one number (the whole of s[0..n)) into *out; 1 on success. */
 static int parse_f32(const char *s, size_t n, float *out) {
     char text[64];
@@ -167,7 +152,7 @@ static const char *infer(ao_json msg, ao_json tags) {
     if (status != AO_GPU_OK) {
         ao_buf err = AO_BUF_INIT;
         ao_buf_puts(&err, "ao_gpu: ");
-        ao_buf_puts(&err, status_name(status));
+        ao_buf_puts(&err, ao_gpu_status_name(status));
         return ao_result_error_buf(&err);
     }
 

@@ -312,24 +312,6 @@ static const char *load_manifest(const char *text, size_t len, char *err, size_t
  * The forward pass
  * ------------------------------------------------------------------------------------------- */
 
-static const char *status_name(int32_t status) {
-    switch (status) {
-    case AO_GPU_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case AO_GPU_SHAPE_MISMATCH: return "SHAPE_MISMATCH";
-    case AO_GPU_UNKNOWN_HANDLE: return "UNKNOWN_HANDLE";
-    case AO_GPU_QUOTA_EXCEEDED: return "QUOTA_EXCEEDED";
-    case AO_GPU_DEVICE_OUT_OF_MEMORY: return "DEVICE_OUT_OF_MEMORY";
-    case AO_GPU_BUFFER_TOO_SMALL: return "BUFFER_TOO_SMALL";
-    case AO_GPU_UNSUPPORTED: return "UNSUPPORTED";
-    case AO_GPU_DEVICE_ERROR: return "DEVICE_ERROR";
-    case AO_GPU_DTYPE_MISMATCH: return "DTYPE_MISMATCH";
-    case AO_GPU_READ_ONLY: return "READ_ONLY";
-    case AO_GPU_CONSTANT_MISMATCH: return "CONSTANT_MISMATCH";
-    case AO_GPU_NOT_FOUND: return "NOT_FOUND";
-    default: return "UNKNOWN_STATUS";
-    }
-}
-
 /* One evaluation's handles: the constants (one per chunk) and the key/value caches. */
 static ao_tensor *weights;
 static ao_tensor cache_k[MAX_BLOCKS], cache_v[MAX_BLOCKS];
@@ -382,7 +364,7 @@ typedef struct step_out {
 static char step_error[256];
 
 static int32_t fail_status(const char *what, int32_t status) {
-    snprintf(step_error, sizeof step_error, "%s: %s", what, status_name(status));
+    snprintf(step_error, sizeof step_error, "%s: %s", what, ao_gpu_status_name(status));
     return status;
 }
 
@@ -394,7 +376,7 @@ static int32_t flush(ao_tensor *live) {
     int32_t s = ncmd ? ao_gpu_run(cmds, ncmd, &done) : AO_GPU_OK;
     if (s) {
         snprintf(step_error, sizeof step_error, "ao_gpu_run: command %d (op %d) failed: %s", (int)done,
-                 done >= 0 && done < ncmd ? (int)cmds[done].op : -1, status_name(s));
+                 done >= 0 && done < ncmd ? (int)cmds[done].op : -1, ao_gpu_status_name(s));
         return s;
     }
     if (*live < 0) *live = cmds[-(int)*live - 1].out;
@@ -537,7 +519,7 @@ static int32_t prepare(void) {
         const chunk *c = &model.chunks[i];
         int32_t s = ao_gpu_constant(c->id, c->sha256, c->dtype, c->shape, c->rank, &weights[i]);
         if (s) {
-            snprintf(step_error, sizeof step_error, "loading weight item %s: %s", c->id, status_name(s));
+            snprintf(step_error, sizeof step_error, "loading weight item %s: %s", c->id, ao_gpu_status_name(s));
             return s;
         }
     }
