@@ -178,8 +178,8 @@ impl TensorBackend for CpuBackend {
     }
 
     fn upload(&mut self, t: &HostTensor) -> Result<TensorId> {
-        let t = HostTensor::new(t.shape.clone(), t.data.clone())?;
-        Ok(self.insert_f32(t.shape, t.data))
+        t.check()?;
+        Ok(self.insert_f32(t.shape.clone(), t.data.clone()))
     }
 
     fn read(&mut self, id: TensorId) -> Result<HostTensor> {

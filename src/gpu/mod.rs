@@ -101,12 +101,20 @@ pub struct HostTensor {
 impl HostTensor {
     /// Checks that the rank is 1..=4 and `data` holds exactly `shape.product()` values.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
-        check_shape("upload", &shape)?;
-        let n = numel(&shape);
-        if n != data.len() {
-            return Err(shape_err("upload", format!("shape {shape:?} needs {n} values, got {}", data.len())));
+        let t = Self { shape, data };
+        t.check()?;
+        Ok(t)
+    }
+
+    /// The checks of [`HostTensor::new`] on a tensor built by hand (its fields are public), without
+    /// copying it: what every backend's `upload` runs first.
+    pub fn check(&self) -> Result<()> {
+        check_shape("upload", &self.shape)?;
+        let n = numel(&self.shape);
+        if n != self.data.len() {
+            return Err(shape_err("upload", format!("shape {:?} needs {n} values, got {}", self.shape, self.data.len())));
         }
-        Ok(Self { shape, data })
+        Ok(())
     }
 
     pub fn numel(&self) -> usize {

@@ -216,12 +216,7 @@ impl<D: Device> TensorBackend for Engine<D> {
     }
 
     fn upload(&mut self, t: &HostTensor) -> Result<TensorId> {
-        // As `HostTensor::new`, without copying the data first.
-        check_shape("upload", &t.shape)?;
-        let n = numel(&t.shape);
-        if n != t.data.len() {
-            return Err(shape_err("upload", format!("shape {:?} needs {n} values, got {}", t.shape, t.data.len())));
-        }
+        t.check()?;
         let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
         let out = self.alloc("upload", DType::F32, t.shape.clone())?;
         self.dev.upload(&out.buf, 0, &bytes)?;

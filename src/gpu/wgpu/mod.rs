@@ -401,11 +401,7 @@ impl TensorBackend for WgpuBackend {
     }
 
     fn upload(&mut self, t: &HostTensor) -> Result<TensorId> {
-        check_shape("upload", &t.shape)?;
-        let n = numel(&t.shape);
-        if n != t.data.len() {
-            return Err(shape_err("upload", format!("shape {:?} needs {n} values, got {}", t.shape, t.data.len())));
-        }
+        t.check()?;
         let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
         let buf = self.upload_bytes(&bytes)?;
         Ok(self.insert(t.shape.clone(), DType::F32, buf, None))
