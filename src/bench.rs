@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::capacity::{BackendScore, CapacityManifest, GemmScore, MeasuredScores};
-use crate::gpu::{self, Backend, BackendKind, DType, Determinism, GpuError, HostTensor, QK, RawTensor, TensorId};
+use crate::gpu::{self, Backend, BackendKind, DType, Determinism, GpuError, HostTensor, QK, RawTensor, TensorId, TensorOps};
 use crate::protocol::Tag;
 use crate::runtime::{
     ActorModule, DEFAULT_MAX_DEVICE_MEMORY, EvalInput, GPU_FUNCTIONS, GpuConfig, Limits, MODULE_FORMAT, Runtime, RuntimeConfig,

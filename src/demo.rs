@@ -31,7 +31,7 @@ fn mlp_weight(i: u32, scale: f32) -> f32 {
 /// The MLP of examples/actors/mlp.c, computed here on the CPU backend in reproducible mode with
 /// the same ops in the same order: the reference the demo checks the worker's answer against.
 pub fn mlp_reference(x: &[f32; 16]) -> anyhow::Result<Vec<f32>> {
-    use crate::gpu::{Backend, BackendKind, Determinism, HostTensor};
+    use crate::gpu::{Backend, BackendKind, Determinism, HostTensor, TensorOps};
     let mut next = 0;
     let mut params = |n: u32, scale: f32| {
         let w: Vec<f32> = (next..next + n).map(|i| mlp_weight(i, scale)).collect();

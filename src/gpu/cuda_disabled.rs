@@ -2,7 +2,10 @@
 //! of [`super::Backend`] exists without cfg noise at its uses and can never be constructed, and a
 //! [`device_count`] of 0.
 
-use super::{BackendKind, BinaryOp, Determinism, GpuError, HostTensor, ReduceOp, Result, TensorBackend, TensorId, UnaryOp};
+use super::backend::TensorBackend;
+use super::dtype::RawTensor;
+use super::op::{Meta, Planned};
+use super::tensor::{BackendKind, Determinism, GpuError, HostTensor, Result, TensorId};
 
 /// No CUDA devices in a build without the `cuda` feature.
 pub fn device_count() -> usize {
@@ -40,34 +43,22 @@ impl TensorBackend for CudaBackend {
     fn upload(&mut self, _t: &HostTensor) -> Result<TensorId> {
         match *self {}
     }
+    fn upload_raw(&mut self, _t: &RawTensor) -> Result<TensorId> {
+        match *self {}
+    }
     fn read(&mut self, _id: TensorId) -> Result<HostTensor> {
+        match *self {}
+    }
+    fn read_raw(&mut self, _id: TensorId) -> Result<RawTensor> {
         match *self {}
     }
     fn free(&mut self, _id: TensorId) -> Result<()> {
         match *self {}
     }
-    fn shape(&self, _id: TensorId) -> Result<Vec<usize>> {
+    fn meta(&self, _id: TensorId) -> Result<Meta> {
         match *self {}
     }
-    fn matmul(&mut self, _a: TensorId, _b: TensorId, _ta: bool, _tb: bool) -> Result<TensorId> {
-        match *self {}
-    }
-    fn binary(&mut self, _op: BinaryOp, _a: TensorId, _b: TensorId) -> Result<TensorId> {
-        match *self {}
-    }
-    fn unary(&mut self, _op: UnaryOp, _x: TensorId) -> Result<TensorId> {
-        match *self {}
-    }
-    fn softmax_last(&mut self, _x: TensorId) -> Result<TensorId> {
-        match *self {}
-    }
-    fn rmsnorm(&mut self, _x: TensorId, _w: TensorId, _eps: f32) -> Result<TensorId> {
-        match *self {}
-    }
-    fn layernorm(&mut self, _x: TensorId, _w: TensorId, _b: TensorId, _eps: f32) -> Result<TensorId> {
-        match *self {}
-    }
-    fn reduce_last(&mut self, _op: ReduceOp, _x: TensorId) -> Result<TensorId> {
+    fn execute(&mut self, _op: Planned<'_>) -> Result<TensorId> {
         match *self {}
     }
 }

@@ -14,7 +14,8 @@
 
 use std::fmt;
 
-use super::{GpuError, Result, numel};
+use super::shape::numel;
+use super::tensor::{GpuError, Result};
 
 /// Elements per block of the quantized types.
 pub const QK: usize = 32;
@@ -124,10 +125,10 @@ pub struct RawTensor {
 impl RawTensor {
     /// Checks the rank, the shape and that `bytes` is exactly the storage size.
     pub fn new(dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
-        super::check_shape("upload", &shape)?;
+        super::shape::check_shape("upload", &shape)?;
         let want = dtype.byte_len("upload", &shape)?;
         if bytes.len() != want {
-            return Err(super::shape_err("upload", format!("a {dtype} tensor of shape {shape:?} is {want} bytes, got {}", bytes.len())));
+            return Err(super::shape::shape_err("upload", format!("a {dtype} tensor of shape {shape:?} is {want} bytes, got {}", bytes.len())));
         }
         Ok(Self { dtype, shape, bytes })
     }

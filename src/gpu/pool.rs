@@ -427,8 +427,9 @@ impl DevicePool {
     }
 }
 
-fn lock(device: &SharedDevice) -> MutexGuard<'_, Backend> {
-    // As the runtime's lock: a panicked op leaves nothing worse than the error it would report.
+/// Locks a device, surviving poisoning: a panic in a backend op leaves no half-updated state that
+/// the next op could trip over worse than the error it would report anyway.
+pub fn lock(device: &SharedDevice) -> MutexGuard<'_, Backend> {
     device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 

@@ -7,28 +7,12 @@ use std::time::Duration;
 use serde_json::Value;
 use wasmtime::{AsContext, ExternType, FuncType, Memory, Module, Store, Trap, TypedFunc};
 
-use super::gpu::{self, GpuCtx};
-use super::limits::StoreLimiter;
-use super::wasi::{self, ProcExit, WasiCtx};
+use super::host::wasi::{self, ProcExit};
+use super::host::{HostState, gpu};
 use super::{ActorModule, EvalError, EvalInput, Limits, RuntimeError};
 
 /// Error and `ok:false` texts from the guest are cut to this many bytes.
 const MAX_ERROR_TEXT: usize = 4096;
-
-/// What every store carries.
-pub(super) struct HostState {
-    pub(super) limiter: StoreLimiter,
-    pub(super) wasi: WasiCtx,
-    pub(super) gpu: GpuCtx,
-}
-
-pub(super) fn wasi_ctx(state: &mut HostState) -> &mut WasiCtx {
-    &mut state.wasi
-}
-
-pub(super) fn gpu_ctx(state: &mut HostState) -> &mut GpuCtx {
-    &mut state.gpu
-}
 
 /// `(i32, i32) -> i32`, `() -> ()`: the form used in errors and in `wasi::FUNCTIONS`.
 pub(super) fn signature(ty: &FuncType) -> String {

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! Runtime::new(RuntimeConfig { cache_dir, max_memory, max_compute, deadline }) -> Result<Runtime, RuntimeError>
-//! Runtime::with_gpu(cfg, GpuConfig { backend: Option<SharedBackend>, max_device_memory, constants: Option<Arc<ConstantCache>> }) -> Result<Runtime, RuntimeError>
+//! Runtime::with_gpu(cfg, GpuConfig { backend: Option<SharedDevice>, max_device_memory, constants: Option<Arc<ConstantCache>> }) -> Result<Runtime, RuntimeError>
 //! Runtime::with_pool(cfg, PoolConfig { pool: Arc<DevicePool>, max_device_memory, constant_source, max_constant_memory }) -> Result<Runtime, RuntimeError>
 //! Runtime::load(&self, module_bytes: &[u8], module_tags: &[Tag]) -> Result<Arc<ActorModule>, RuntimeError>
 //! Runtime::limits(&self, module_tags: &[Tag], process_tags: &[Tag]) -> Result<Limits, RuntimeError>
@@ -34,10 +34,8 @@
 
 mod abi;
 mod cache;
-mod constants;
-mod gpu;
+pub mod host;
 pub mod limits;
-mod wasi;
 
 #[cfg(test)]
 mod tests;
@@ -52,19 +50,22 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store};
 
-pub use constants::{ConstantCache, ConstantMetrics, ConstantSource, ConstantStats, DEFAULT_MAX_CONSTANT_MEMORY, SourceError};
-pub use gpu::{
+pub use host::gpu::constants::{
+    ConstantCache, ConstantMetrics, ConstantSource, ConstantStats, DEFAULT_MAX_CONSTANT_MEMORY, SourceError,
+};
+pub use host::gpu::{
     BYTES_PER_GAS, CMD_F, CMD_FLOATS, CMD_I, CMD_IN, CMD_INPUTS, CMD_INTS, CMD_OP, CMD_OUT, CMD_RESERVED, CMD_SIZE,
-    DEFAULT_MAX_DEVICE_MEMORY, FLOPS_PER_GAS, FUNCTIONS as GPU_FUNCTIONS, Flops, GAS_PER_CALL, GAS_PER_COMMAND, GpuConfig, GpuStatus,
-    MAX_HANDLES, SharedBackend, flops as gpu_flops, gas as gpu_gas, op as gpu_op,
+    DEFAULT_MAX_DEVICE_MEMORY, FLOPS_PER_GAS, FUNCTIONS as GPU_FUNCTIONS, GAS_PER_CALL, GAS_PER_COMMAND, GpuConfig, GpuStatus,
+    MAX_HANDLES, gas as gpu_gas, op as gpu_op,
 };
 pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
-pub use wasi::LOG_CAP;
+pub use host::wasi::LOG_CAP;
 
-pub use crate::gpu::pool::{DeviceInfo, DeviceLoad, DevicePool};
+pub use crate::gpu::pool::{DeviceInfo, DeviceLoad, DevicePool, SharedDevice as SharedBackend};
 use crate::gpu::{Backend, BackendKind, Determinism};
 use crate::protocol::Tag;
-use abi::HostState;
+use host::HostState;
+use host::{gpu, wasi};
 use cache::DiskCache;
 use limits::StoreLimiter;
 
@@ -366,8 +367,7 @@ impl Runtime {
             .wasm_multi_memory(false);
         let engine = Engine::new(&config).map_err(|e| RuntimeError::Setup(format!("engine: {e:#}")))?;
         let mut linker = Linker::new(&engine);
-        wasi::add_to_linker(&mut linker, abi::wasi_ctx).map_err(|e| RuntimeError::Setup(format!("linker: {e:#}")))?;
-        gpu::add_to_linker(&mut linker, abi::gpu_ctx).map_err(|e| RuntimeError::Setup(format!("linker: {e:#}")))?;
+        host::add_to_linker(&mut linker).map_err(|e| RuntimeError::Setup(format!("linker: {e:#}")))?;
         let backend_info = TensorBackendInfo::of(&pool);
         tracing::info!(
             backend = %backend_info.description,

@@ -802,8 +802,8 @@ fn runtime_and_modules_are_shareable_across_threads() {
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::constants::ConstantKey;
-use super::gpu::lock_backend;
+use super::host::gpu::constants::{AcquireError, ConstantKey};
+use crate::gpu::pool::{SharedDevice, lock};
 use crate::gpu::{DType, RawTensor};
 
 /// Uploads A [2, 3] and B [3, 4], then runs the 3-command list at 8192 `runs` times.
@@ -861,10 +861,10 @@ fn batch_actor(runs: u32) -> String {
 fn each_run_is_one_begin_and_one_end_batch() {
     let f = runtime();
     let m = load_wat(&f.rt, &batch_actor(3)).unwrap();
-    let before = gpu::BATCH_CALLS.with(|c| c.get());
+    let before = host::gpu::BATCH_CALLS.with(|c| c.get());
     let e = f.rt.evaluate(&m, None, &msg("x"));
     assert_eq!(e.outcome.as_ref().map(|v| v["Output"].clone()), Ok(serde_json::json!("ok")), "{e:?}");
-    let after = gpu::BATCH_CALLS.with(|c| c.get());
+    let after = host::gpu::BATCH_CALLS.with(|c| c.get());
     assert_eq!((after.0 - before.0, after.1 - before.1), (3, 3), "three runs of three commands: three batches");
 }
 
@@ -891,10 +891,10 @@ fn key(n: u8, data: &[u8], len: usize) -> ConstantKey {
     ConstantKey { id: [n; 32], sha256: Sha256::digest(data).into(), dtype: DType::F32, shape: vec![len] }
 }
 
-fn cache_with(delay: Duration, max_bytes: u64) -> (Arc<ConstantCache>, Arc<Counting>, SharedBackend) {
+fn cache_with(delay: Duration, max_bytes: u64) -> (Arc<ConstantCache>, Arc<Counting>, SharedDevice) {
     let data: Vec<u8> = (0..16u32).flat_map(|v| (v as f32).to_le_bytes()).collect();
     let source = Arc::new(Counting { data, fetches: AtomicUsize::new(0), delay });
-    let backend: SharedBackend = Arc::new(Mutex::new(Backend::Cpu(crate::gpu::cpu::CpuBackend::new(Determinism::Reproducible))));
+    let backend: SharedDevice = Arc::new(Mutex::new(Backend::Cpu(crate::gpu::cpu::CpuBackend::new(Determinism::Reproducible))));
     (ConstantCache::new(backend.clone(), source.clone(), max_bytes), source, backend)
 }
 
@@ -911,11 +911,11 @@ fn concurrent_evaluations_share_one_fetch_of_a_constant() {
     let s = cache.stats();
     assert_eq!((s.misses, s.hits, s.entries, s.bytes), (1, 3, 1, 64));
     let t = pins[0].tensor();
-    assert_eq!(lock_backend(&backend).read_raw(t).unwrap(), RawTensor::new(DType::F32, vec![16], source.data.clone()).unwrap());
+    assert_eq!(lock(&backend).read_raw(t).unwrap(), RawTensor::new(DType::F32, vec![16], source.data.clone()).unwrap());
     drop(pins);
     // Dropping the cache frees what it holds.
     drop(cache);
-    assert_eq!(lock_backend(&backend).live_bytes(), 0);
+    assert_eq!(lock(&backend).live_bytes(), 0);
 }
 
 #[test]
@@ -926,11 +926,11 @@ fn pinned_constants_are_never_evicted_and_the_cap_is_restored_when_they_are_rele
     // Another evaluation needs k2 while k1 is pinned: admitted over the cap, not refused.
     let (p2, _) = cache.acquire(k2.clone(), 64).unwrap();
     assert_eq!((cache.stats().entries, cache.stats().bytes, cache.stats().evictions), (2, 128, 0));
-    assert_eq!(lock_backend(&backend).live_bytes(), 128);
+    assert_eq!(lock(&backend).live_bytes(), 128);
     // Releasing k1 brings the cache back under the cap (k1 is the only unpinned entry).
     drop(p1);
     assert_eq!((cache.stats().entries, cache.stats().bytes, cache.stats().evictions), (1, 64, 1));
-    assert_eq!(lock_backend(&backend).live_bytes(), 64);
+    assert_eq!(lock(&backend).live_bytes(), 64);
     drop(p2);
     assert_eq!(cache.stats().entries, 1, "k2 fits the cap: it stays for the next evaluation");
     let (_again, waited) = cache.acquire(k2, 64).unwrap();
@@ -946,11 +946,11 @@ fn failed_loads_leave_nothing_behind_and_wake_waiters() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     // Each waiter retries the load itself after the first one failed.
-    assert!(results.iter().all(|r| matches!(r, Err(super::constants::AcquireError::Unavailable(m)) if m.contains("down"))), "{results:?}");
+    assert!(results.iter().all(|r| matches!(r, Err(AcquireError::Unavailable(m)) if m.contains("down"))), "{results:?}");
     assert_eq!(source.fetches.load(Ordering::SeqCst), 3);
     let wrong = ConstantKey { sha256: [0; 32], ..key(3, &source.data, 16) };
-    assert_eq!(cache.acquire(wrong, 64).map(|_| ()), Err(super::constants::AcquireError::Status(GpuStatus::ConstantMismatch)));
+    assert_eq!(cache.acquire(wrong, 64).map(|_| ()), Err(AcquireError::Mismatch));
     let s = cache.stats();
     assert_eq!((s.entries, s.bytes), (0, 0));
-    assert_eq!(lock_backend(&backend).live_bytes(), 0);
+    assert_eq!(lock(&backend).live_bytes(), 0);
 }

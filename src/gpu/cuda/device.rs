@@ -22,7 +22,7 @@ use crate::gpu::kernels::{FILES, Lang};
 use crate::gpu::{GpuError, Result};
 
 /// One kernel argument, in the order of the kernel's C parameter list.
-pub(crate) enum Arg<'a, B> {
+pub enum Arg<'a, B> {
     /// A device buffer (the kernel sees a pointer to its first byte).
     Buf(&'a B),
     U32(u32),
@@ -33,10 +33,14 @@ pub(crate) enum Arg<'a, B> {
 
 /// What the backend needs from a device. Buffers are byte arrays; every call is ordered after
 /// the previous ones on the device, and only [`Device::download`] waits for the device.
-pub(crate) trait Device {
+pub trait Device {
     type Buf;
     /// Such as "NVIDIA H100 80GB HBM3, sm_90".
     fn describe(&self) -> String;
+    /// The device's number among the driver's devices (0 for an emulated device).
+    fn ordinal(&self) -> usize {
+        0
+    }
     /// An uninitialized buffer of `bytes` bytes (`bytes > 0`).
     fn alloc(&self, bytes: usize) -> Result<Self::Buf>;
     fn capacity(buf: &Self::Buf) -> usize;
@@ -78,7 +82,7 @@ fn dev_err(what: &str, e: DriverError) -> GpuError {
 
 /// One CUDA device: its primary context, the stream everything runs on, every kernel of
 /// `kernels/*.cu` and, in fast mode where the library loads, a cuBLAS handle.
-pub(crate) struct RealDevice {
+pub struct RealDevice {
     // Declared first so it is dropped before the stream it uses.
     blas: Option<cudarc::cublas::CudaBlas>,
     functions: HashMap<&'static str, CudaFunction>,
@@ -86,6 +90,7 @@ pub(crate) struct RealDevice {
     ctx: Arc<CudaContext>,
     name: String,
     target: Target,
+    ordinal: usize,
 }
 
 impl std::fmt::Debug for RealDevice {
@@ -144,7 +149,7 @@ impl RealDevice {
         } else {
             tracing::info!(device = %name, "cuda f32 matmul: fixed-order NVRTC kernel (reproducible mode never uses cuBLAS)");
         }
-        Ok(Self { blas, functions, stream, ctx, name, target })
+        Ok(Self { blas, functions, stream, ctx, name, target, ordinal })
     }
 
     fn ptr(buf: &CudaSlice<u8>, stream: &CudaStream) -> CUdeviceptr {
@@ -238,6 +243,10 @@ fn open_blas(stream: &Arc<CudaStream>) -> Option<cudarc::cublas::CudaBlas> {
 
 impl Device for RealDevice {
     type Buf = CudaSlice<u8>;
+
+    fn ordinal(&self) -> usize {
+        self.ordinal
+    }
 
     fn describe(&self) -> String {
         match self.target {

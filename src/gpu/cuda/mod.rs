@@ -8,16 +8,17 @@
 //!
 //! Layers: `plan` (pure geometry and parameter structs), `compile` (NVRTC and the cache),
 //! `device` (the [`device::Device`] trait and its cudarc implementation) and the generic [`Engine`]
-//! here, which implements every op of [`TensorBackend`] on any `Device`. The unit tests run the same
-//! `Engine` on a host emulator of the kernels (`emu`), against the CPU backend.
+//! here, which executes every op on any `Device`; [`CudaBackend`] is the engine on the real device.
+//! The unit tests run the same `Engine` on a host emulator of the kernels (`emu`), against the CPU
+//! backend.
 //!
-//! Semantics follow `cpu.rs` exactly, including the order of checks (unknown handles, then dtypes,
-//! then shapes, then values). Tensors are byte buffers with a dtype; all work is ordered on one
+//! Semantics follow the CPU backend exactly; operands arrive checked by [`super::op`], and the one
+//! check left here needs device values (gather's ids). Tensors are byte buffers with a dtype; all work is ordered on one
 //! stream, so a batch is simply the ops between `begin_batch` and `end_batch` (no synchronization
 //! in between), and only reads (and `gather_rows`, which must check its ids) wait for the device.
 
 mod compile;
-mod device;
+pub mod device;
 #[cfg(test)]
 mod emu;
 mod plan;
@@ -29,12 +30,12 @@ use self::plan::{
     AttnParams, BLOCK, Broadcast4, CopyParams, GatherParams, MATVEC_OUTPUTS_PER_BLOCK, MatmulParams, PermuteParams, RopeParams, bytes_of,
     gemm_plan, grid_for, matmul_grid, u32_of,
 };
-use super::dtype::{dtype_err, expect_dtype};
-use super::layout::{append_dims, attention_dims, concat_dims, gather_dims, permute_dims, reshape_check, rope_dims, slice_dims};
-use super::{
-    BackendKind, BinaryOp, DType, Determinism, GpuError, HostTensor, RawTensor, ReduceOp, Result, RopeMode, TensorBackend, TensorId,
-    UnaryOp, broadcast, check_param, check_shape, matmul_dims, numel, quant, reduced_shape, rope_table, rows_last, shape_err,
-};
+use super::backend::TensorBackend;
+use super::dtype::{DType, RawTensor};
+use super::op::{BinaryOp, Launch, Meta, Planned, ReduceOp, RopeMode, UnaryOp};
+use super::quant;
+use super::shape::{AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, check_shape, numel, rope_table, shape_err};
+use super::tensor::{BackendKind, Determinism, GpuError, HostTensor, Result, TensorId};
 
 /// The number of CUDA devices the driver reports; 0 (never an error or a panic) without a driver.
 pub fn device_count() -> usize {
@@ -75,19 +76,10 @@ fn check_available(ordinal: usize) -> Result<()> {
     Ok(())
 }
 
-/// The CUDA backend on one device.
-pub struct CudaBackend {
-    engine: Engine<RealDevice>,
-    ordinal: usize,
-}
+/// The CUDA backend on one device: the [`Engine`] over the real device.
+pub type CudaBackend = Engine<RealDevice>;
 
-impl std::fmt::Debug for CudaBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("device", &self.engine.dev).field("ordinal", &self.ordinal).finish_non_exhaustive()
-    }
-}
-
-impl CudaBackend {
+impl Engine<RealDevice> {
     /// The backend on device 0.
     pub fn new(determinism: Determinism) -> Result<Self> {
         Self::new_on(0, determinism)
@@ -101,12 +93,12 @@ impl CudaBackend {
         // against cudarc panicking (a missing symbol in an old driver, say).
         let open = std::panic::catch_unwind(|| RealDevice::open(ordinal, determinism == Determinism::Fast))
             .unwrap_or_else(|_| Err(GpuError::Device("cuda start panicked".to_owned())))?;
-        Ok(Self { engine: Engine::new(open, determinism), ordinal })
+        Ok(Engine::on(open, determinism))
     }
 
     /// The device ordinal this backend runs on.
     pub fn ordinal(&self) -> usize {
-        self.ordinal
+        self.dev.ordinal()
     }
 }
 
@@ -120,7 +112,7 @@ struct Tensor<B> {
 }
 
 /// Every op of [`TensorBackend`] on a [`Device`].
-pub(crate) struct Engine<D: Device> {
+pub struct Engine<D: Device> {
     // Tensors before the device: buffers are released before the context they belong to.
     tensors: HashMap<TensorId, Tensor<D::Buf>>,
     dev: D,
@@ -130,6 +122,12 @@ pub(crate) struct Engine<D: Device> {
 }
 
 /// Tensors are released on the device's context, whichever thread drops the backend.
+impl<D: Device + std::fmt::Debug> std::fmt::Debug for Engine<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend").field("device", &self.dev).field("ordinal", &self.dev.ordinal()).finish_non_exhaustive()
+    }
+}
+
 impl<D: Device> Drop for Engine<D> {
     fn drop(&mut self) {
         if let Err(e) = self.dev.bind() {
@@ -139,7 +137,8 @@ impl<D: Device> Drop for Engine<D> {
 }
 
 impl<D: Device> Engine<D> {
-    pub(crate) fn new(dev: D, determinism: Determinism) -> Self {
+    /// The engine on `dev`.
+    pub(crate) fn on(dev: D, determinism: Determinism) -> Self {
         Self { tensors: HashMap::new(), dev, determinism, next_id: 1, live: 0 }
     }
 
@@ -181,12 +180,6 @@ impl<D: Device> Engine<D> {
         self.dev.copy(&t.buf, 0, &out.buf, 0, t.bytes)?;
         Ok(out)
     }
-
-    fn f32_operand(&self, op: &'static str, what: &str, id: TensorId) -> Result<&Tensor<D::Buf>> {
-        let t = self.get(id)?;
-        expect_dtype(op, what, t.dtype, DType::F32)?;
-        Ok(t)
-    }
 }
 
 /// Element size of an unquantized dtype, as the suffix of the layout kernels.
@@ -194,13 +187,6 @@ fn elem_kernel(dtype: DType) -> &'static str {
     if dtype == DType::F16 { "b16" } else { "b32" }
 }
 
-/// The refusal of the block types by the layout ops (as `cpu.rs` words it).
-fn unquantized(op: &'static str, what: &str, dtype: DType) -> Result<()> {
-    if dtype.is_quantized() {
-        return Err(dtype_err(op, format!("{what} must be an unquantized type (f32, f16 or i32), got {dtype}")));
-    }
-    Ok(())
-}
 
 impl<D: Device> TensorBackend for Engine<D> {
     fn kind(&self) -> BackendKind {
@@ -208,7 +194,10 @@ impl<D: Device> TensorBackend for Engine<D> {
     }
 
     fn describe(&self) -> String {
-        format!("cuda ({})", self.dev.describe())
+        match self.dev.ordinal() {
+            0 => format!("cuda ({})", self.dev.describe()),
+            n => format!("cuda ({}, device {n})", self.dev.describe()),
+        }
     }
 
     fn determinism(&self) -> Determinism {
@@ -257,32 +246,70 @@ impl<D: Device> TensorBackend for Engine<D> {
         Ok(())
     }
 
-    fn shape(&self, id: TensorId) -> Result<Vec<usize>> {
-        Ok(self.get(id)?.shape.clone())
+    fn meta(&self, id: TensorId) -> Result<Meta> {
+        let t = self.get(id)?;
+        Ok(Meta::new(t.shape.clone(), t.dtype))
     }
 
-    fn dtype(&self, id: TensorId) -> Result<DType> {
-        Ok(self.get(id)?.dtype)
+    fn execute(&mut self, p: Planned<'_>) -> Result<TensorId> {
+        let out = p.out().clone();
+        match p.launch() {
+            Launch::Matmul { dims, b } => self.op_matmul(p.x(0), p.x(1), dims, *b, out),
+            Launch::Binary { op, bc } => self.op_binary(*op, p.x(0), p.x(1), bc),
+            Launch::Unary { op } => self.op_unary(*op, p.x(0), out),
+            Launch::Softmax { rows, last } => {
+                let kernel = if self.repro() { "softmax_repro_f32" } else { "softmax_fast_f32" };
+                self.op_rows(kernel, p.x(0), &[], (*rows, *last), None, out)
+            }
+            Launch::Rmsnorm { eps, rows, last } => {
+                let kernel = if self.repro() { "rmsnorm_f32" } else { "rmsnorm_fast_f32" };
+                self.op_rows(kernel, p.x(0), &[p.x(1)], (*rows, *last), Some(*eps), out)
+            }
+            Launch::Layernorm { eps, rows, last } => {
+                let kernel = if self.repro() { "layernorm_f32" } else { "layernorm_fast_f32" };
+                self.op_rows(kernel, p.x(0), &[p.x(1), p.x(2)], (*rows, *last), Some(*eps), out)
+            }
+            Launch::Reduce { op, rows, last } => self.op_reduce(*op, p.x(0), *rows, *last, out),
+            Launch::Cast { from, to } => self.op_cast(p.x(0), *from, *to),
+            Launch::Reshape => {
+                let t = self.get(p.x(0))?;
+                let copy = self.copy_of(t, out.shape)?;
+                Ok(self.insert(copy))
+            }
+            Launch::Permute { axes } => self.op_permute(p.x(0), axes, out),
+            Launch::Slice { axis, start, len, split } => self.op_slice(p.x(0), *axis, *start, *len, *split, out),
+            Launch::Concat { axis, split } => self.op_concat(p.x(0), p.x(1), *axis, *split, out),
+            Launch::Append => self.op_append(p.x(0), p.x(1), out),
+            Launch::Gather { rows, dim } => self.op_gather(p.x(0), p.x(1), *rows, *dim, out),
+            Launch::Rope { pos0, theta, mode, dims } => self.op_rope(p.x(0), *pos0, *theta, *mode, dims, out),
+            Launch::Attention { pos0, scale, dims } => self.op_attention([p.x(0), p.x(1), p.x(2)], *pos0, *scale, dims, out),
+        }
     }
 
-    fn matmul(&mut self, a: TensorId, b: TensorId, transpose_a: bool, transpose_b: bool) -> Result<TensorId> {
+    /// Work is already queued in order on one stream; a batch needs no bookkeeping.
+    fn begin_batch(&mut self) {}
+
+    /// Reports an asynchronous failure recorded during the batch (without waiting for the device).
+    fn end_batch(&mut self) -> Result<()> {
+        self.dev.check()
+    }
+
+    fn live_bytes(&self) -> u64 {
+        self.live
+    }
+}
+
+/// The ops, on operands `Op::plan` checked.
+impl<D: Device> Engine<D> {
+    fn op_matmul(&mut self, a: TensorId, b: TensorId, dims: &MatmulDims, b_dtype: DType, out: Meta) -> Result<TensorId> {
         const OP: &str = "matmul";
         let (ta, tb) = (self.get(a)?, self.get(b)?);
-        expect_dtype(OP, "a", ta.dtype, DType::F32)?;
-        match tb.dtype {
-            DType::I32 => return Err(dtype_err(OP, "b must be f32, f16 or quantized, got i32")),
-            d if d.is_quantized() && !transpose_b => {
-                return Err(dtype_err(OP, format!("a {d} b must be transposed ([n, k] rows with blocks along k)")));
-            }
-            _ => {}
-        }
-        let (dims, out_shape) = matmul_dims(&ta.shape, &tb.shape, transpose_a, transpose_b)?;
-        let out = self.alloc(OP, DType::F32, out_shape)?;
+        let out = self.alloc(OP, DType::F32, out.shape)?;
         if out.bytes > 0 {
             if dims.k == 0 {
                 self.dev.zero(&out.buf, 0, out.bytes)?;
             } else {
-                let blas = match (tb.dtype, self.determinism, gemm_plan(&dims)) {
+                let blas = match (b_dtype, self.determinism, gemm_plan(dims)) {
                     (DType::F32, Determinism::Fast, Some(plan)) => self.dev.gemm(&plan, &ta.buf, &tb.buf, &out.buf),
                     _ => None,
                 };
@@ -290,13 +317,13 @@ impl<D: Device> TensorBackend for Engine<D> {
                     Some(r) => r?,
                     None => {
                         let suffix = if self.repro() { "_repro" } else { "" };
-                        let p = MatmulParams::new(&dims);
+                        let p = MatmulParams::new(dims);
                         let args = [Arg::Buf(&ta.buf), Arg::Buf(&tb.buf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
-                        if dims.m == 1 && transpose_b {
-                            let kernel = format!("matvec_{}{suffix}", tb.dtype);
+                        if dims.m == 1 && dims.transpose_b {
+                            let kernel = format!("matvec_{b_dtype}{suffix}");
                             self.run(&kernel, dims.batch * dims.n, MATVEC_OUTPUTS_PER_BLOCK, &args)?;
                         } else {
-                            self.dev.launch(&format!("matmul_{}{suffix}", tb.dtype), matmul_grid(&dims), &args)?;
+                            self.dev.launch(&format!("matmul_{b_dtype}{suffix}"), matmul_grid(dims), &args)?;
                         }
                     }
                 }
@@ -305,24 +332,21 @@ impl<D: Device> TensorBackend for Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId) -> Result<TensorId> {
+    fn op_binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId, bc: &Broadcast) -> Result<TensorId> {
         let (ta, tb) = (self.get(a)?, self.get(b)?);
-        expect_dtype(op.name(), "a", ta.dtype, DType::F32)?;
-        expect_dtype(op.name(), "b", tb.dtype, DType::F32)?;
-        let bc = broadcast(op.name(), &ta.shape, &tb.shape)?;
         let n = numel(&bc.out_shape);
         let out = self.alloc(op.name(), DType::F32, bc.out_shape.clone())?;
-        let p = Broadcast4::new(&bc);
+        let p = Broadcast4::new(bc);
         let args = [Arg::Buf(&ta.buf), Arg::Buf(&tb.buf), Arg::Buf(&out.buf), Arg::U32(u32_of(n)), Arg::Pod(bytes_of(&p))];
         self.run(&format!("{}_f32", op.name()), n, BLOCK as usize, &args)?;
         Ok(self.insert(out))
     }
 
-    fn unary(&mut self, op: UnaryOp, x: TensorId) -> Result<TensorId> {
-        let t = self.f32_operand(op.name(), "x", x)?;
-        let n = numel(&t.shape);
+    fn op_unary(&mut self, op: UnaryOp, x: TensorId, out: Meta) -> Result<TensorId> {
+        let t = self.get(x)?;
+        let n = numel(&out.shape);
         let factor = if let UnaryOp::Scale(s) = op { s } else { 1.0 };
-        let out = self.alloc(op.name(), DType::F32, t.shape.clone())?;
+        let out = self.alloc(op.name(), DType::F32, out.shape)?;
         let args = [Arg::Buf(&t.buf), Arg::Buf(&out.buf), Arg::U32(u32_of(n)), Arg::F32(factor)];
         // Reproducible mode: the transcendental ops run the portable functions of `gpu` (`_repro`).
         let portable = self.repro() && matches!(op, UnaryOp::Gelu | UnaryOp::Silu | UnaryOp::Tanh | UnaryOp::Exp);
@@ -331,64 +355,24 @@ impl<D: Device> TensorBackend for Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn softmax_last(&mut self, x: TensorId) -> Result<TensorId> {
-        let t = self.f32_operand("softmax_last", "x", x)?;
-        let (rows, last) = rows_last(&t.shape);
-        let out = self.alloc("softmax_last", DType::F32, t.shape.clone())?;
-        let kernel = if self.repro() { "softmax_repro_f32" } else { "softmax_fast_f32" };
-        let args = [Arg::Buf(&t.buf), Arg::Buf(&out.buf), Arg::U32(u32_of(rows)), Arg::U32(u32_of(last))];
-        self.run(kernel, if last == 0 { 0 } else { rows }, 1, &args)?;
-        Ok(self.insert(out))
-    }
-
-    fn rmsnorm(&mut self, x: TensorId, weight: TensorId, eps: f32) -> Result<TensorId> {
-        const OP: &str = "rmsnorm";
-        let (t, w) = (self.get(x)?, self.get(weight)?);
-        expect_dtype(OP, "x", t.dtype, DType::F32)?;
-        expect_dtype(OP, "weight", w.dtype, DType::F32)?;
-        check_param(OP, "weight", &t.shape, &w.shape)?;
-        let (rows, last) = rows_last(&t.shape);
-        let out = self.alloc(OP, DType::F32, t.shape.clone())?;
-        let kernel = if self.repro() { "rmsnorm_f32" } else { "rmsnorm_fast_f32" };
-        let args = [Arg::Buf(&t.buf), Arg::Buf(&w.buf), Arg::Buf(&out.buf), Arg::U32(u32_of(rows)), Arg::U32(u32_of(last)), Arg::F32(eps)];
-        self.run(kernel, if last == 0 { 0 } else { rows }, 1, &args)?;
-        Ok(self.insert(out))
-    }
-
-    fn layernorm(&mut self, x: TensorId, weight: TensorId, bias: TensorId, eps: f32) -> Result<TensorId> {
-        const OP: &str = "layernorm";
-        let (t, w, b) = (self.get(x)?, self.get(weight)?, self.get(bias)?);
-        expect_dtype(OP, "x", t.dtype, DType::F32)?;
-        expect_dtype(OP, "weight", w.dtype, DType::F32)?;
-        expect_dtype(OP, "bias", b.dtype, DType::F32)?;
-        check_param(OP, "weight", &t.shape, &w.shape)?;
-        check_param(OP, "bias", &t.shape, &b.shape)?;
-        let (rows, last) = rows_last(&t.shape);
-        let out = self.alloc(OP, DType::F32, t.shape.clone())?;
-        let kernel = if self.repro() { "layernorm_f32" } else { "layernorm_fast_f32" };
-        let args = [
-            Arg::Buf(&t.buf),
-            Arg::Buf(&w.buf),
-            Arg::Buf(&b.buf),
-            Arg::Buf(&out.buf),
-            Arg::U32(u32_of(rows)),
-            Arg::U32(u32_of(last)),
-            Arg::F32(eps),
-        ];
-        self.run(kernel, if last == 0 { 0 } else { rows }, 1, &args)?;
-        Ok(self.insert(out))
-    }
-
-    fn reduce_last(&mut self, op: ReduceOp, x: TensorId) -> Result<TensorId> {
-        let t = self.f32_operand(op.name(), "x", x)?;
-        let (rows, last) = rows_last(&t.shape);
-        if op == ReduceOp::Argmax && last == 0 {
-            return Err(shape_err("argmax_last", format!("the last axis of {:?} is empty", t.shape)));
+    /// Softmax or a norm: one thread per row of `last` elements; `params` are the norm's weight
+    /// (and bias), `eps` its epsilon.
+    fn op_rows(&mut self, kernel: &str, x: TensorId, params: &[TensorId], (rows, last): (usize, usize), eps: Option<f32>, out: Meta) -> Result<TensorId> {
+        let t = self.get(x)?;
+        let out = self.alloc("row op", DType::F32, out.shape)?;
+        let mut args = vec![Arg::Buf(&t.buf)];
+        for &id in params {
+            args.push(Arg::Buf(&self.get(id)?.buf));
         }
-        let out_shape = reduced_shape(&t.shape);
-        check_shape(op.name(), &out_shape)?;
-        let dtype = if op == ReduceOp::Argmax { DType::I32 } else { DType::F32 };
-        let out = self.alloc(op.name(), dtype, out_shape)?;
+        args.extend([Arg::Buf(&out.buf), Arg::U32(u32_of(rows)), Arg::U32(u32_of(last))]);
+        args.extend(eps.map(Arg::F32));
+        self.run(kernel, if last == 0 { 0 } else { rows }, 1, &args)?;
+        Ok(self.insert(out))
+    }
+
+    fn op_reduce(&mut self, op: ReduceOp, x: TensorId, rows: usize, last: usize, out: Meta) -> Result<TensorId> {
+        let t = self.get(x)?;
+        let out = self.alloc(op.name(), out.dtype, out.shape)?;
         // Sums in reproducible mode: one thread per row, in order; everything else: a block per row.
         let (kernel, per_block) = match (op, self.repro()) {
             (ReduceOp::Sum, true) => ("sum_last_f32", BLOCK as usize),
@@ -403,10 +387,9 @@ impl<D: Device> TensorBackend for Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn cast(&mut self, x: TensorId, to: DType) -> Result<TensorId> {
+    fn op_cast(&mut self, x: TensorId, from: DType, to: DType) -> Result<TensorId> {
         const OP: &str = "cast";
         let t = self.get(x)?;
-        let from = t.dtype;
         let n = numel(&t.shape);
         let kernel = match (from, to) {
             _ if from == to => {
@@ -423,9 +406,8 @@ impl<D: Device> TensorBackend for Engine<D> {
             (DType::Q8_0, DType::F32) => "dequantize_q8_0",
             (DType::Q4_0, DType::F32) => "dequantize_q4_0",
             (DType::Q4_1, DType::F32) => "dequantize_q4_1",
-            _ => return Err(dtype_err(OP, format!("cannot cast {from} to {to} (only to and from f32, and the identity)"))),
+            _ => return Err(self.unsupported(OP)),
         };
-        // `alloc` checks the block alignment of a quantized target (a DType error, as on the CPU).
         let out = self.alloc(OP, to, t.shape.clone())?;
         // The quantizers take one thread per 32-value block.
         let items = if to.is_quantized() { n / to.block_len() } else { n };
@@ -434,32 +416,20 @@ impl<D: Device> TensorBackend for Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn reshape(&mut self, x: TensorId, shape: &[usize]) -> Result<TensorId> {
-        let t = self.get(x)?;
-        reshape_check(&t.shape, shape)?;
-        t.dtype.byte_len("reshape", shape)?;
-        let out = self.copy_of(t, shape.to_vec())?;
-        Ok(self.insert(out))
-    }
-
-    fn permute(&mut self, x: TensorId, axes: &[usize]) -> Result<TensorId> {
+    fn op_permute(&mut self, x: TensorId, axes: &[usize], out: Meta) -> Result<TensorId> {
         const OP: &str = "permute";
         let t = self.get(x)?;
-        unquantized(OP, "x", t.dtype)?;
-        let out_shape = permute_dims(&t.shape, axes)?;
-        let out = self.alloc(OP, t.dtype, out_shape)?;
+        let out = self.alloc(OP, t.dtype, out.shape)?;
         let p = PermuteParams::new(&t.shape, axes);
         let args = [Arg::Buf(&t.buf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
         self.run(&format!("permute_{}", elem_kernel(t.dtype)), p.n as usize, BLOCK as usize, &args)?;
         Ok(self.insert(out))
     }
 
-    fn slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize) -> Result<TensorId> {
+    fn op_slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize, sp: AxisSplit, out: Meta) -> Result<TensorId> {
         const OP: &str = "slice";
         let t = self.get(x)?;
-        unquantized(OP, "x", t.dtype)?;
-        let (out_shape, sp) = slice_dims(&t.shape, axis, start, len)?;
-        let out = self.alloc(OP, t.dtype, out_shape)?;
+        let out = self.alloc(OP, t.dtype, out.shape)?;
         let p = CopyParams {
             outer: u32_of(sp.outer),
             row: u32_of(len * sp.inner),
@@ -473,14 +443,11 @@ impl<D: Device> TensorBackend for Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn concat(&mut self, a: TensorId, b: TensorId, axis: usize) -> Result<TensorId> {
+    fn op_concat(&mut self, a: TensorId, b: TensorId, axis: usize, sp: AxisSplit, out: Meta) -> Result<TensorId> {
         const OP: &str = "concat";
         let (ta, tb) = (self.get(a)?, self.get(b)?);
-        unquantized(OP, "a", ta.dtype)?;
-        expect_dtype(OP, "b", tb.dtype, ta.dtype)?;
-        let (out_shape, sp) = concat_dims(&ta.shape, &tb.shape, axis)?;
         let (la, lb) = (ta.shape[axis], tb.shape[axis]);
-        let out = self.alloc(OP, ta.dtype, out_shape)?;
+        let out = self.alloc(OP, ta.dtype, out.shape)?;
         let kernel = format!("copy_rows_{}", elem_kernel(ta.dtype));
         let dst_stride = u32_of((la + lb) * sp.inner);
         for (src, len, dst_offset) in [(ta, la, 0), (tb, lb, la * sp.inner)] {
@@ -499,12 +466,10 @@ impl<D: Device> TensorBackend for Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn append(&mut self, cache: TensorId, rows: TensorId) -> Result<()> {
+    fn op_append(&mut self, cache: TensorId, rows: TensorId, out: Meta) -> Result<TensorId> {
         const OP: &str = "append";
         let (tc, tr) = (self.get(cache)?, self.get(rows)?);
-        unquantized(OP, "cache", tc.dtype)?;
-        expect_dtype(OP, "rows", tr.dtype, tc.dtype)?;
-        let new_shape = append_dims(&tc.shape, &tr.shape)?;
+        let new_shape = out.shape;
         let new_bytes = tc.dtype.byte_len(OP, &new_shape)?;
         let (old_bytes, add) = (tc.bytes, tr.bytes);
         let cap = D::capacity(&tc.buf);
@@ -534,20 +499,14 @@ impl<D: Device> TensorBackend for Engine<D> {
         }
         tc.shape = new_shape;
         tc.bytes = new_bytes;
-        Ok(())
+        Ok(cache)
     }
 
-    fn gather_rows(&mut self, table: TensorId, ids: TensorId) -> Result<TensorId> {
+    fn op_gather(&mut self, table: TensorId, ids: TensorId, vocab: usize, dim: usize, out: Meta) -> Result<TensorId> {
         const OP: &str = "gather_rows";
         let (tt, ti) = (self.get(table)?, self.get(ids)?);
-        if tt.dtype == DType::I32 {
-            return Err(dtype_err(OP, "the table must be f32, f16 or quantized, got i32"));
-        }
-        expect_dtype(OP, "ids", ti.dtype, DType::I32)?;
-        let out_shape = gather_dims(&tt.shape, &ti.shape)?;
-        let (vocab, dim) = (tt.shape[0], tt.shape[1]);
         let n_ids = numel(&ti.shape);
-        let out = self.alloc(OP, DType::F32, out_shape)?;
+        let out = self.alloc(OP, DType::F32, out.shape)?;
         // The lowest position of a bad id, or u32::MAX.
         let bad = self.dev.alloc(4)?;
         self.dev.upload(&bad, 0, &u32::MAX.to_le_bytes())?;
@@ -567,40 +526,26 @@ impl<D: Device> TensorBackend for Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode) -> Result<TensorId> {
+    fn op_rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode, d: &RopeDims, out: Meta) -> Result<TensorId> {
         const OP: &str = "rope";
-        let t = self.f32_operand(OP, "x", x)?;
-        let d = rope_dims(&t.shape)?;
-        let out = self.alloc(OP, DType::F32, t.shape.clone())?;
+        let t = self.get(x)?;
+        let out = self.alloc(OP, DType::F32, out.shape)?;
         let pairs = d.batch * d.seq * d.heads * (d.dim / 2);
         if pairs > 0 {
             let table: Vec<u8> = rope_table(pos0, d.seq, d.dim, theta).iter().flat_map(|v| v.to_le_bytes()).collect();
             let tbuf = self.dev.alloc(table.len().max(4))?;
             self.dev.upload(&tbuf, 0, &table)?;
-            let p = RopeParams {
-                pairs: u32_of(pairs),
-                seq: u32_of(d.seq),
-                heads: u32_of(d.heads),
-                dim: u32_of(d.dim),
-                mode: match mode {
-                    RopeMode::Interleaved => 0,
-                    RopeMode::Neox => 2,
-                },
-            };
+            let p = RopeParams { pairs: u32_of(pairs), seq: u32_of(d.seq), heads: u32_of(d.heads), dim: u32_of(d.dim), mode: mode.ggml_code() };
             let args = [Arg::Buf(&t.buf), Arg::Buf(&tbuf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
             self.run("rope_f32", pairs, BLOCK as usize, &args)?;
         }
         Ok(self.insert(out))
     }
 
-    fn attention(&mut self, q: TensorId, k: TensorId, v: TensorId, pos0: u32, scale: f32) -> Result<TensorId> {
+    fn op_attention(&mut self, [q, k, v]: [TensorId; 3], pos0: u32, scale: f32, d: &AttentionDims, out: Meta) -> Result<TensorId> {
         const OP: &str = "attention";
         let (tq, tk, tv) = (self.get(q)?, self.get(k)?, self.get(v)?);
-        expect_dtype(OP, "q", tq.dtype, DType::F32)?;
-        expect_dtype(OP, "k", tk.dtype, DType::F32)?;
-        expect_dtype(OP, "v", tv.dtype, DType::F32)?;
-        let d = attention_dims(&tq.shape, &tk.shape, &tv.shape)?;
-        let out = self.alloc(OP, DType::F32, tq.shape.clone())?;
+        let out = self.alloc(OP, DType::F32, out.shape)?;
         let rows = d.batch * d.tq * d.hq;
         let p = AttnParams {
             batch: u32_of(d.batch),
@@ -616,109 +561,6 @@ impl<D: Device> TensorBackend for Engine<D> {
         let args = [Arg::Buf(&tq.buf), Arg::Buf(&tk.buf), Arg::Buf(&tv.buf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
         self.run(kernel, if d.dim == 0 { 0 } else { rows }, 1, &args)?;
         Ok(self.insert(out))
-    }
-
-    /// Work is already queued in order on one stream; a batch needs no bookkeeping.
-    fn begin_batch(&mut self) {}
-
-    /// Reports an asynchronous failure recorded during the batch (without waiting for the device).
-    fn end_batch(&mut self) -> Result<()> {
-        self.dev.check()
-    }
-
-    fn live_bytes(&self) -> u64 {
-        self.live
-    }
-}
-
-/// Forwards every op to the [`Engine`] on the real device.
-impl TensorBackend for CudaBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Cuda
-    }
-    fn describe(&self) -> String {
-        if self.ordinal == 0 { self.engine.describe() } else { format!("cuda ({}, device {})", self.engine.dev.describe(), self.ordinal) }
-    }
-    fn determinism(&self) -> Determinism {
-        self.engine.determinism()
-    }
-    fn upload(&mut self, t: &HostTensor) -> Result<TensorId> {
-        self.engine.upload(t)
-    }
-    fn read(&mut self, id: TensorId) -> Result<HostTensor> {
-        self.engine.read(id)
-    }
-    fn free(&mut self, id: TensorId) -> Result<()> {
-        self.engine.free(id)
-    }
-    fn shape(&self, id: TensorId) -> Result<Vec<usize>> {
-        self.engine.shape(id)
-    }
-    fn matmul(&mut self, a: TensorId, b: TensorId, transpose_a: bool, transpose_b: bool) -> Result<TensorId> {
-        self.engine.matmul(a, b, transpose_a, transpose_b)
-    }
-    fn binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId) -> Result<TensorId> {
-        self.engine.binary(op, a, b)
-    }
-    fn unary(&mut self, op: UnaryOp, x: TensorId) -> Result<TensorId> {
-        self.engine.unary(op, x)
-    }
-    fn softmax_last(&mut self, x: TensorId) -> Result<TensorId> {
-        self.engine.softmax_last(x)
-    }
-    fn rmsnorm(&mut self, x: TensorId, weight: TensorId, eps: f32) -> Result<TensorId> {
-        self.engine.rmsnorm(x, weight, eps)
-    }
-    fn layernorm(&mut self, x: TensorId, weight: TensorId, bias: TensorId, eps: f32) -> Result<TensorId> {
-        self.engine.layernorm(x, weight, bias, eps)
-    }
-    fn reduce_last(&mut self, op: ReduceOp, x: TensorId) -> Result<TensorId> {
-        self.engine.reduce_last(op, x)
-    }
-    fn dtype(&self, id: TensorId) -> Result<DType> {
-        self.engine.dtype(id)
-    }
-    fn upload_raw(&mut self, t: &RawTensor) -> Result<TensorId> {
-        self.engine.upload_raw(t)
-    }
-    fn read_raw(&mut self, id: TensorId) -> Result<RawTensor> {
-        self.engine.read_raw(id)
-    }
-    fn cast(&mut self, x: TensorId, to: DType) -> Result<TensorId> {
-        self.engine.cast(x, to)
-    }
-    fn reshape(&mut self, x: TensorId, shape: &[usize]) -> Result<TensorId> {
-        self.engine.reshape(x, shape)
-    }
-    fn permute(&mut self, x: TensorId, axes: &[usize]) -> Result<TensorId> {
-        self.engine.permute(x, axes)
-    }
-    fn slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize) -> Result<TensorId> {
-        self.engine.slice(x, axis, start, len)
-    }
-    fn concat(&mut self, a: TensorId, b: TensorId, axis: usize) -> Result<TensorId> {
-        self.engine.concat(a, b, axis)
-    }
-    fn append(&mut self, cache: TensorId, rows: TensorId) -> Result<()> {
-        self.engine.append(cache, rows)
-    }
-    fn gather_rows(&mut self, table: TensorId, ids: TensorId) -> Result<TensorId> {
-        self.engine.gather_rows(table, ids)
-    }
-    fn rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode) -> Result<TensorId> {
-        self.engine.rope(x, pos0, theta, mode)
-    }
-    fn attention(&mut self, q: TensorId, k: TensorId, v: TensorId, pos0: u32, scale: f32) -> Result<TensorId> {
-        self.engine.attention(q, k, v, pos0, scale)
-    }
-    fn begin_batch(&mut self) {
-        self.engine.begin_batch()
-    }
-    fn end_batch(&mut self) -> Result<()> {
-        self.engine.end_batch()
-    }
-    fn live_bytes(&self) -> u64 {
-        self.engine.live_bytes()
     }
 }
 

@@ -2,7 +2,7 @@
 //! the parameter structs that mirror the C structs in `kernels/*.cu`, launch geometry, the NVRTC
 //! target for a device, and the row-major to column-major mapping of cuBLAS GEMM calls.
 
-use crate::gpu::{Broadcast, MatmulDims};
+use crate::gpu::shape::{Broadcast, MatmulDims};
 
 /// Threads per block of every kernel (the kernels' shared-memory sizes assume it).
 pub(crate) const BLOCK: u32 = 256;
@@ -164,7 +164,7 @@ impl PermuteParams {
     /// Output element (i0..i3) of `permute(x, axes)` (padded to 4-D) reads x at
     /// `sum(i_k * strides[k])`: output axis k is input axis `axes[k]`.
     pub fn new(x_shape: &[usize], axes: &[usize]) -> Self {
-        let in_strides = crate::gpu::layout::strides(x_shape);
+        let in_strides = crate::gpu::shape::strides(x_shape);
         let pad = 4 - axes.len();
         let (mut dims, mut strides) = ([1usize; 4], [0usize; 4]);
         for (k, &a) in axes.iter().enumerate() {
@@ -234,7 +234,7 @@ pub(crate) fn choose_target(major: i32, minor: i32, supported: &[i32]) -> Option
 /// the same bytes. So row-major `C = op(A) @ op(B)` is column-major `C^T = op(B)^T @ op(A)^T`:
 /// cuBLAS's first operand is our `B`, its second our `A`, its `m` our `n` and its `n` our `m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct GemmPlan {
+pub struct GemmPlan {
     /// Transpose cuBLAS's first operand (our `B`).
     pub trans_first: bool,
     /// Transpose cuBLAS's second operand (our `A`).
@@ -280,7 +280,7 @@ pub(crate) fn gemm_plan(d: &MatmulDims) -> Option<GemmPlan> {
 mod tests {
     use super::*;
     use crate::gpu::kernels::{FILES, Lang};
-    use crate::gpu::{broadcast, matmul_dims};
+    use crate::gpu::shape::{broadcast, matmul_dims};
 
     #[test]
     fn grids_cover_the_work_and_stay_capped() {

@@ -19,7 +19,8 @@
 
 use std::collections::HashMap;
 
-use super::super::{DType, Determinism, MatmulDims, Result};
+use super::super::shape::MatmulDims;
+use super::super::{DType, Determinism, Result};
 use super::stream::{Gpu, Kernel, device_err};
 
 /// Below this many rows of `op(a)` the CPU set uses `mv_rb` (measured on lavapipe: `mm_rb` computes

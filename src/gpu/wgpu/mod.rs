@@ -18,7 +18,7 @@
 //! `argmax_last` outputs and layout ops of those carry their value range; ids from a cast are read
 //! back once (flushing an open batch) and the range is remembered.
 //!
-//! Nothing here panics on caller input: shapes are validated before any wgpu call, allocation runs
+//! Operands arrive checked by [`super::op`]. Nothing here panics on caller input: shapes are validated before any wgpu call, allocation runs
 //! inside an out-of-memory error scope, and device errors are collected by the uncaptured-error
 //! handler and reported by the next flush instead of hitting wgpu's default (panicking) handler.
 
@@ -32,13 +32,13 @@ use std::sync::{Arc, Mutex};
 pub use self::matmul::MatmulKernels;
 use self::matmul::MatmulPipelines;
 use self::stream::{Gpu, Kernel, Purpose, Stream, device_err};
-use super::dtype::{dtype_err, expect_dtype};
+use super::backend::TensorBackend;
+use super::dtype::{DType, RawTensor};
 use super::kernels::{FILES, Lang, compiled_source};
-use super::layout::{append_dims, attention_dims, concat_dims, gather_dims, permute_dims, reshape_check, rope_dims, slice_dims, strides};
-use super::{
-    BackendKind, BinaryOp, DType, Determinism, GpuError, HostTensor, RawTensor, ReduceOp, Result, RopeMode, TensorBackend, TensorId,
-    UnaryOp, broadcast, check_param, check_shape, matmul_dims, numel, quant, reduced_shape, rope_table, rows_last, shape_err,
-};
+use super::op::{BinaryOp, Launch, Meta, Planned, ReduceOp, RopeMode, UnaryOp};
+use super::quant;
+use super::shape::{AttentionDims, Broadcast, MatmulDims, RopeDims, numel, rope_table, shape_err, strides};
+use super::tensor::{BackendKind, Determinism, GpuError, HostTensor, Result, TensorId};
 
 /// The kernel file whose pipelines are specialized per call ([`matmul`]).
 const MATMUL_FILE: &str = "shaders/matmul.wgsl";
@@ -79,12 +79,6 @@ fn get(tensors: &HashMap<TensorId, WTensor>, id: TensorId) -> Result<&WTensor> {
 }
 
 /// Refuses the block types (the layout ops move single elements).
-fn unquantized(op: &'static str, what: &str, t: &WTensor) -> Result<()> {
-    if t.dtype.is_quantized() {
-        return Err(dtype_err(op, format!("{what} must be an unquantized type (f32, f16 or i32), got {}", t.dtype)));
-    }
-    Ok(())
-}
 
 /// One wgpu device and queue, its compiled pipelines and its tensors.
 pub struct WgpuBackend {
@@ -296,12 +290,6 @@ impl WgpuBackend {
         id
     }
 
-    fn expect_f32(&self, op: &'static str, what: &str, id: TensorId) -> Result<&WTensor> {
-        let t = self.get(id)?;
-        expect_dtype(op, what, t.dtype, DType::F32)?;
-        Ok(t)
-    }
-
     /// A new device buffer holding `bytes` (padded to a multiple of 4).
     fn upload_bytes(&mut self, bytes: &[u8]) -> Result<Arc<::wgpu::Buffer>> {
         let buf = self.stream.alloc(&self.gpu, bytes.len() as u64, Purpose::Upload)?;
@@ -329,16 +317,11 @@ impl WgpuBackend {
         self.stream.dispatch(&self.gpu, entry, params, &[(1, &t.buf), (3, out)], groups)
     }
 
-    fn row_op(
-        &mut self,
-        entry: &'static str,
-        x: TensorId,
-        out_shape: Vec<usize>,
-        out_dtype: DType,
-        params: &[u32],
-        extra: &[(u32, TensorId)],
-    ) -> Result<TensorId> {
-        let (rows, _) = rows_last(&self.get(x)?.shape);
+    /// Runs a row kernel (softmax, norms, reductions; `params` start with rows and row length),
+    /// making a tensor of `out`; `extra` are further bindings (weights, bias).
+    fn row_op(&mut self, entry: &'static str, x: TensorId, out: Meta, params: &[u32], extra: &[(u32, TensorId)]) -> Result<TensorId> {
+        let (out_shape, out_dtype) = (out.shape, out.dtype);
+        let rows = params[0] as usize;
         let out = self.output(numel(&out_shape) * 4)?;
         if numel(&out_shape) > 0 {
             let t = get(&self.tensors, x)?;
@@ -407,10 +390,24 @@ impl TensorBackend for WgpuBackend {
         Ok(self.insert(t.shape.clone(), DType::F32, buf, None))
     }
 
+    fn upload_raw(&mut self, t: &RawTensor) -> Result<TensorId> {
+        let t = RawTensor::new(t.dtype, t.shape.clone(), t.bytes.clone())?;
+        let ids = (t.dtype == DType::I32).then(|| i32_range(&t.bytes));
+        let buf = self.upload_bytes(&t.bytes)?;
+        Ok(self.insert(t.shape, t.dtype, buf, ids))
+    }
+
     fn read(&mut self, id: TensorId) -> Result<HostTensor> {
         let raw = self.read_raw(id)?;
         let data = quant::dequantize(raw.dtype, &raw.bytes, numel(&raw.shape))?;
         Ok(HostTensor { shape: raw.shape, data })
+    }
+
+    fn read_raw(&mut self, id: TensorId) -> Result<RawTensor> {
+        let t = self.get(id)?;
+        let (shape, dtype, buf, bytes) = (t.shape.clone(), t.dtype, t.buf.clone(), t.bytes());
+        let bytes = self.stream.read(&self.gpu, &buf, bytes as u64)?;
+        RawTensor::new(dtype, shape, bytes)
     }
 
     fn free(&mut self, id: TensorId) -> Result<()> {
@@ -419,29 +416,78 @@ impl TensorBackend for WgpuBackend {
         Ok(())
     }
 
-    fn shape(&self, id: TensorId) -> Result<Vec<usize>> {
-        Ok(self.get(id)?.shape.clone())
+    fn meta(&self, id: TensorId) -> Result<Meta> {
+        let t = self.get(id)?;
+        Ok(Meta::new(t.shape.clone(), t.dtype))
     }
 
-    fn matmul(&mut self, a: TensorId, b: TensorId, transpose_a: bool, transpose_b: bool) -> Result<TensorId> {
-        let (ta, tb) = (self.get(a)?, self.get(b)?);
-        expect_dtype("matmul", "a", ta.dtype, DType::F32)?;
-        let b_dtype = tb.dtype;
-        match b_dtype {
-            DType::I32 => return Err(dtype_err("matmul", "b must be f32, f16 or quantized, got i32")),
-            d if d.is_quantized() && !transpose_b => {
-                return Err(dtype_err("matmul", format!("{d} weights must be stored [n, k] (transpose_b = true)")));
+    fn execute(&mut self, p: Planned<'_>) -> Result<TensorId> {
+        let out = p.out().clone();
+        match p.launch() {
+            Launch::Matmul { dims, b } => self.op_matmul(p.x(0), p.x(1), dims, *b, out),
+            Launch::Binary { op, bc } => self.op_binary(*op, p.x(0), p.x(1), bc),
+            Launch::Unary { op } => self.op_unary(*op, p.x(0), out),
+            Launch::Softmax { rows, last } => {
+                let entry = match self.determinism {
+                    Determinism::Reproducible => "softmax_repro",
+                    Determinism::Fast => "softmax_fast",
+                };
+                self.row_op(entry, p.x(0), out, &[u32_of(*rows), u32_of(*last)], &[])
             }
-            _ => {}
+            Launch::Rmsnorm { eps, rows, last } => {
+                self.row_op("rmsnorm", p.x(0), out, &[u32_of(*rows), u32_of(*last), eps.to_bits()], &[(2, p.x(1))])
+            }
+            Launch::Layernorm { eps, rows, last } => {
+                let params = [u32_of(*rows), u32_of(*last), eps.to_bits()];
+                self.row_op("layernorm", p.x(0), out, &params, &[(2, p.x(1)), (4, p.x(2))])
+            }
+            Launch::Reduce { op, rows, last } => self.op_reduce(*op, p.x(0), *rows, *last, out),
+            Launch::Cast { from, to } => self.op_cast(p.x(0), *from, *to, out),
+            Launch::Reshape => {
+                let t = self.get(p.x(0))?;
+                let (buf, ids) = (t.buf.clone(), t.ids);
+                Ok(self.insert(out.shape, out.dtype, buf, ids))
+            }
+            Launch::Permute { axes } => self.op_permute(p.x(0), axes, out),
+            Launch::Slice { axis, start, .. } => self.op_slice(p.x(0), *axis, *start, out),
+            Launch::Concat { axis, .. } => self.op_concat(p.x(0), p.x(1), *axis, out),
+            Launch::Append => self.op_append(p.x(0), p.x(1), out),
+            Launch::Gather { rows, dim } => self.op_gather(p.x(0), p.x(1), *rows, *dim, out),
+            Launch::Rope { pos0, theta, mode, dims } => self.op_rope(p.x(0), *pos0, *theta, *mode, dims, out),
+            Launch::Attention { pos0, scale, dims } => self.op_attention([p.x(0), p.x(1), p.x(2)], *pos0, *scale, dims, out),
         }
-        let (dims, out_shape) = matmul_dims(&ta.shape, &tb.shape, transpose_a, transpose_b)?;
+    }
+
+    fn begin_batch(&mut self) {
+        self.stream.batching = true;
+    }
+
+    fn end_batch(&mut self) -> Result<()> {
+        self.stream.batching = false;
+        self.stream.flush(&self.gpu)
+    }
+
+    /// The sizes of the device buffers live tensors hold (a buffer shared by views counts once;
+    /// buffers are rounded up to the pool's power-of-two size classes).
+    fn live_bytes(&self) -> u64 {
+        let mut seen = HashSet::new();
+        self.tensors.values().filter(|t| seen.insert(Arc::as_ptr(&t.buf))).map(|t| t.buf.size()).sum()
+    }
+}
+
+/// The ops, on operands `Op::plan` checked; what remains here are the device's own limits (binding
+/// sizes) and gather's ids.
+impl WgpuBackend {
+    fn op_matmul(&mut self, a: TensorId, b: TensorId, dims: &MatmulDims, b_dtype: DType, out_meta: Meta) -> Result<TensorId> {
+        let (ta, tb) = (self.get(a)?, self.get(b)?);
         // The kernels read whole 16-byte vectors; pooled buffers are sized in multiples of 16 except
         // at a binding limit that is not one, where the last bytes could not be read.
         if [ta, tb].iter().any(|t| t.bytes() as u64 > t.buf.size() / 16 * 16) {
             return Err(GpuError::Unsupported { op: "matmul of a tensor at the binding size limit", backend: self.describe() });
         }
-        let out = self.output(numel(&out_shape) * 4)?;
-        if numel(&out_shape) > 0 {
+        let n = numel(&out_meta.shape);
+        let out = self.output(n * 4)?;
+        if n > 0 {
             let params = [
                 dims.batch,
                 dims.m,
@@ -449,26 +495,22 @@ impl TensorBackend for WgpuBackend {
                 dims.k,
                 dims.stride_a,
                 dims.stride_b,
-                transpose_a as usize,
-                transpose_b as usize,
+                dims.transpose_a as usize,
+                dims.transpose_b as usize,
                 b_dtype.code() as usize,
             ]
             .map(u32_of);
-            let plan = matmul::plan(self.matmul.set, self.determinism, &dims, b_dtype, &self.gpu);
+            let plan = matmul::plan(self.matmul.set, self.determinism, dims, b_dtype, &self.gpu);
             let kernel = self.matmul.get(&self.gpu, plan.variant)?;
             let (ta, tb) = (get(&self.tensors, a)?, get(&self.tensors, b)?);
             let bindings = [(1, &*ta.buf), (2, &*tb.buf), (3, &*out)];
             self.stream.dispatch_kernel(&self.gpu, kernel, plan.variant.entry, &params, &bindings, plan.groups)?;
         }
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(out_shape, DType::F32, out, None))
+        Ok(self.insert(out_meta.shape, DType::F32, out, None))
     }
 
-    fn binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId) -> Result<TensorId> {
-        let (ta, tb) = (self.get(a)?, self.get(b)?);
-        expect_dtype(op.name(), "a", ta.dtype, DType::F32)?;
-        expect_dtype(op.name(), "b", tb.dtype, DType::F32)?;
-        let bc = broadcast(op.name(), &ta.shape, &tb.shape)?;
+    fn op_binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId, bc: &Broadcast) -> Result<TensorId> {
         let n = numel(&bc.out_shape);
         let out = self.output(n * 4)?;
         if n > 0 {
@@ -480,12 +522,11 @@ impl TensorBackend for WgpuBackend {
             self.stream.dispatch(&self.gpu, op.name(), &params, &[(1, &ta.buf), (2, &tb.buf), (3, &out)], groups)?;
         }
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(bc.out_shape, DType::F32, out, None))
+        Ok(self.insert(bc.out_shape.clone(), DType::F32, out, None))
     }
 
-    fn unary(&mut self, op: UnaryOp, x: TensorId) -> Result<TensorId> {
-        let shape = self.expect_f32(op.name(), "x", x)?.shape.clone();
-        let n = numel(&shape);
+    fn op_unary(&mut self, op: UnaryOp, x: TensorId, out_meta: Meta) -> Result<TensorId> {
+        let n = numel(&out_meta.shape);
         let out = self.output(n * 4)?;
         if n > 0 {
             // Reproducible mode: the portable functions of `gpu` (`_repro`, bitwise equal to the CPU).
@@ -507,85 +548,25 @@ impl TensorBackend for WgpuBackend {
             self.map_op(entry, x, &[u32_of(n), factor.to_bits(), 0], n, &out)?;
         }
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(shape, DType::F32, out, None))
+        Ok(self.insert(out_meta.shape, DType::F32, out, None))
     }
 
-    fn softmax_last(&mut self, x: TensorId) -> Result<TensorId> {
-        let shape = self.expect_f32("softmax_last", "x", x)?.shape.clone();
-        let (rows, last) = rows_last(&shape);
-        let entry = match self.determinism {
-            Determinism::Reproducible => "softmax_repro",
-            Determinism::Fast => "softmax_fast",
-        };
-        self.row_op(entry, x, shape, DType::F32, &[u32_of(rows), u32_of(last)], &[])
-    }
-
-    fn rmsnorm(&mut self, x: TensorId, weight: TensorId, eps: f32) -> Result<TensorId> {
-        let (t, w) = (self.get(x)?, self.get(weight)?);
-        expect_dtype("rmsnorm", "x", t.dtype, DType::F32)?;
-        expect_dtype("rmsnorm", "weight", w.dtype, DType::F32)?;
-        check_param("rmsnorm", "weight", &t.shape, &w.shape)?;
-        let shape = t.shape.clone();
-        let (rows, last) = rows_last(&shape);
-        self.row_op("rmsnorm", x, shape, DType::F32, &[u32_of(rows), u32_of(last), eps.to_bits()], &[(2, weight)])
-    }
-
-    fn layernorm(&mut self, x: TensorId, weight: TensorId, bias: TensorId, eps: f32) -> Result<TensorId> {
-        let (t, w, b) = (self.get(x)?, self.get(weight)?, self.get(bias)?);
-        for (what, d) in [("x", t.dtype), ("weight", w.dtype), ("bias", b.dtype)] {
-            expect_dtype("layernorm", what, d, DType::F32)?;
-        }
-        check_param("layernorm", "weight", &t.shape, &w.shape)?;
-        check_param("layernorm", "bias", &t.shape, &b.shape)?;
-        let shape = t.shape.clone();
-        let (rows, last) = rows_last(&shape);
-        self.row_op("layernorm", x, shape, DType::F32, &[u32_of(rows), u32_of(last), eps.to_bits()], &[(2, weight), (4, bias)])
-    }
-
-    fn reduce_last(&mut self, op: ReduceOp, x: TensorId) -> Result<TensorId> {
-        let shape = self.expect_f32(op.name(), "x", x)?.shape.clone();
-        let (rows, last) = rows_last(&shape);
-        if op == ReduceOp::Argmax && last == 0 {
-            return Err(shape_err("argmax_last", format!("the last axis of {shape:?} is empty")));
-        }
-        let out_shape = reduced_shape(&shape);
-        check_shape(op.name(), &out_shape)?;
+    fn op_reduce(&mut self, op: ReduceOp, x: TensorId, rows: usize, last: usize, out: Meta) -> Result<TensorId> {
         let params = [u32_of(rows), u32_of(last)];
+        let id = self.row_op(op.name(), x, out, &params, &[])?;
         if op == ReduceOp::Argmax {
-            let id = self.row_op(op.name(), x, out_shape, DType::I32, &params, &[])?;
             let range = if rows == 0 { EMPTY } else { (0, i32::try_from(last - 1).unwrap_or(i32::MAX)) };
             if let Some(t) = self.tensors.get_mut(&id) {
                 t.ids = Some(range);
             }
-            return Ok(id);
         }
-        self.row_op(op.name(), x, out_shape, DType::F32, &params, &[])
+        Ok(id)
     }
 
-    // ---- dtypes, layout, gather, rotary, attention ----
-
-    fn dtype(&self, id: TensorId) -> Result<DType> {
-        Ok(self.get(id)?.dtype)
-    }
-
-    fn upload_raw(&mut self, t: &RawTensor) -> Result<TensorId> {
-        let t = RawTensor::new(t.dtype, t.shape.clone(), t.bytes.clone())?;
-        let ids = (t.dtype == DType::I32).then(|| i32_range(&t.bytes));
-        let buf = self.upload_bytes(&t.bytes)?;
-        Ok(self.insert(t.shape, t.dtype, buf, ids))
-    }
-
-    fn read_raw(&mut self, id: TensorId) -> Result<RawTensor> {
-        let t = self.get(id)?;
-        let (shape, dtype, buf, bytes) = (t.shape.clone(), t.dtype, t.buf.clone(), t.bytes());
-        let bytes = self.stream.read(&self.gpu, &buf, bytes as u64)?;
-        RawTensor::new(dtype, shape, bytes)
-    }
-
-    fn cast(&mut self, x: TensorId, to: DType) -> Result<TensorId> {
+    fn op_cast(&mut self, x: TensorId, from: DType, to: DType, out_meta: Meta) -> Result<TensorId> {
         const OP: &str = "cast";
         let t = self.get(x)?;
-        let (from, shape, n) = (t.dtype, t.shape.clone(), t.numel());
+        let (shape, n) = (out_meta.shape, t.numel());
         if from == to {
             let (buf, ids) = (t.buf.clone(), t.ids);
             return Ok(self.insert(shape, to, buf, ids));
@@ -594,15 +575,14 @@ impl TensorBackend for WgpuBackend {
             (DType::F32, DType::F16) => ("cast_f32_f16", [n, 0]),
             (DType::F32, DType::I32) => ("cast_f32_i32", [n, 0]),
             (DType::I32, DType::F32) => ("cast_i32_f32", [n, 0]),
-            (DType::F16, DType::F32) | (DType::Q8_0 | DType::Q4_0 | DType::Q4_1, DType::F32) => ("dequantize", [n, from.code() as usize]),
             (DType::F32, q) if q.is_quantized() => {
                 // GGUF's reference quantizer on the host: a read, `quant::quantize`, an upload.
-                q.byte_len(OP, &shape)?;
                 let raw = self.read(x)?;
                 let bytes = quant::quantize(q, &raw.data)?;
                 return self.upload_raw(&RawTensor::new(q, shape, bytes)?);
             }
-            _ => return Err(dtype_err(OP, format!("cannot convert {from} to {to}"))),
+            // f16 and the block types to f32 (planning allows no other conversion).
+            _ => ("dequantize", [n, from.code() as usize]),
         };
         let out = self.output(to.byte_len(OP, &shape)?)?;
         if n > 0 {
@@ -613,50 +593,36 @@ impl TensorBackend for WgpuBackend {
         Ok(self.insert(shape, to, out, None))
     }
 
-    fn reshape(&mut self, x: TensorId, shape: &[usize]) -> Result<TensorId> {
+    fn op_permute(&mut self, x: TensorId, axes: &[usize], out_meta: Meta) -> Result<TensorId> {
         let t = self.get(x)?;
-        reshape_check(&t.shape, shape)?;
-        t.dtype.byte_len("reshape", shape)?;
-        let (dtype, buf, ids) = (t.dtype, t.buf.clone(), t.ids);
-        Ok(self.insert(shape.to_vec(), dtype, buf, ids))
-    }
-
-    fn permute(&mut self, x: TensorId, axes: &[usize]) -> Result<TensorId> {
-        let t = self.get(x)?;
-        unquantized("permute", "x", t)?;
-        let out_shape = permute_dims(&t.shape, axes)?;
         let (dtype, ids) = (t.dtype, t.ids);
         let in_strides = strides(&t.shape);
         let mut src_strides = [0usize; 4];
         for (i, &a) in axes.iter().enumerate() {
             src_strides[4 - axes.len() + i] = in_strides[a];
         }
-        let out = self.output(dtype.byte_len("permute", &out_shape)?)?;
+        let out = self.output(dtype.byte_len("permute", &out_meta.shape)?)?;
         let src = get(&self.tensors, x)?.buf.clone();
-        self.record_copy(dtype, &src, &out, &Copy::full(pad4(&out_shape), 0, src_strides))?;
+        self.record_copy(dtype, &src, &out, &Copy::full(pad4(&out_meta.shape), 0, src_strides))?;
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(out_shape, dtype, out, ids))
+        Ok(self.insert(out_meta.shape, dtype, out, ids))
     }
 
-    fn slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize) -> Result<TensorId> {
+    fn op_slice(&mut self, x: TensorId, axis: usize, start: usize, out_meta: Meta) -> Result<TensorId> {
         let t = self.get(x)?;
-        unquantized("slice", "x", t)?;
-        let (out_shape, _) = slice_dims(&t.shape, axis, start, len)?;
         let (dtype, ids) = (t.dtype, t.ids);
         let in_strides = strides4(&t.shape);
         let src_off = start * in_strides[4 - t.shape.len() + axis];
         let src = t.buf.clone();
-        let out = self.output(dtype.byte_len("slice", &out_shape)?)?;
-        self.record_copy(dtype, &src, &out, &Copy::full(pad4(&out_shape), src_off, in_strides))?;
+        let out = self.output(dtype.byte_len("slice", &out_meta.shape)?)?;
+        self.record_copy(dtype, &src, &out, &Copy::full(pad4(&out_meta.shape), src_off, in_strides))?;
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(out_shape, dtype, out, ids))
+        Ok(self.insert(out_meta.shape, dtype, out, ids))
     }
 
-    fn concat(&mut self, a: TensorId, b: TensorId, axis: usize) -> Result<TensorId> {
+    fn op_concat(&mut self, a: TensorId, b: TensorId, axis: usize, out_meta: Meta) -> Result<TensorId> {
         let (ta, tb) = (self.get(a)?, self.get(b)?);
-        unquantized("concat", "a", ta)?;
-        expect_dtype("concat", "b", tb.dtype, ta.dtype)?;
-        let (out_shape, _) = concat_dims(&ta.shape, &tb.shape, axis)?;
+        let out_shape = out_meta.shape;
         let (dtype, ids) = (ta.dtype, union(ta.ids, tb.ids));
         let (sa, sb) = (strides4(&ta.shape), strides4(&tb.shape));
         let (bufa, bufb) = (ta.buf.clone(), tb.buf.clone());
@@ -672,11 +638,9 @@ impl TensorBackend for WgpuBackend {
         Ok(self.insert(out_shape, dtype, out, ids))
     }
 
-    fn append(&mut self, cache: TensorId, rows: TensorId) -> Result<()> {
+    fn op_append(&mut self, cache: TensorId, rows: TensorId, out: Meta) -> Result<TensorId> {
         let (tc, tr) = (self.get(cache)?, self.get(rows)?);
-        unquantized("append", "cache", tc)?;
-        expect_dtype("append", "rows", tr.dtype, tc.dtype)?;
-        let new_shape = append_dims(&tc.shape, &tr.shape)?;
+        let new_shape = out.shape;
         let dtype = tc.dtype;
         let (old_n, add_n) = (tc.numel(), tr.numel());
         let old_bytes = (old_n * dtype.block_bytes()) as u64;
@@ -714,24 +678,19 @@ impl TensorBackend for WgpuBackend {
             t.shape = new_shape;
             t.ids = ids;
         }
-        self.stream.end_op(&self.gpu)
+        self.stream.end_op(&self.gpu)?;
+        Ok(cache)
     }
 
-    fn gather_rows(&mut self, table: TensorId, ids: TensorId) -> Result<TensorId> {
+    fn op_gather(&mut self, table: TensorId, ids: TensorId, v: usize, d: usize, out_meta: Meta) -> Result<TensorId> {
         const OP: &str = "gather_rows";
-        let (tt, ti) = (self.get(table)?, self.get(ids)?);
-        if tt.dtype == DType::I32 {
-            return Err(dtype_err(OP, "the table must be f32, f16 or quantized, got i32"));
-        }
-        expect_dtype(OP, "ids", ti.dtype, DType::I32)?;
-        let out_shape = gather_dims(&tt.shape, &ti.shape)?;
-        let (v, d, dtype) = (tt.shape[0], tt.shape[1], tt.dtype);
+        let dtype = self.get(table)?.dtype;
         let (lo, hi) = self.id_range(ids)?;
         if lo <= hi && (lo < 0 || hi as usize >= v) {
             let bad = if lo < 0 { lo } else { hi };
             return Err(shape_err(OP, format!("id {bad} is outside the table's rows 0..{v}")));
         }
-        let n = numel(&out_shape);
+        let n = numel(&out_meta.shape);
         let out = self.output(n * 4)?;
         if n > 0 {
             let (tt, ti) = (get(&self.tensors, table)?, get(&self.tensors, ids)?);
@@ -740,23 +699,17 @@ impl TensorBackend for WgpuBackend {
             self.stream.dispatch(&self.gpu, "gather_rows", &params, &[(1, &tt.buf), (2, &ti.buf), (3, &out)], groups)?;
         }
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(out_shape, DType::F32, out, None))
+        Ok(self.insert(out_meta.shape, DType::F32, out, None))
     }
 
-    fn rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode) -> Result<TensorId> {
-        let t = self.expect_f32("rope", "x", x)?;
-        let shape = t.shape.clone();
-        let dims = rope_dims(&shape)?;
+    fn op_rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode, dims: &RopeDims, out_meta: Meta) -> Result<TensorId> {
+        let shape = out_meta.shape;
         let pairs = numel(&shape) / 2;
         let out = self.output(numel(&shape) * 4)?;
         if pairs > 0 {
             let table: Vec<u8> = rope_table(pos0, dims.seq, dims.dim, theta).iter().flat_map(|v| v.to_le_bytes()).collect();
             let table = self.upload_bytes(&table)?;
-            let mode = match mode {
-                RopeMode::Interleaved => 0,
-                RopeMode::Neox => 2,
-            };
-            let params = [pairs, dims.seq, dims.heads, dims.dim, mode].map(u32_of);
+            let params = [pairs, dims.seq, dims.heads, dims.dim, mode.ggml_code() as usize].map(u32_of);
             let t = get(&self.tensors, x)?;
             let groups = self.gpu.grid(pairs, 256);
             self.stream.dispatch(&self.gpu, "rope", &params, &[(1, &t.buf), (2, &table), (3, &out)], groups)?;
@@ -766,14 +719,10 @@ impl TensorBackend for WgpuBackend {
         Ok(self.insert(shape, DType::F32, out, None))
     }
 
-    fn attention(&mut self, q: TensorId, k: TensorId, v: TensorId, pos0: u32, scale: f32) -> Result<TensorId> {
-        let (tq, tk, tv) = (self.get(q)?, self.get(k)?, self.get(v)?);
-        for (what, t) in [("q", tq), ("k", tk), ("v", tv)] {
-            expect_dtype("attention", what, t.dtype, DType::F32)?;
-        }
-        let d = attention_dims(&tq.shape, &tk.shape, &tv.shape)?;
-        let shape = tq.shape.clone();
+    fn op_attention(&mut self, [q, k, v]: [TensorId; 3], pos0: u32, scale: f32, d: &AttentionDims, out_meta: Meta) -> Result<TensorId> {
+        let shape = out_meta.shape;
         let rows = d.batch * d.tq * d.hq;
+        // The scores buffer is this device's own limit.
         let scores = rows
             .checked_mul(d.tk)
             .filter(|&s| s <= u32::MAX as usize / 4)
@@ -797,22 +746,6 @@ impl TensorBackend for WgpuBackend {
         }
         self.stream.end_op(&self.gpu)?;
         Ok(self.insert(shape, DType::F32, out, None))
-    }
-
-    fn begin_batch(&mut self) {
-        self.stream.batching = true;
-    }
-
-    fn end_batch(&mut self) -> Result<()> {
-        self.stream.batching = false;
-        self.stream.flush(&self.gpu)
-    }
-
-    /// The sizes of the device buffers live tensors hold (a buffer shared by views counts once;
-    /// buffers are rounded up to the pool's power-of-two size classes).
-    fn live_bytes(&self) -> u64 {
-        let mut seen = HashSet::new();
-        self.tensors.values().filter(|t| seen.insert(Arc::as_ptr(&t.buf))).map(|t| t.buf.size()).sum()
     }
 }
 

@@ -10,6 +10,7 @@ use super::EmuDevice;
 use crate::gpu::cpu::CpuBackend;
 use crate::gpu::kernels::{FILES, Lang};
 use crate::gpu::quant;
+use crate::gpu::TensorOps;
 use crate::gpu::{
     BinaryOp, DType, Determinism, GpuError, HostTensor, RawTensor, ReduceOp, Result, RopeMode, TensorBackend, TensorId, UnaryOp,
 };
@@ -19,7 +20,7 @@ const MODES: [Determinism; 2] = [Determinism::Reproducible, Determinism::Fast];
 /// The emulated CUDA engine (cuBLAS emulated or not), or a loud skip without clang++.
 fn emu(det: Determinism, blas: bool) -> Option<Engine<EmuDevice>> {
     match EmuDevice::start(blas) {
-        Ok(dev) => Some(Engine::new(dev, det)),
+        Ok(dev) => Some(Engine::on(dev, det)),
         Err(why) => {
             // Only a missing compiler is a skip; a kernel that does not compile for the host is a failure.
             assert!(why.starts_with(super::NO_CXX), "the CUDA kernel emulator did not build: {why}");
@@ -645,31 +646,4 @@ fn batches_and_chained_ops_stay_on_the_device() {
             Ok(t)
         });
     });
-}
-
-/// Convenience wrappers so the tests read like the `Backend` API.
-trait Ops {
-    fn add(&mut self, a: TensorId, b: TensorId) -> Result<TensorId>;
-    fn relu(&mut self, x: TensorId) -> Result<TensorId>;
-    fn gelu(&mut self, x: TensorId) -> Result<TensorId>;
-    fn scale(&mut self, x: TensorId, f: f32) -> Result<TensorId>;
-    fn sum_last(&mut self, x: TensorId) -> Result<TensorId>;
-}
-
-impl<T: TensorBackend + ?Sized> Ops for T {
-    fn add(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
-        self.binary(BinaryOp::Add, a, b)
-    }
-    fn relu(&mut self, x: TensorId) -> Result<TensorId> {
-        self.unary(UnaryOp::Relu, x)
-    }
-    fn gelu(&mut self, x: TensorId) -> Result<TensorId> {
-        self.unary(UnaryOp::Gelu, x)
-    }
-    fn scale(&mut self, x: TensorId, f: f32) -> Result<TensorId> {
-        self.unary(UnaryOp::Scale(f), x)
-    }
-    fn sum_last(&mut self, x: TensorId) -> Result<TensorId> {
-        self.reduce_last(ReduceOp::Sum, x)
-    }
 }

@@ -27,8 +27,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use sha2::{Digest, Sha256};
 
-use super::gpu::{GpuStatus, SharedBackend, lock_backend};
-use crate::gpu::{DType, RawTensor, TensorId};
+use crate::gpu::pool::{SharedDevice, lock};
+use crate::gpu::{DType, GpuError, RawTensor, TensorId};
 
 /// Default cap on the bytes of cached constants (`gpu.max_constant_memory`).
 pub const DEFAULT_MAX_CONSTANT_MEMORY: u64 = 1 << 30;
@@ -120,7 +120,7 @@ struct State {
 /// Device tensors of verified constants, shared across evaluations, actors and runtimes. All
 /// its tensors live on one backend: a runtime may only use a cache made for its own backend.
 pub struct ConstantCache {
-    backend: SharedBackend,
+    backend: SharedDevice,
     source: Arc<dyn ConstantSource>,
     max_bytes: u64,
     state: Mutex<State>,
@@ -135,11 +135,15 @@ impl std::fmt::Debug for ConstantCache {
 }
 
 /// Why [`ConstantCache::acquire`] gave no tensor.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum AcquireError {
-    /// The actor's fault, or the device's: a status for the guest.
-    Status(GpuStatus),
-    /// The source failed: the evaluation must be retried later.
+    /// The item does not exist (the actor named it).
+    NotFound,
+    /// The item's data does not have the sha256 the actor named.
+    Mismatch,
+    /// The data does not fit the dtype and shape the actor named, or the device refused it.
+    Tensor(GpuError),
+    /// The source failed: not the actor's fault; the evaluation must be retried later.
     Unavailable(String),
 }
 
@@ -195,17 +199,17 @@ impl Drop for Loading<'_> {
 impl ConstantCache {
     /// A cache of at most `max_bytes` (beyond pinned entries, see the module doc) of constants
     /// on `backend`, fetched from `source`.
-    pub fn new(backend: SharedBackend, source: Arc<dyn ConstantSource>, max_bytes: u64) -> Arc<Self> {
+    pub fn new(backend: SharedDevice, source: Arc<dyn ConstantSource>, max_bytes: u64) -> Arc<Self> {
         Self::with_metrics(backend, source, max_bytes, ConstantMetrics::default())
     }
 
     /// As [`ConstantCache::new`], reporting into `metrics` (shared with the caches of the other
     /// devices of a pool: counters add up, gauges are sums).
-    pub fn with_metrics(backend: SharedBackend, source: Arc<dyn ConstantSource>, max_bytes: u64, metrics: ConstantMetrics) -> Arc<Self> {
+    pub fn with_metrics(backend: SharedDevice, source: Arc<dyn ConstantSource>, max_bytes: u64, metrics: ConstantMetrics) -> Arc<Self> {
         Arc::new(Self { backend, source, max_bytes, state: Mutex::new(State::default()), loaded: Condvar::new(), metrics })
     }
 
-    pub fn backend(&self) -> &SharedBackend {
+    pub fn backend(&self) -> &SharedDevice {
         &self.backend
     }
 
@@ -293,25 +297,25 @@ impl ConstantCache {
         let id = crate::protocol::b64::encode(&key.id);
         let data = match self.source.fetch(&id) {
             Ok(data) => data,
-            Err(SourceError::NotFound) => return Err(AcquireError::Status(GpuStatus::NotFound)),
+            Err(SourceError::NotFound) => return Err(AcquireError::NotFound),
             Err(SourceError::Unavailable(reason)) => return Err(AcquireError::Unavailable(format!("constant {id}: {reason}"))),
         };
         let digest: [u8; 32] = Sha256::digest(&data).into();
         if digest != key.sha256 {
             tracing::info!(item = %id, "constant refused: its data does not have the sha256 the actor named");
-            return Err(AcquireError::Status(GpuStatus::ConstantMismatch));
+            return Err(AcquireError::Mismatch);
         }
         // The right item under a dtype and shape of another size.
-        let raw = RawTensor::new(key.dtype, key.shape.clone(), data).map_err(|e| AcquireError::Status(GpuStatus::from(&e)))?;
+        let raw = RawTensor::new(key.dtype, key.shape.clone(), data).map_err(AcquireError::Tensor)?;
         self.reserve(bytes);
-        let uploaded = lock_backend(&self.backend).upload_raw(&raw);
+        let uploaded = lock(&self.backend).upload_raw(&raw);
         match uploaded {
             Ok(tensor) => Ok(tensor),
             Err(e) => {
                 let mut state = self.lock_state();
                 state.bytes = state.bytes.saturating_sub(bytes);
                 self.report(&mut state);
-                Err(AcquireError::Status(GpuStatus::from(&e)))
+                Err(AcquireError::Tensor(e))
             }
         }
     }
@@ -363,7 +367,7 @@ impl ConstantCache {
         if tensors.is_empty() {
             return;
         }
-        let mut backend = lock_backend(&self.backend);
+        let mut backend = lock(&self.backend);
         for t in tensors {
             if let Err(e) = backend.free(t) {
                 tracing::warn!(tensor = %t, error = %e, "cannot free an evicted constant");

@@ -1,7 +1,145 @@
-//! Shape checks and geometry of the layout, gather, rotary and attention ops, shared by every
-//! backend so the same misuse gets the same error everywhere.
+//! Shape checks and the geometry the kernels need, for every op: rank and size limits, matmul and
+//! broadcasting geometry, and the layout, gather, rotary and attention shapes. `op.rs` decides which
+//! check applies to which op; backends only read the geometry these functions return, so the same
+//! misuse gets the same error on every backend.
 
-use super::{Result, check_shape, numel, shape_err};
+use super::tensor::{GpuError, MAX_RANK, Result};
+
+
+pub(crate) fn shape_err(op: &'static str, details: impl Into<String>) -> GpuError {
+    GpuError::ShapeMismatch { op, details: details.into() }
+}
+
+pub(crate) fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Rank 1..=4, and the element count (and its byte size) fits comfortably in u32/u64 indexing.
+pub(crate) fn check_shape(op: &'static str, shape: &[usize]) -> Result<()> {
+    if shape.is_empty() || shape.len() > MAX_RANK {
+        return Err(shape_err(op, format!("rank must be 1..={MAX_RANK}, got shape {shape:?}")));
+    }
+    let mut n: u64 = 1;
+    for &d in shape {
+        n = n
+            .checked_mul(d as u64)
+            .filter(|&n| n <= u32::MAX as u64 / 4)
+            .ok_or_else(|| shape_err(op, format!("shape {shape:?} is too large")))?;
+    }
+    Ok(())
+}
+
+/// The geometry of a batched matmul: `batch` products of `[m, k] @ [k, n]`; a stride of 0 broadcasts
+/// a 2-D operand over the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MatmulDims {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+}
+
+/// Validates a matmul and returns its geometry and output shape. The leading (batch) axes of `a` and
+/// `b` must be equal, or one operand must be 2-D (shared across the batch).
+pub(crate) fn matmul_dims(a: &[usize], b: &[usize], transpose_a: bool, transpose_b: bool) -> Result<(MatmulDims, Vec<usize>)> {
+    const OP: &str = "matmul";
+    if a.len() < 2 || b.len() < 2 {
+        return Err(shape_err(OP, format!("operands need rank >= 2, got {a:?} and {b:?}")));
+    }
+    let (ba, ma) = a.split_at(a.len() - 2);
+    let (bb, mb) = b.split_at(b.len() - 2);
+    let (m, ka) = if transpose_a { (ma[1], ma[0]) } else { (ma[0], ma[1]) };
+    let (kb, n) = if transpose_b { (mb[1], mb[0]) } else { (mb[0], mb[1]) };
+    if ka != kb {
+        return Err(shape_err(OP, format!("inner dimensions differ: {a:?} (transpose {transpose_a}) @ {b:?} (transpose {transpose_b})")));
+    }
+    let batch_shape: Vec<usize> = if ba == bb || bb.is_empty() {
+        ba.to_vec()
+    } else if ba.is_empty() {
+        bb.to_vec()
+    } else {
+        return Err(shape_err(OP, format!("batch axes differ: {a:?} @ {b:?}")));
+    };
+    let mut out = batch_shape.clone();
+    out.extend([m, n]);
+    check_shape(OP, &out)?;
+    let dims = MatmulDims {
+        batch: numel(&batch_shape),
+        m,
+        n,
+        k: ka,
+        stride_a: if ba.is_empty() { 0 } else { m * ka },
+        stride_b: if bb.is_empty() { 0 } else { ka * n },
+        transpose_a,
+        transpose_b,
+    };
+    Ok((dims, out))
+}
+
+/// Numpy broadcasting of two shapes, padded to 4-D: the output shape (at the larger rank) and, for
+/// each operand, its element strides in the padded 4-D index space (0 on broadcast axes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Broadcast {
+    pub out_shape: Vec<usize>,
+    pub out4: [usize; 4],
+    pub a_strides: [usize; 4],
+    pub b_strides: [usize; 4],
+}
+
+pub(crate) fn broadcast(op: &'static str, a: &[usize], b: &[usize]) -> Result<Broadcast> {
+    let rank = a.len().max(b.len());
+    let pad = |s: &[usize]| {
+        let mut p = [1usize; 4];
+        p[4 - s.len()..].copy_from_slice(s);
+        p
+    };
+    let (pa, pb) = (pad(a), pad(b));
+    let mut out4 = [1usize; 4];
+    for i in 0..4 {
+        out4[i] = match (pa[i], pb[i]) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return Err(shape_err(op, format!("shapes {a:?} and {b:?} do not broadcast"))),
+        };
+    }
+    let strides = |p: [usize; 4]| {
+        let mut s = [0usize; 4];
+        let mut acc = 1;
+        for i in (0..4).rev() {
+            s[i] = if p[i] == 1 { 0 } else { acc };
+            acc *= p[i];
+        }
+        s
+    };
+    Ok(Broadcast { out_shape: out4[4 - rank..].to_vec(), out4, a_strides: strides(pa), b_strides: strides(pb) })
+}
+
+/// Rows and row length of a tensor seen as `[rows, last]`.
+pub(crate) fn rows_last(shape: &[usize]) -> (usize, usize) {
+    let last = *shape.last().unwrap_or(&1);
+    let rows = numel(&shape[..shape.len().saturating_sub(1)]);
+    (rows, last)
+}
+
+/// The output shape of a last-axis reduction.
+pub(crate) fn reduced_shape(shape: &[usize]) -> Vec<usize> {
+    if shape.len() == 1 { vec![1] } else { shape[..shape.len() - 1].to_vec() }
+}
+
+/// Checks a norm parameter (weight or bias) has shape `[last]`.
+pub(crate) fn check_param(op: &'static str, what: &str, x: &[usize], p: &[usize]) -> Result<()> {
+    let last = *x.last().unwrap_or(&0);
+    if p != [last] {
+        return Err(shape_err(op, format!("{what} must have shape [{last}] for input {x:?}, got {p:?}")));
+    }
+    Ok(())
+}
+
 
 /// `reshape`: same element count, rank 1..=4.
 pub(crate) fn reshape_check(x: &[usize], to: &[usize]) -> Result<()> {
@@ -15,7 +153,7 @@ pub(crate) fn reshape_check(x: &[usize], to: &[usize]) -> Result<()> {
 /// `permute`: `axes` is a permutation of `0..rank`; returns the output shape (`out[i] = x[axes[i]]`).
 pub(crate) fn permute_dims(x: &[usize], axes: &[usize]) -> Result<Vec<usize>> {
     let rank = x.len();
-    let mut seen = [false; super::MAX_RANK];
+    let mut seen = [false; MAX_RANK];
     if axes.len() != rank || axes.iter().any(|&a| a >= rank || std::mem::replace(&mut seen[a], true)) {
         return Err(shape_err("permute", format!("axes {axes:?} are not a permutation of 0..{rank} for shape {x:?}")));
     }
@@ -90,26 +228,6 @@ pub(crate) fn gather_dims(table: &[usize], ids: &[usize]) -> Result<Vec<usize>> 
     Ok(out)
 }
 
-/// How rotary embedding pairs the features of a head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeMode {
-    /// Features `(2i, 2i+1)` rotate together (GGML's "normal" mode, used by GGUF llama models).
-    Interleaved,
-    /// Features `(i, i + d/2)` rotate together (GPT-NeoX, Hugging Face llama).
-    Neox,
-}
-
-impl RopeMode {
-    /// The ABI code: 0 interleaved, 2 neox (GGML's numbering).
-    pub fn from_code(code: i32) -> Option<Self> {
-        match code {
-            0 => Some(RopeMode::Interleaved),
-            2 => Some(RopeMode::Neox),
-            _ => None,
-        }
-    }
-}
-
 /// The geometry of `rope(x [.., t, h, d], pos0, theta, mode)`: `x` has rank 3 or 4, `d` is even.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RopeDims {
@@ -179,6 +297,28 @@ pub(crate) fn attention_dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<At
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broadcast_shapes() {
+        let b = broadcast("add", &[4, 1], &[1, 6]).unwrap();
+        assert_eq!(b.out_shape, vec![4, 6]);
+        assert_eq!(b.a_strides, [0, 0, 1, 0]);
+        assert_eq!(b.b_strides, [0, 0, 0, 1]);
+        assert!(broadcast("add", &[3], &[4]).is_err());
+        assert_eq!(broadcast("add", &[2, 3, 4], &[4]).unwrap().out_shape, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn matmul_shapes() {
+        let (d, out) = matmul_dims(&[2, 9, 13], &[13, 11], false, false).unwrap();
+        assert_eq!(out, vec![2, 9, 11]);
+        assert_eq!((d.batch, d.m, d.n, d.k, d.stride_a, d.stride_b), (2, 9, 11, 13, 117, 0));
+        let (_, out) = matmul_dims(&[5, 3], &[7, 5], true, true).unwrap();
+        assert_eq!(out, vec![3, 7]);
+        assert!(matmul_dims(&[3, 5], &[4, 7], false, false).is_err());
+        assert!(matmul_dims(&[2, 3, 5], &[3, 5, 7], false, false).is_err());
+        assert!(matmul_dims(&[5], &[5, 7], false, false).is_err());
+    }
 
     #[test]
     fn layout_shapes() {

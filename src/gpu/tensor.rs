@@ -1,0 +1,141 @@
+//! The small vocabulary every floor of `gpu` shares: errors, tensor handles, host tensors, the
+//! determinism mode and the backend kinds. Imports nothing else of `gpu` but shape checks.
+
+use std::fmt;
+
+use super::shape::{check_shape, numel, shape_err};
+
+
+/// Errors from the tensor layer; each variant is a decision for the caller.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GpuError {
+    /// The caller's shapes do not fit the op: reject the request.
+    #[error("shape mismatch in {op}: {details}")]
+    ShapeMismatch { op: &'static str, details: String },
+    /// The handle was never issued by this backend or was already freed: reject the request.
+    #[error("unknown tensor {0}")]
+    UnknownTensor(TensorId),
+    /// An operand has a dtype the op does not take (or a quantized shape that is not block-aligned).
+    #[error("dtype mismatch in {op}: {details}")]
+    DType { op: &'static str, details: String },
+    /// The device cannot hold the tensor: free something or retry smaller.
+    #[error("out of memory: requested {requested} bytes, {available} available")]
+    OutOfMemory { requested: u64, available: u64 },
+    /// This backend does not implement the op (or is not usable at all): choose another backend.
+    #[error("{op} is not supported on the {backend} backend")]
+    Unsupported { op: &'static str, backend: String },
+    /// The device failed: drain and re-create the backend.
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+pub type Result<T, E = GpuError> = std::result::Result<T, E>;
+
+/// A handle to a tensor resident on one backend. Ids are never reused by a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(pub u64);
+
+impl fmt::Display for TensorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// The most dimensions a tensor may have.
+pub const MAX_RANK: usize = 4;
+
+/// An f32 tensor in host memory: row-major, contiguous.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Checks that the rank is 1..=4 and `data` holds exactly `shape.product()` values.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let t = Self { shape, data };
+        t.check()?;
+        Ok(t)
+    }
+
+    /// The checks of [`HostTensor::new`] on a tensor built by hand (its fields are public), without
+    /// copying it: what every backend's `upload` runs first.
+    pub fn check(&self) -> Result<()> {
+        check_shape("upload", &self.shape)?;
+        let n = numel(&self.shape);
+        if n != self.data.len() {
+            return Err(shape_err("upload", format!("shape {:?} needs {n} values, got {}", self.shape, self.data.len())));
+        }
+        Ok(())
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+}
+
+/// Whether reductions must be bitwise reproducible across backends, chosen when a backend is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Determinism {
+    /// Fixed reduction order, no FMA contraction, portable exp / tanh / silu / gelu: CPU, wgpu and
+    /// CUDA agree bitwise.
+    Reproducible,
+    /// Whatever is fastest on the device (matrixmultiply on the CPU, tiled matmul on wgpu).
+    Fast,
+}
+
+impl Determinism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Determinism::Reproducible => "reproducible",
+            Determinism::Fast => "fast",
+        }
+    }
+
+    /// `"reproducible"` or `"fast"`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "reproducible" => Some(Determinism::Reproducible),
+            "fast" => Some(Determinism::Fast),
+            _ => None,
+        }
+    }
+}
+
+/// Which backend implementation; the order of [`DEFAULT_ORDER`] is the documented selection order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    Cuda,
+    Wgpu,
+    Cpu,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cpu => "cpu",
+        }
+    }
+
+    /// `"cuda"`, `"wgpu"` or `"cpu"`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "cuda" => Some(BackendKind::Cuda),
+            "wgpu" => Some(BackendKind::Wgpu),
+            "cpu" => Some(BackendKind::Cpu),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The documented default selection order: CUDA, then wgpu, then the CPU.
+pub const DEFAULT_ORDER: &[BackendKind] = &[BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Cpu];
