@@ -34,7 +34,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use ao_gpu_worker::bench::{self, Input, Skip, Work, Workload, host};
-use ao_gpu_worker::gpu::{Backend, BackendKind, DType, Determinism, RawTensor, ReduceOp, RopeMode, TensorId, UnaryOp};
+use ao_gpu_worker::gpu::{Backend, BackendKind, DType, Determinism, RawTensor, ReduceOp, RopeMode, TensorId, TensorOps, UnaryOp};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 

@@ -128,7 +128,10 @@ impl RawTensor {
         super::shape::check_shape("upload", &shape)?;
         let want = dtype.byte_len("upload", &shape)?;
         if bytes.len() != want {
-            return Err(super::shape::shape_err("upload", format!("a {dtype} tensor of shape {shape:?} is {want} bytes, got {}", bytes.len())));
+            return Err(super::shape::shape_err(
+                "upload",
+                format!("a {dtype} tensor of shape {shape:?} is {want} bytes, got {}", bytes.len()),
+            ));
         }
         Ok(Self { dtype, shape, bytes })
     }

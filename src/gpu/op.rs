@@ -13,13 +13,13 @@
 //! one function per backend (`cpu`, `wgpu`, `cuda`) called from its `execute`, and its code in the
 //! host ABI table (`runtime/host/gpu/abi.rs`, mirrored by include/ao_gpu.h).
 
+use super::backend::TensorBackend;
 use super::dtype::{DType, dtype_err, expect_dtype};
 use super::shape::{
-    AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, append_dims, attention_dims, broadcast, check_param, check_shape, concat_dims,
-    gather_dims, matmul_dims, numel, permute_dims, reduced_shape, reshape_check, rope_dims, rows_last, shape_err, slice_dims,
+    AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, append_dims, attention_dims, broadcast, check_param, check_shape,
+    concat_dims, gather_dims, matmul_dims, numel, permute_dims, reduced_shape, reshape_check, rope_dims, rows_last, shape_err, slice_dims,
 };
 use super::tensor::{GpuError, Result, TensorId};
-use super::backend::TensorBackend;
 
 /// Elementwise ops on two tensors with numpy broadcasting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,26 +224,74 @@ pub struct Plan {
 /// the operands' shapes. Made only by planning, so a backend never sees an unchecked operand.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Launch {
-    Matmul { dims: MatmulDims, b: DType },
-    Binary { op: BinaryOp, bc: Broadcast },
-    Unary { op: UnaryOp },
+    Matmul {
+        dims: MatmulDims,
+        b: DType,
+    },
+    Binary {
+        op: BinaryOp,
+        bc: Broadcast,
+    },
+    Unary {
+        op: UnaryOp,
+    },
     /// Softmax over rows of `last` elements.
-    Softmax { rows: usize, last: usize },
-    Rmsnorm { eps: f32, rows: usize, last: usize },
-    Layernorm { eps: f32, rows: usize, last: usize },
-    Reduce { op: ReduceOp, rows: usize, last: usize },
-    Cast { from: DType, to: DType },
+    Softmax {
+        rows: usize,
+        last: usize,
+    },
+    Rmsnorm {
+        eps: f32,
+        rows: usize,
+        last: usize,
+    },
+    Layernorm {
+        eps: f32,
+        rows: usize,
+        last: usize,
+    },
+    Reduce {
+        op: ReduceOp,
+        rows: usize,
+        last: usize,
+    },
+    Cast {
+        from: DType,
+        to: DType,
+    },
     Reshape,
-    Permute { axes: Vec<usize> },
+    Permute {
+        axes: Vec<usize>,
+    },
     /// `split` is the input seen as `[outer, axis, inner]`.
-    Slice { axis: usize, start: usize, len: usize, split: AxisSplit },
+    Slice {
+        axis: usize,
+        start: usize,
+        len: usize,
+        split: AxisSplit,
+    },
     /// `split` is the output seen as `[outer, axis, inner]`.
-    Concat { axis: usize, split: AxisSplit },
+    Concat {
+        axis: usize,
+        split: AxisSplit,
+    },
     Append,
     /// A table of `rows` rows of `dim` elements.
-    Gather { rows: usize, dim: usize },
-    Rope { pos0: u32, theta: f32, mode: RopeMode, dims: RopeDims },
-    Attention { pos0: u32, scale: f32, dims: AttentionDims },
+    Gather {
+        rows: usize,
+        dim: usize,
+    },
+    Rope {
+        pos0: u32,
+        theta: f32,
+        mode: RopeMode,
+        dims: RopeDims,
+    },
+    Attention {
+        pos0: u32,
+        scale: f32,
+        dims: AttentionDims,
+    },
 }
 
 /// An op that [`TensorOps::run_with`] planned against the current metas of its operands: what

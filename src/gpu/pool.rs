@@ -444,7 +444,41 @@ fn opened(kind: BackendKind, backend: Backend, ordinal: usize, memory_bytes: Opt
     Opened { backend, ordinal, memory_bytes }
 }
 
-/// Every selected device of `kind` that opens; the reason for each that does not goes to `reasons`.
+/// How the pool enumerates and opens the devices of one kind (as ggml's backend registry): how
+/// many the kind has, where the capacity inventory lists them, and how to open device `index`.
+struct Registry {
+    count: fn() -> usize,
+    known: fn(&Inventory) -> &[KnownDevice],
+    /// How a device missing from the inventory is named.
+    noun: &'static str,
+    open: fn(usize, Determinism) -> Result<Backend>,
+}
+
+fn registry(kind: BackendKind) -> Registry {
+    match kind {
+        BackendKind::Cuda => Registry {
+            count: super::cuda::device_count,
+            known: |inv| &inv.cuda,
+            noun: "cuda device",
+            open: |i, d| super::cuda::CudaBackend::new_on(i, d).map(Backend::Cuda),
+        },
+        BackendKind::Wgpu => Registry {
+            count: super::wgpu::WgpuBackend::adapter_count,
+            known: |inv| &inv.wgpu,
+            noun: "wgpu adapter",
+            open: |i, d| super::wgpu::WgpuBackend::new_on(i, d).map(|b| Backend::Wgpu(Box::new(b))),
+        },
+        BackendKind::Cpu => Registry {
+            count: || 1,
+            known: |inv| inv.cpu.as_slice(),
+            noun: "cpu",
+            open: |_, d| Ok(Backend::Cpu(super::cpu::CpuBackend::new(d))),
+        },
+    }
+}
+
+/// Every selected device of `kind` that opens (every CUDA ordinal, every wgpu adapter, each on its
+/// own queue, or the one CPU device); the reason for each that does not goes to `reasons`.
 fn open_kind(
     kind: BackendKind,
     determinism: Determinism,
@@ -452,77 +486,30 @@ fn open_kind(
     inventory: &Inventory,
     reasons: &mut Vec<String>,
 ) -> Vec<Opened> {
-    match kind {
-        BackendKind::Cpu => match Backend::new(kind, determinism) {
-            Ok(b) => vec![opened(kind, b, 0, inventory.cpu.as_ref().and_then(|c| c.memory_bytes))],
+    let reg = registry(kind);
+    let count = (reg.count)();
+    if count == 0 {
+        // The backend's own error names what is missing (driver, devices, NVRTC, Vulkan loader,
+        // or the `cuda` feature in this build).
+        match Backend::new(kind, determinism) {
+            Err(e) => reasons.push(e.to_string()),
+            Ok(_) => reasons.push(format!("{kind} lists no device")),
+        }
+        return Vec::new();
+    }
+    let known = (reg.known)(inventory);
+    // The CPU is one device that `gpu.devices` (a GPU selection) does not restrict.
+    if kind == BackendKind::Cpu {
+        return match (reg.open)(0, determinism) {
+            Ok(b) => vec![opened(kind, b, 0, known.first().and_then(|c| c.memory_bytes))],
             Err(e) => {
                 reasons.push(e.to_string());
                 Vec::new()
             }
-        },
-        BackendKind::Cuda => open_cuda(determinism, selection, inventory, reasons),
-        BackendKind::Wgpu => open_wgpu(determinism, selection, inventory, reasons),
-    }
-}
-
-/// Every CUDA ordinal the driver reports, each on its own context and stream.
-#[cfg(feature = "cuda")]
-fn open_cuda(determinism: Determinism, selection: &DeviceSelection, inventory: &Inventory, reasons: &mut Vec<String>) -> Vec<Opened> {
-    let kind = BackendKind::Cuda;
-    let count = super::cuda::device_count();
-    if count == 0 {
-        // The backend's own check names what is missing (driver, devices, NVRTC).
-        match super::cuda::CudaBackend::new(determinism) {
-            Err(e) => reasons.push(e.to_string()),
-            Ok(_) => reasons.push("the driver reports no device".to_owned()),
-        }
-        return Vec::new();
+        };
     }
     let names: Vec<(usize, String)> =
-        (0..count).map(|o| (o, inventory.cuda.get(o).map_or_else(|| format!("cuda device {o}"), |d| d.name.clone()))).collect();
-    warn_unmatched(kind, selection, &names);
-    let mut out = Vec::new();
-    for (ordinal, name) in names {
-        if !selection.matches(ordinal, &name) {
-            skip(kind, ordinal, &name, format!("not in gpu.devices {selection}"), reasons);
-            continue;
-        }
-        match super::cuda::CudaBackend::new_on(ordinal, determinism) {
-            Ok(b) => {
-                let memory = inventory.cuda.get(ordinal).and_then(|d| d.memory_bytes);
-                out.push(opened(kind, Backend::Cuda(b), ordinal, memory));
-            }
-            Err(e) => skip(kind, ordinal, &name, e.to_string(), reasons),
-        }
-    }
-    out
-}
-
-/// Without the `cuda` feature there is no device to count: the backend says why.
-#[cfg(not(feature = "cuda"))]
-fn open_cuda(determinism: Determinism, _selection: &DeviceSelection, _inventory: &Inventory, reasons: &mut Vec<String>) -> Vec<Opened> {
-    match Backend::new(BackendKind::Cuda, determinism) {
-        Err(e) => reasons.push(e.to_string()),
-        Ok(_) => reasons.push("the cuda backend started without the `cuda` feature".to_owned()),
-    }
-    Vec::new()
-}
-
-/// Every selected wgpu adapter, each with its own device and queue, by its index in
-/// `enumerate_adapters` order (the order of the capacity inventory and `ao-gpu-worker capacity`).
-fn open_wgpu(determinism: Determinism, selection: &DeviceSelection, inventory: &Inventory, reasons: &mut Vec<String>) -> Vec<Opened> {
-    let kind = BackendKind::Wgpu;
-    let count = super::wgpu::WgpuBackend::adapter_count();
-    if count == 0 {
-        // The backend's own error says why (no adapter, no Vulkan loader, ...).
-        match Backend::new(kind, determinism) {
-            Err(e) => reasons.push(e.to_string()),
-            Ok(_) => reasons.push("wgpu lists no adapter".to_owned()),
-        }
-        return Vec::new();
-    }
-    let names: Vec<(usize, String)> =
-        (0..count).map(|i| (i, inventory.wgpu.get(i).map_or_else(|| format!("wgpu adapter {i}"), |d| d.name.clone()))).collect();
+        (0..count).map(|i| (i, known.get(i).map_or_else(|| format!("{} {i}", reg.noun), |d| d.name.clone()))).collect();
     warn_unmatched(kind, selection, &names);
     let mut out = Vec::new();
     for (index, name) in names {
@@ -530,11 +517,8 @@ fn open_wgpu(determinism: Determinism, selection: &DeviceSelection, inventory: &
             skip(kind, index, &name, format!("not in gpu.devices {selection}"), reasons);
             continue;
         }
-        match super::wgpu::WgpuBackend::new_on(index, determinism) {
-            Ok(b) => {
-                let memory = inventory.wgpu.get(index).and_then(|d| d.memory_bytes);
-                out.push(opened(kind, Backend::Wgpu(Box::new(b)), index, memory));
-            }
+        match (reg.open)(index, determinism) {
+            Ok(b) => out.push(opened(kind, b, index, known.get(index).and_then(|d| d.memory_bytes))),
             Err(e) => skip(kind, index, &name, e.to_string(), reasons),
         }
     }

@@ -272,7 +272,6 @@ pub fn repro_gelu(x: f32) -> f32 {
     mul_sigmoid(x, y, y_lo + (k_hi * v_lo + k_lo * v))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

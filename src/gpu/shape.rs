@@ -5,7 +5,6 @@
 
 use super::tensor::{GpuError, MAX_RANK, Result};
 
-
 pub(crate) fn shape_err(op: &'static str, details: impl Into<String>) -> GpuError {
     GpuError::ShapeMismatch { op, details: details.into() }
 }
@@ -139,7 +138,6 @@ pub(crate) fn check_param(op: &'static str, what: &str, x: &[usize], p: &[usize]
     }
     Ok(())
 }
-
 
 /// `reshape`: same element count, rank 1..=4.
 pub(crate) fn reshape_check(x: &[usize], to: &[usize]) -> Result<()> {

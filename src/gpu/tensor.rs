@@ -5,7 +5,6 @@ use std::fmt;
 
 use super::shape::{check_shape, numel, shape_err};
 
-
 /// Errors from the tensor layer; each variant is a decision for the caller.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GpuError {

@@ -50,23 +50,21 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store};
 
-pub use host::gpu::constants::{
-    ConstantCache, ConstantMetrics, ConstantSource, ConstantStats, DEFAULT_MAX_CONSTANT_MEMORY, SourceError,
-};
+pub use host::gpu::constants::{ConstantCache, ConstantMetrics, ConstantSource, ConstantStats, DEFAULT_MAX_CONSTANT_MEMORY, SourceError};
 pub use host::gpu::{
     BYTES_PER_GAS, CMD_F, CMD_FLOATS, CMD_I, CMD_IN, CMD_INPUTS, CMD_INTS, CMD_OP, CMD_OUT, CMD_RESERVED, CMD_SIZE,
-    DEFAULT_MAX_DEVICE_MEMORY, FLOPS_PER_GAS, FUNCTIONS as GPU_FUNCTIONS, GAS_PER_CALL, GAS_PER_COMMAND, GpuConfig, GpuStatus,
-    MAX_HANDLES, gas as gpu_gas, op as gpu_op,
+    DEFAULT_MAX_DEVICE_MEMORY, FLOPS_PER_GAS, FUNCTIONS as GPU_FUNCTIONS, GAS_PER_CALL, GAS_PER_COMMAND, GpuConfig, GpuStatus, MAX_HANDLES,
+    gas as gpu_gas, op as gpu_op,
 };
-pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
 pub use host::wasi::LOG_CAP;
+pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
 
 pub use crate::gpu::pool::{DeviceInfo, DeviceLoad, DevicePool, SharedDevice as SharedBackend};
 use crate::gpu::{Backend, BackendKind, Determinism};
 use crate::protocol::Tag;
+use cache::DiskCache;
 use host::HostState;
 use host::{gpu, wasi};
-use cache::DiskCache;
 use limits::StoreLimiter;
 
 /// The only module format the runtime runs.

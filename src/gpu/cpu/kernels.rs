@@ -7,11 +7,11 @@
 
 use rayon::prelude::*;
 
-use super::PAR_MIN_ELEMS;
 use super::super::op::{ReduceOp, RopeMode, UnaryOp};
 use super::super::repro::{repro_exp_full, repro_gelu, repro_silu, repro_tanh};
 use super::super::shape::{AttentionDims, strides};
 use super::super::tensor::Determinism;
+use super::PAR_MIN_ELEMS;
 
 // ---- layout ----
 
@@ -55,7 +55,6 @@ pub(super) fn concat_runs<T: Copy>(a: &[T], b: &[T], outer: usize, ra: usize, rb
     }
     out
 }
-
 
 // ---- the reference kernels; `shaders/*.wgsl` mirror these operation for operation ----
 

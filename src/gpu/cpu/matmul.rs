@@ -269,7 +269,17 @@ pub(super) fn matmul_fast(d: &MatmulDims, a: &[f32], b: &[f32]) -> Vec<f32> {
 
 /// `c = a @ b` for `[m, k] @ [k, n]` views with the given (row, column) strides.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn sgemm(m: usize, k: usize, n: usize, a: &[f32], sa: (isize, isize), b: &[f32], sb: (isize, isize), c: &mut [f32], sc: (isize, isize)) {
+pub(super) fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    sa: (isize, isize),
+    b: &[f32],
+    sb: (isize, isize),
+    c: &mut [f32],
+    sc: (isize, isize),
+) {
     let last = |rows: usize, cols: usize, (rs, cs): (isize, isize)| (rows - 1) as isize * rs + (cols - 1) as isize * cs;
     let fits = m > 0
         && n > 0
@@ -485,4 +495,3 @@ pub(super) fn transpose_into(ct: &[f32], m: usize, c: &mut [f32]) {
         }
     }
 }
-

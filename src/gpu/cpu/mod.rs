@@ -163,7 +163,6 @@ impl CpuBackend {
     }
 }
 
-
 impl TensorBackend for CpuBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Cpu

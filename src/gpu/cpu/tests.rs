@@ -1,7 +1,6 @@
 //! Unit tests of the CPU backend: each op against an f64 reference or an index-level reference,
 //! bitwise properties of reproducible mode, and the dtype and shape errors.
 
-
 use super::matmul::*;
 use super::*;
 use crate::gpu::TensorOps;
@@ -73,8 +72,7 @@ fn matmul_f64(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], ta: bool, tb: 
 fn f32_matmul_matches_f64_in_both_modes() {
     let mut rng = fastrand::Rng::with_seed(1);
     for det in MODES {
-        for &(m, n, k) in
-            &[(1, 1, 1), (3, 5, 7), (7, 300, 65), (1, 513, 200), (17, 33, 65), (64, 48, 130), (2, 3, 0), (0, 4, 3), (4, 0, 3)]
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (7, 300, 65), (1, 513, 200), (17, 33, 65), (64, 48, 130), (2, 3, 0), (0, 4, 3), (4, 0, 3)]
         {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let mut b = CpuBackend::new(det);
@@ -84,13 +82,7 @@ fn f32_matmul_matches_f64_in_both_modes() {
                 let c = b.matmul(a, w, ta, tb).unwrap();
                 assert_eq!(b.shape(c).unwrap(), vec![m, n]);
                 let (want, abs) = matmul_f64(m, n, k, &av, &bv, ta, tb);
-                assert_within(
-                    &format!("{det:?} {m}x{n}x{k} {ta} {tb}"),
-                    &vals(&mut b, c),
-                    &want,
-                    &abs,
-                    (k + 1) as f64 * 2f64.powi(-24),
-                );
+                assert_within(&format!("{det:?} {m}x{n}x{k} {ta} {tb}"), &vals(&mut b, c), &want, &abs, (k + 1) as f64 * 2f64.powi(-24));
             }
         }
     }
@@ -711,9 +703,8 @@ fn attention_f64(q: &[f32], k: &[f32], v: &[f32], a: &AttentionDims, pos0: u32, 
                 let visible = (pos0 as usize + i + 1).min(a.tk);
                 let qo = ((b * a.tq + i) * a.hq + h) * a.dim;
                 let ko = |j: usize| ((b * a.tk + j) * a.hkv + g) * a.dim;
-                let s: Vec<f64> = (0..visible)
-                    .map(|j| (0..a.dim).map(|d| q[qo + d] as f64 * k[ko(j) + d] as f64).sum::<f64>() * scale as f64)
-                    .collect();
+                let s: Vec<f64> =
+                    (0..visible).map(|j| (0..a.dim).map(|d| q[qo + d] as f64 * k[ko(j) + d] as f64).sum::<f64>() * scale as f64).collect();
                 let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
                 let sum: f64 = e.iter().sum();
@@ -743,8 +734,7 @@ fn attention_matches_f64_reference() {
     for det in MODES {
         for &(qs, ks, pos0) in cases {
             let mut b = CpuBackend::new(det);
-            let (qv, kv, vv) =
-                (rand_vec(&mut rng, numel(qs), 2.0), rand_vec(&mut rng, numel(ks), 2.0), rand_vec(&mut rng, numel(ks), 1.0));
+            let (qv, kv, vv) = (rand_vec(&mut rng, numel(qs), 2.0), rand_vec(&mut rng, numel(ks), 2.0), rand_vec(&mut rng, numel(ks), 1.0));
             let dims = attention_dims(qs, ks, ks).unwrap();
             let scale = 1.0 / (dims.dim as f32).sqrt();
             let (q, k, v) = (up(&mut b, qs, qv.clone()), up(&mut b, ks, kv.clone()), up(&mut b, ks, vv.clone()));

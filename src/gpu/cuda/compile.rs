@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::plan::Target;
+use super::launch::Target;
 use crate::gpu::kernels::{Lang, headers};
 
 /// NVRTC options every kernel file is compiled with (plus `--gpu-architecture`). Spelled out even

@@ -17,7 +17,7 @@ use cudarc::driver::sys::{CUdeviceptr, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 
 use super::compile::{self, Image};
-use super::plan::{BLOCK, GemmPlan, Target, choose_target};
+use super::launch::{BLOCK, GemmPlan, Target, choose_target};
 use crate::gpu::kernels::{FILES, Lang};
 use crate::gpu::{GpuError, Result};
 

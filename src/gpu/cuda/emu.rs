@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use sha2::{Digest, Sha256};
 
 use super::device::{Arg, Device, check_range};
-use super::plan::GemmPlan;
+use super::launch::GemmPlan;
 use crate::gpu::kernels::{FILES, Lang, headers};
 use crate::gpu::{GpuError, Result};
 

@@ -6,7 +6,7 @@
 //! panic (cudarc's dynamic loading panics on a missing library) and reports
 //! "unavailable: no CUDA driver: …" cleanly; [`device_count`] is 0 on a machine without a driver.
 //!
-//! Layers: `plan` (pure geometry and parameter structs), `compile` (NVRTC and the cache),
+//! Layers: `launch` (pure launch geometry and parameter structs), `compile` (NVRTC and the cache),
 //! `device` (the [`device::Device`] trait and its cudarc implementation) and the generic [`Engine`]
 //! here, which executes every op on any `Device`; [`CudaBackend`] is the engine on the real device.
 //! The unit tests run the same `Engine` on a host emulator of the kernels (`emu`), against the CPU
@@ -21,12 +21,12 @@ mod compile;
 pub mod device;
 #[cfg(test)]
 mod emu;
-mod plan;
+mod launch;
 
 use std::collections::HashMap;
 
 use self::device::{Arg, Device, RealDevice};
-use self::plan::{
+use self::launch::{
     AttnParams, BLOCK, Broadcast4, CopyParams, GatherParams, MATVEC_OUTPUTS_PER_BLOCK, MatmulParams, PermuteParams, RopeParams, bytes_of,
     gemm_plan, grid_for, matmul_grid, u32_of,
 };
@@ -167,7 +167,7 @@ impl<D: Device> Engine<D> {
     }
 
     /// Launches `kernel` over `items` work items at `per_block` per block, unless there are none.
-    fn run(&self, kernel: &str, items: usize, per_block: usize, args: &[Arg<'_, D::Buf>]) -> Result<()> {
+    fn launch(&self, kernel: &str, items: usize, per_block: usize, args: &[Arg<'_, D::Buf>]) -> Result<()> {
         if items == 0 {
             return Ok(());
         }
@@ -186,7 +186,6 @@ impl<D: Device> Engine<D> {
 fn elem_kernel(dtype: DType) -> &'static str {
     if dtype == DType::F16 { "b16" } else { "b32" }
 }
-
 
 impl<D: Device> TensorBackend for Engine<D> {
     fn kind(&self) -> BackendKind {
@@ -321,7 +320,7 @@ impl<D: Device> Engine<D> {
                         let args = [Arg::Buf(&ta.buf), Arg::Buf(&tb.buf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
                         if dims.m == 1 && dims.transpose_b {
                             let kernel = format!("matvec_{b_dtype}{suffix}");
-                            self.run(&kernel, dims.batch * dims.n, MATVEC_OUTPUTS_PER_BLOCK, &args)?;
+                            self.launch(&kernel, dims.batch * dims.n, MATVEC_OUTPUTS_PER_BLOCK, &args)?;
                         } else {
                             self.dev.launch(&format!("matmul_{b_dtype}{suffix}"), matmul_grid(dims), &args)?;
                         }
@@ -338,7 +337,7 @@ impl<D: Device> Engine<D> {
         let out = self.alloc(op.name(), DType::F32, bc.out_shape.clone())?;
         let p = Broadcast4::new(bc);
         let args = [Arg::Buf(&ta.buf), Arg::Buf(&tb.buf), Arg::Buf(&out.buf), Arg::U32(u32_of(n)), Arg::Pod(bytes_of(&p))];
-        self.run(&format!("{}_f32", op.name()), n, BLOCK as usize, &args)?;
+        self.launch(&format!("{}_f32", op.name()), n, BLOCK as usize, &args)?;
         Ok(self.insert(out))
     }
 
@@ -351,13 +350,21 @@ impl<D: Device> Engine<D> {
         // Reproducible mode: the transcendental ops run the portable functions of `gpu` (`_repro`).
         let portable = self.repro() && matches!(op, UnaryOp::Gelu | UnaryOp::Silu | UnaryOp::Tanh | UnaryOp::Exp);
         let kernel = if portable { format!("{}_repro_f32", op.name()) } else { format!("{}_f32", op.name()) };
-        self.run(&kernel, n, BLOCK as usize, &args)?;
+        self.launch(&kernel, n, BLOCK as usize, &args)?;
         Ok(self.insert(out))
     }
 
     /// Softmax or a norm: one thread per row of `last` elements; `params` are the norm's weight
     /// (and bias), `eps` its epsilon.
-    fn op_rows(&mut self, kernel: &str, x: TensorId, params: &[TensorId], (rows, last): (usize, usize), eps: Option<f32>, out: Meta) -> Result<TensorId> {
+    fn op_rows(
+        &mut self,
+        kernel: &str,
+        x: TensorId,
+        params: &[TensorId],
+        (rows, last): (usize, usize),
+        eps: Option<f32>,
+        out: Meta,
+    ) -> Result<TensorId> {
         let t = self.get(x)?;
         let out = self.alloc("row op", DType::F32, out.shape)?;
         let mut args = vec![Arg::Buf(&t.buf)];
@@ -366,7 +373,7 @@ impl<D: Device> Engine<D> {
         }
         args.extend([Arg::Buf(&out.buf), Arg::U32(u32_of(rows)), Arg::U32(u32_of(last))]);
         args.extend(eps.map(Arg::F32));
-        self.run(kernel, if last == 0 { 0 } else { rows }, 1, &args)?;
+        self.launch(kernel, if last == 0 { 0 } else { rows }, 1, &args)?;
         Ok(self.insert(out))
     }
 
@@ -383,7 +390,7 @@ impl<D: Device> Engine<D> {
             (ReduceOp::Argmax, _) => ("argmax_last_i32", 1),
         };
         let args = [Arg::Buf(&t.buf), Arg::Buf(&out.buf), Arg::U32(u32_of(rows)), Arg::U32(u32_of(last))];
-        self.run(kernel, rows, per_block, &args)?;
+        self.launch(kernel, rows, per_block, &args)?;
         Ok(self.insert(out))
     }
 
@@ -412,7 +419,7 @@ impl<D: Device> Engine<D> {
         // The quantizers take one thread per 32-value block.
         let items = if to.is_quantized() { n / to.block_len() } else { n };
         let args = [Arg::Buf(&t.buf), Arg::Buf(&out.buf), Arg::U32(u32_of(items))];
-        self.run(kernel, items, BLOCK as usize, &args)?;
+        self.launch(kernel, items, BLOCK as usize, &args)?;
         Ok(self.insert(out))
     }
 
@@ -422,7 +429,7 @@ impl<D: Device> Engine<D> {
         let out = self.alloc(OP, t.dtype, out.shape)?;
         let p = PermuteParams::new(&t.shape, axes);
         let args = [Arg::Buf(&t.buf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
-        self.run(&format!("permute_{}", elem_kernel(t.dtype)), p.n as usize, BLOCK as usize, &args)?;
+        self.launch(&format!("permute_{}", elem_kernel(t.dtype)), p.n as usize, BLOCK as usize, &args)?;
         Ok(self.insert(out))
     }
 
@@ -439,7 +446,7 @@ impl<D: Device> Engine<D> {
             dst_offset: 0,
         };
         let args = [Arg::Buf(&t.buf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
-        self.run(&format!("copy_rows_{}", elem_kernel(t.dtype)), sp.outer * len * sp.inner, BLOCK as usize, &args)?;
+        self.launch(&format!("copy_rows_{}", elem_kernel(t.dtype)), sp.outer * len * sp.inner, BLOCK as usize, &args)?;
         Ok(self.insert(out))
     }
 
@@ -461,7 +468,7 @@ impl<D: Device> Engine<D> {
                 dst_offset: u32_of(dst_offset),
             };
             let args = [Arg::Buf(&src.buf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
-            self.run(&kernel, sp.outer * row, BLOCK as usize, &args)?;
+            self.launch(&kernel, sp.outer * row, BLOCK as usize, &args)?;
         }
         Ok(self.insert(out))
     }
@@ -511,10 +518,10 @@ impl<D: Device> Engine<D> {
         let bad = self.dev.alloc(4)?;
         self.dev.upload(&bad, 0, &u32::MAX.to_le_bytes())?;
         let check = [Arg::Buf(&ti.buf), Arg::U32(u32_of(n_ids)), Arg::U32(u32_of(vocab)), Arg::Buf(&bad)];
-        self.run("check_ids_i32", n_ids, BLOCK as usize, &check)?;
+        self.launch("check_ids_i32", n_ids, BLOCK as usize, &check)?;
         let p = GatherParams { n_ids: u32_of(n_ids), vocab: u32_of(vocab), dim: u32_of(dim) };
         let args = [Arg::Buf(&tt.buf), Arg::Buf(&ti.buf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
-        self.run(&format!("gather_rows_{}", tt.dtype), n_ids * dim, BLOCK as usize, &args)?;
+        self.launch(&format!("gather_rows_{}", tt.dtype), n_ids * dim, BLOCK as usize, &args)?;
         let flag = self.dev.download(&bad, 0, 4)?;
         let pos = u32::from_le_bytes([flag[0], flag[1], flag[2], flag[3]]);
         if pos != u32::MAX {
@@ -535,9 +542,10 @@ impl<D: Device> Engine<D> {
             let table: Vec<u8> = rope_table(pos0, d.seq, d.dim, theta).iter().flat_map(|v| v.to_le_bytes()).collect();
             let tbuf = self.dev.alloc(table.len().max(4))?;
             self.dev.upload(&tbuf, 0, &table)?;
-            let p = RopeParams { pairs: u32_of(pairs), seq: u32_of(d.seq), heads: u32_of(d.heads), dim: u32_of(d.dim), mode: mode.ggml_code() };
+            let p =
+                RopeParams { pairs: u32_of(pairs), seq: u32_of(d.seq), heads: u32_of(d.heads), dim: u32_of(d.dim), mode: mode.ggml_code() };
             let args = [Arg::Buf(&t.buf), Arg::Buf(&tbuf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
-            self.run("rope_f32", pairs, BLOCK as usize, &args)?;
+            self.launch("rope_f32", pairs, BLOCK as usize, &args)?;
         }
         Ok(self.insert(out))
     }
@@ -559,7 +567,7 @@ impl<D: Device> Engine<D> {
         };
         let kernel = if self.repro() { "attention_f32_repro" } else { "attention_f32" };
         let args = [Arg::Buf(&tq.buf), Arg::Buf(&tk.buf), Arg::Buf(&tv.buf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
-        self.run(kernel, if d.dim == 0 { 0 } else { rows }, 1, &args)?;
+        self.launch(kernel, if d.dim == 0 { 0 } else { rows }, 1, &args)?;
         Ok(self.insert(out))
     }
 }

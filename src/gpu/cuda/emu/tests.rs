@@ -7,10 +7,10 @@
 
 use super::super::Engine;
 use super::EmuDevice;
+use crate::gpu::TensorOps;
 use crate::gpu::cpu::CpuBackend;
 use crate::gpu::kernels::{FILES, Lang};
 use crate::gpu::quant;
-use crate::gpu::TensorOps;
 use crate::gpu::{
     BinaryOp, DType, Determinism, GpuError, HostTensor, RawTensor, ReduceOp, Result, RopeMode, TensorBackend, TensorId, UnaryOp,
 };

@@ -60,7 +60,6 @@ fn f32_le(bytes: &[u8], at: usize) -> f32 {
     f32::from_bits(u32_le(bytes, at))
 }
 
-
 /// What a single call or a `run` command does: an op (which makes a tensor, or for `Append` grows
 /// one), or freeing a handle.
 #[derive(Debug, Clone, PartialEq)]
@@ -366,29 +365,29 @@ impl Call<'_> {
             Command::Free
         } else {
             Command::Op(match code {
-            op::MATMUL => Op::Matmul { transpose_a: int(0) != 0, transpose_b: int(1) != 0 },
-            op::BINARY => Op::Binary(abi::binary_op(int(0)).ok_or_else(invalid)?),
-            op::UNARY => Op::Unary(abi::unary_op(int(0)).ok_or_else(invalid)?),
-            op::SCALE => Op::Unary(UnaryOp::Scale(float(0))),
-            op::SOFTMAX => Op::Softmax,
-            op::RMSNORM => Op::Rmsnorm { eps: float(0) },
-            op::LAYERNORM => Op::Layernorm { eps: float(0) },
-            op::REDUCE => Op::Reduce(abi::reduce_op(int(0)).ok_or_else(invalid)?),
-            op::CAST => Op::Cast(abi::dtype(int(0)).ok_or_else(invalid)?),
-            op::RESHAPE => Op::Reshape(list(int(0))?),
-            op::PERMUTE => Op::Permute(list(int(0))?),
-            op::SLICE => Op::Slice { axis: index(int(0))?, start: index(int(1))?, len: index(int(2))? },
-            op::CONCAT => Op::Concat { axis: index(int(0))? },
-            op::APPEND => Op::Append,
-            op::GATHER => Op::Gather,
-            op::ROPE => Op::Rope {
-                pos0: u32::try_from(int(0)).map_err(|_| invalid())?,
-                theta: float(0),
-                mode: abi::rope_mode(int(1)).ok_or_else(invalid)?,
-            },
-            op::ATTENTION => Op::Attention { pos0: u32::try_from(int(0)).map_err(|_| invalid())?, scale: float(0) },
-            _ => return Err(invalid()),
-        })
+                op::MATMUL => Op::Matmul { transpose_a: int(0) != 0, transpose_b: int(1) != 0 },
+                op::BINARY => Op::Binary(abi::binary_op(int(0)).ok_or_else(invalid)?),
+                op::UNARY => Op::Unary(abi::unary_op(int(0)).ok_or_else(invalid)?),
+                op::SCALE => Op::Unary(UnaryOp::Scale(float(0))),
+                op::SOFTMAX => Op::Softmax,
+                op::RMSNORM => Op::Rmsnorm { eps: float(0) },
+                op::LAYERNORM => Op::Layernorm { eps: float(0) },
+                op::REDUCE => Op::Reduce(abi::reduce_op(int(0)).ok_or_else(invalid)?),
+                op::CAST => Op::Cast(abi::dtype(int(0)).ok_or_else(invalid)?),
+                op::RESHAPE => Op::Reshape(list(int(0))?),
+                op::PERMUTE => Op::Permute(list(int(0))?),
+                op::SLICE => Op::Slice { axis: index(int(0))?, start: index(int(1))?, len: index(int(2))? },
+                op::CONCAT => Op::Concat { axis: index(int(0))? },
+                op::APPEND => Op::Append,
+                op::GATHER => Op::Gather,
+                op::ROPE => Op::Rope {
+                    pos0: u32::try_from(int(0)).map_err(|_| invalid())?,
+                    theta: float(0),
+                    mode: abi::rope_mode(int(1)).ok_or_else(invalid)?,
+                },
+                op::ATTENTION => Op::Attention { pos0: u32::try_from(int(0)).map_err(|_| invalid())?, scale: float(0) },
+                _ => return Err(invalid()),
+            })
         };
         let mut inputs = [0i32; CMD_INPUTS];
         for (k, slot) in inputs.iter_mut().enumerate().take(cmd.arity()) {
@@ -452,4 +451,3 @@ pub(super) fn host<T: 'static, R: Returned>(
         }
     }
 }
-

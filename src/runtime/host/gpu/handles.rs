@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::MAX_HANDLES;
 use super::abi::{Fail, GpuStatus};
 use super::constants::{ConstantCache, ConstantKey, Pin};
-use super::MAX_HANDLES;
 use crate::gpu::pool::{SharedDevice, lock};
 use crate::gpu::{Meta, TensorId};
 
@@ -32,7 +32,6 @@ impl Live {
         }
     }
 }
-
 
 /// The runtime's side of `ao_gpu`: what every evaluation's [`GpuCtx`] is made from.
 #[derive(Debug, Clone)]

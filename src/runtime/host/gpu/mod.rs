@@ -45,12 +45,12 @@ use wasmtime::{Caller, Linker};
 
 pub use self::abi::{CMD_F, CMD_FLOATS, CMD_I, CMD_IN, CMD_INPUTS, CMD_INTS, CMD_OP, CMD_OUT, CMD_RESERVED, CMD_SIZE, GpuStatus, op};
 use self::abi::{index, invalid};
+#[cfg(test)]
+pub(crate) use self::call::BATCH_CALLS;
 use self::call::{Command, host};
 use self::constants::ConstantCache;
 pub use self::handles::GpuCtx;
 pub(crate) use self::handles::GpuEnv;
-#[cfg(test)]
-pub(crate) use self::call::BATCH_CALLS;
 use crate::gpu::pool::SharedDevice;
 use crate::gpu::{DType, Op, UnaryOp};
 

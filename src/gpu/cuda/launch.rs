@@ -1,4 +1,4 @@
-//! Host-side planning for the CUDA kernels, free of any CUDA call so it is unit-tested everywhere:
+//! Host-side launch preparation for the CUDA kernels, free of any CUDA call so it is unit-tested everywhere:
 //! the parameter structs that mirror the C structs in `kernels/*.cu`, launch geometry, the NVRTC
 //! target for a device, and the row-major to column-major mapping of cuBLAS GEMM calls.
 
