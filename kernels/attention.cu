@@ -1,5 +1,5 @@
 // Causal scaled-dot-product attention with grouped-query heads, mirroring `attention` in
-// src/gpu/cpu.rs (and shaders/attention.wgsl) operation for operation. q is [batch, tq, hq, dim],
+// src/gpu/cpu/kernels.rs (and shaders/attention.wgsl) operation for operation. q is [batch, tq, hq, dim],
 // k and v [batch, tk, hkv, dim]; query row r = (b * tq + i) * hq + h reads key/value head
 // h / (hq / hkv) and the keys j < len = min(tk, pos0 + i + 1):
 //   s_j = (sum over c in order of q[c] * k_j[c]) * scale
@@ -12,7 +12,7 @@
 
 #include "common.cuh"
 
-// Mirrors `AttnParams` in src/gpu/cuda/plan.rs.
+// Mirrors `AttnParams` in src/gpu/cuda/launch.rs.
 struct AttnParams {
     u32 batch, tq, tk, hq, hkv, dim, pos0;
     float scale;

@@ -20,7 +20,7 @@ typedef unsigned long long u64;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
-// Threads per block of every launch (`plan::BLOCK` in src/gpu/cuda/plan.rs).
+// Threads per block of every launch (`launch::BLOCK` in src/gpu/cuda/launch.rs).
 #define BLOCK 256
 #define FULL_MASK 0xffffffffu
 
@@ -98,7 +98,7 @@ static __device__ __forceinline__ float load_elem(const u8 *base, u32 i) {
 // ---- portable math ----
 
 // exp(x) with correctly rounded operations only, bitwise equal to `gpu::repro_exp` in
-// src/gpu/mod.rs (the same constants, as bits; tests/cuda_backend.rs compares them).
+// src/gpu/repro.rs (the same constants, as bits; tests/cuda_backend.rs compares them).
 static __device__ inline float repro_exp(float x) {
     if (x != x) return x;
     if (x > 88.72f) return __uint_as_float(0x7f800000u);

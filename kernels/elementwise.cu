@@ -9,7 +9,7 @@
 
 #include "common.cuh"
 
-// Mirrors `Broadcast4` in src/gpu/cuda/plan.rs: the output is [d0, d1, d2, d3] (d0 implicit),
+// Mirrors `Broadcast4` in src/gpu/cuda/launch.rs: the output is [d0, d1, d2, d3] (d0 implicit),
 // operand element (i0, i1, i2, i3) is at sum(i_k * stride_k).
 struct Broadcast4 {
     u32 d1, d2, d3;
@@ -77,7 +77,7 @@ extern "C" __global__ void exp_f32(const float *x, float *out, u32 n, float fact
 // ---- reproducible mode: portable exp, tanh, silu and gelu ----
 //
 // These mirror `repro_exp_full`, `repro_tanh`, `repro_silu`, `repro_gelu` and their helpers in
-// src/gpu/mod.rs operation for operation: correctly rounded +, -, * intrinsics only (never
+// src/gpu/repro.rs operation for operation: correctly rounded +, -, * intrinsics only (never
 // contracted or reassociated), constants as bits, NaN and subnormal tests on the bits, subnormal
 // results flushed to signed zero. (The WGSL copy passes a few values through `opaque`, a bitwise
 // identity that keeps its compiler from rewriting the float expressions around them; the

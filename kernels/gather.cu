@@ -7,7 +7,7 @@
 
 #include "common.cuh"
 
-// Mirrors `GatherParams` in src/gpu/cuda/plan.rs.
+// Mirrors `GatherParams` in src/gpu/cuda/launch.rs.
 struct GatherParams {
     u32 n_ids, vocab, dim;
 };

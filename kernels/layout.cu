@@ -11,13 +11,13 @@
 
 #include "common.cuh"
 
-// Mirrors `PermuteParams` in src/gpu/cuda/plan.rs.
+// Mirrors `PermuteParams` in src/gpu/cuda/launch.rs.
 struct PermuteParams {
     u32 n, d1, d2, d3;
     u32 strides[4];
 };
 
-// Mirrors `CopyParams` in src/gpu/cuda/plan.rs.
+// Mirrors `CopyParams` in src/gpu/cuda/launch.rs.
 struct CopyParams {
     u32 outer, row, src_stride, src_offset, dst_stride, dst_offset;
 };

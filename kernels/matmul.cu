@@ -18,7 +18,7 @@
 
 #include "common.cuh"
 
-// Mirrors `MatmulParams` in src/gpu/cuda/plan.rs. Strides are in elements (0 broadcasts a 2-D
+// Mirrors `MatmulParams` in src/gpu/cuda/launch.rs. Strides are in elements (0 broadcasts a 2-D
 // operand over the batch); ta / tb are 0 or 1.
 struct MatmulParams {
     u32 batch, m, n, k;

@@ -2,7 +2,7 @@
 //
 // `rmsnorm_f32` / `layernorm_f32` (reproducible): one block per row; thread 0 sums the row in index
 // order with correctly rounded operations, exactly as `rmsnorm_row` / `layernorm_row` in
-// src/gpu/cpu.rs, then every thread writes its elements (each a fixed sequence of rounded ops):
+// src/gpu/cpu/kernels.rs, then every thread writes its elements (each a fixed sequence of rounded ops):
 //   rms:   inv = 1 / sqrt(sum(x*x) / n + eps),                 out = x * inv * w
 //   layer: mean = sum(x) / n, inv = 1 / sqrt(sum(d*d) / n + eps), out = (x - mean) * inv * w + b
 // The `_fast` kernels sum with a 256-thread tree (DeviceDependent).

@@ -2,7 +2,7 @@
 //
 // Reproducible kernels (`sum_last_f32`, `mean_last_f32`, `softmax_repro_f32`) sum each row
 // sequentially in index order with correctly rounded adds, exactly as `reduce_row` / `softmax_row`
-// in src/gpu/cpu.rs, and softmax uses `repro_exp` (src/gpu/mod.rs, constants as bits), so they equal
+// in src/gpu/cpu/kernels.rs, and softmax uses `repro_exp` (src/gpu/repro.rs, constants as bits), so they equal
 // the CPU bitwise. The `_fast` kernels reduce a row with a 256-thread tree (DeviceDependent).
 // `max_last_f32` and `argmax_last_i32` are exact in any order: candidates compare by (not NaN,
 // value, lower index), which picks the CPU's answer (the first maximum, NaN never greater).

@@ -1,13 +1,13 @@
 // Rotary position embedding of f32 x [batch, seq, heads, dim]. The (cos, sin) table
 // [seq, dim / 2, 2] comes from the host (`layout::rope_table`, rounded once to f32 there), so the
 // kernel only multiplies and adds, each product rounded before the add (no FMA), mirroring `rope`
-// in src/gpu/cpu.rs and shaders/rope.wgsl:
+// in src/gpu/cpu/kernels.rs and shaders/rope.wgsl:
 //   out0 = x0 * cos - x1 * sin,   out1 = x0 * sin + x1 * cos
 // One thread per rotated pair; launch: 256 threads per block, any grid size (grid-stride loop).
 
 #include "common.cuh"
 
-// Mirrors `RopeParams` in src/gpu/cuda/plan.rs. mode 0: pairs (2i, 2i + 1) (GGML normal);
+// Mirrors `RopeParams` in src/gpu/cuda/launch.rs. mode 0: pairs (2i, 2i + 1) (GGML normal);
 // mode 2: pairs (i, i + dim / 2) (NeoX).
 struct RopeParams {
     u32 pairs, seq, heads, dim, mode;
