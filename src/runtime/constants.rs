@@ -384,3 +384,20 @@ impl Drop for ConstantCache {
         self.free(entries.into_values().map(|e| e.tensor).collect());
     }
 }
+
+// ---- metrics registration ----------------------------------------------------------------------
+
+impl ConstantMetrics {
+    /// Registers the constant cache's metrics (`gpu_constant_*`).
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register("gpu_constant_hits", "ao_gpu.constant calls served from the constant cache", self.hits.clone());
+        registry.register("gpu_constant_misses", "ao_gpu.constant calls that fetched the item from the gateway", self.misses.clone());
+        registry.register("gpu_constant_evictions", "Constants evicted to stay under gpu.max_constant_memory", self.evictions.clone());
+        registry.register("gpu_constant_bytes", "Bytes of constants resident on the tensor devices", self.bytes.clone());
+        registry.register(
+            "gpu_constant_entries",
+            "Constants resident on the tensor devices (one per device holding it)",
+            self.entries.clone(),
+        );
+    }
+}
