@@ -1,6 +1,8 @@
 //! Capacity advertisement: the signed ANS-104 message that tells the registry process what
 //! this worker offers, posted through the messenger at start and then as a heartbeat.
 
+use serde::Serialize;
+
 use crate::attest::Keypair;
 use crate::capacity::CapacityManifest;
 use crate::protocol::ao::{self, ItemType};
@@ -10,6 +12,14 @@ use crate::protocol::{Ans104Error, DataItem, DataItemBuilder, Tag, b64};
 pub const ACTION: &str = "Advertise-Capacity";
 /// Version of the manifest schema carried in the data.
 pub const SCHEMA: &str = "ao-gpu-worker/capacity/1";
+
+/// An advertisement the messenger accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Advertisement {
+    pub id: String,
+    pub at_ms: u64,
+    pub registry: String,
+}
 
 /// Builds the signed advertisement. The anchor is the advertisement time, so each heartbeat
 /// is a new message while a retry of the same heartbeat has the same id (no duplicates).

@@ -17,13 +17,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use crate::daemon::WorkerState;
 use crate::httpd::{ApiError, no_route, wrong_method};
 use crate::jobs::JobError;
 use crate::jobs::eval::DryRunRequest;
 use crate::journal::{LatestState, ResultRecord};
 use crate::net::NetError;
 use crate::protocol::b64;
+use crate::state::WorkerState;
 
 /// How long `GET /result` waits for a message of a served process to be evaluated.
 pub const RESULT_WAIT: Duration = Duration::from_secs(10);
@@ -53,7 +53,7 @@ pub fn router(state: Arc<WorkerState>) -> Router {
 
 /// `GET /`: `{"address": …, "timestamp": <ms>}`, as an AO compute unit answers.
 async fn root(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
-    Json(json!({"address": s.address, "timestamp": crate::daemon::now_ms()}))
+    Json(json!({"address": s.address, "timestamp": crate::clock::now_ms()}))
 }
 
 async fn readyz(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {

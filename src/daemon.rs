@@ -1,63 +1,30 @@
 //! The worker daemon: wires configuration, identity, clients, the HTTP API and the
 //! capacity heartbeat; owns their tasks; drains them on shutdown.
 
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::advertise;
+use crate::advertise::{self, Advertisement};
 use crate::attest::Keypair;
+use crate::bench::scores::ScoreSlot;
 use crate::capacity::{self, CapacityManifest, DetectOptions};
-use crate::config::{Config, GpuSection};
-use crate::gpu;
-use crate::jobs;
+use crate::clock::now_ms;
+use crate::config::{ApiSection, Config, GpuSection, NetworkSection};
+use crate::gpu::pool::DevicePool;
+use crate::gpu::{self, BackendKind, Determinism};
+use crate::jobs::{self, JobMetrics, JobsConfig};
 use crate::journal::Journal;
-use crate::metrics::Metrics;
+use crate::metrics::{DaemonMetrics, Metrics};
 use crate::net::{GatewayClient, MessengerClient, NetError, Policy, SchedulerClient};
 use crate::runtime::{PoolConfig, Runtime, RuntimeConfig};
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// An advertisement the messenger accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Advertisement {
-    pub id: String,
-    pub at_ms: u64,
-    pub registry: String,
-}
-
-/// What the worker is doing, for the API and for callers that wait on it.
-#[derive(Debug, Clone, Default)]
-pub struct Status {
-    pub ready: bool,
-    pub manifest: Option<CapacityManifest>,
-    pub last_advertisement: Option<Advertisement>,
-    pub last_error: Option<String>,
-}
-
-/// State shared by the daemon's tasks and its API.
-pub struct WorkerState {
-    pub address: String,
-    pub metrics: Arc<Metrics>,
-    /// The work loop: journal, runtime and served processes, for the compute-unit API.
-    pub jobs: Arc<jobs::Context>,
-    status: Mutex<Status>,
-    advertised: watch::Sender<Option<Advertisement>>,
-}
-
-impl WorkerState {
-    pub fn status(&self) -> MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+use crate::state::{WorkerMetrics, WorkerState};
 
 /// A running worker.
 pub struct Worker {
@@ -71,110 +38,52 @@ impl Worker {
     /// Starts the worker: detects capacity, serves the API, starts the heartbeat.
     /// `listener` is a pre-bound API socket (the devnet reserves one); else `api.listen`.
     pub async fn start(config: Config, key: Keypair, listener: Option<TcpListener>) -> anyhow::Result<Self> {
-        let registry = config.registry.process.clone().context("registry.process is empty: set it to the registry process id")?;
-        std::fs::create_dir_all(&config.worker.data_dir)
-            .with_context(|| format!("cannot create worker.data_dir {}", config.worker.data_dir.display()))?;
+        let registry = registry_process(&config)?;
+        let data_dir = config.worker.data_dir.as_path();
+        create_data_dir(data_dir)?;
         let address = key.address();
-        let opts = DetectOptions { data_dir: config.worker.data_dir.clone(), worker_address: Some(address.clone()) };
-        let mut manifest = tokio::task::spawn_blocking(move || capacity::detect(&opts)).await.context("capacity detection failed")?;
+        let mut manifest = detect_capacity(data_dir, &address).await?;
         tracing::info!(%address, capacity = %manifest.backends_summary(), "worker identity and capacity");
-        let data_dir = &config.worker.data_dir;
         let pool = Arc::new(open_devices(&config.gpu, &manifest).await?);
-        manifest.serving = Some(capacity::ServingInfo {
-            backend: pool.kind().as_str().to_owned(),
-            determinism: pool.determinism().as_str().to_owned(),
-            devices: pool.infos().into_iter().map(|d| d.description).collect(),
-            skipped: pool.skipped().to_vec(),
-        });
-        let policy = Policy::from_config(&config.network);
-        let gateway = GatewayClient::new(&config.network.gateway_url, policy.clone());
-        let runtime = Runtime::with_pool(
-            RuntimeConfig {
-                cache_dir: data_dir.join("modules"),
-                max_memory: config.limits.max_memory,
-                max_compute: config.limits.max_compute,
-                deadline: config.limits.deadline,
-            },
-            PoolConfig {
-                pool: pool.clone(),
-                max_device_memory: config.gpu.max_device_memory,
-                // Constants (model weights) come from the same gateway as modules, verified per
-                // item, and are cached on each device.
-                constant_source: Some(Arc::new(jobs::constants::GatewayConstants::new(gateway.clone(), tokio::runtime::Handle::current()))),
-                max_constant_memory: config.gpu.max_constant_memory,
-            },
-        )
-        .context("cannot start the wasm runtime")?;
-        // Measured scores: bench.json when it matches this machine, version and backend; else a quick
-        // bench of the serving backend, once, in the background (see crate::bench).
-        let (serving, mode) = (runtime.tensor_backend().kind, runtime.tensor_backend().determinism);
-        let scores = crate::bench::ScoreSlot::load(&manifest, data_dir, serving, mode);
-        manifest.scores = scores.current();
-        let metrics = Metrics::new(
-            &address,
-            &manifest.backends_summary(),
-            runtime.tensor_backend(),
-            runtime.constant_metrics(),
-            Some(pool.metrics()),
-        );
+        manifest.serving = Some(serving_info(&pool));
+        let clients = Clients::new(&config.network);
+        let runtime = start_runtime(&config, pool.clone(), &clients.gateway)?;
+        let serving = (runtime.tensor_backend().kind, runtime.tensor_backend().determinism);
+        let scores = load_scores(&mut manifest, data_dir, serving);
+        let metrics = register_metrics(&address, &manifest, &runtime, &pool);
         let (advertised, advertised_rx) = watch::channel(None);
         let journal = Journal::open(&data_dir.join("journal.redb")).context("cannot open the journal")?;
-        let scheduler = SchedulerClient::new(&config.network.scheduler_url, policy.clone());
-        let messenger = MessengerClient::new(&config.network.messenger_url, policy.clone());
         let key = Arc::new(key);
-        let jobs = jobs::Context::new(
+        let jobs = jobs::Context::new(JobsConfig {
             journal,
-            Arc::new(runtime),
-            key.clone(),
-            (scheduler.clone(), messenger.clone(), gateway),
-            registry.clone(),
-            config.registry.authorities.clone(),
-            config.attestation.target.clone().unwrap_or_else(|| registry.clone()),
-            config.registry.poll_interval,
-            config.jobs.max_concurrent,
-            advertised_rx,
-            manifest.host.cpu.model.clone(),
-            metrics.clone(),
-        );
-        let state = Arc::new(WorkerState {
-            address,
-            metrics,
-            jobs: jobs.clone(),
-            status: Mutex::new(Status { manifest: Some(manifest.clone()), ..Status::default() }),
-            advertised,
+            runtime: Arc::new(runtime),
+            key: key.clone(),
+            scheduler: clients.scheduler.clone(),
+            messenger: clients.messenger.clone(),
+            gateway: clients.gateway,
+            registry: registry.clone(),
+            authorities: config.registry.authorities.clone(),
+            attestation_target: config.attestation.target.clone().unwrap_or_else(|| registry.clone()),
+            poll: config.registry.poll_interval,
+            max_concurrent: config.jobs.max_concurrent,
+            advertised: advertised_rx,
+            device: manifest.host.cpu.model.clone(),
+            metrics: metrics.jobs.clone(),
         });
-
-        let listener = match listener {
-            Some(l) => l,
-            None => {
-                TcpListener::bind(config.api.listen).await.with_context(|| format!("cannot listen on api.listen {}", config.api.listen))?
-            }
-        };
+        let state = Arc::new(WorkerState::new(address, metrics, jobs.clone(), manifest.clone(), advertised));
+        let listener = bind_api(listener, &config.api).await?;
         let api_url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
-        let status_state = state.clone();
         if config.gpu.startup_bench {
-            scores.measure_in_background(&manifest, data_dir, serving, mode, shutdown.clone(), move |s| {
-                if let Some(m) = status_state.status().manifest.as_mut() {
-                    m.scores = Some(s.clone());
-                }
-            });
+            measure_scores(&scores, &state, &manifest, data_dir, serving, &shutdown);
         }
         let mut tasks = vec![crate::httpd::serve(listener, crate::api::router(state.clone()), shutdown.clone())];
         tracing::info!(api = %api_url, "worker api listening");
-
-        match scheduler.process(&registry).await {
-            Ok(_) => {}
-            Err(e @ NetError::NotFound { .. }) => {
-                shutdown.cancel();
-                anyhow::bail!("registry process {registry} is not known to the scheduler at {}: {e}", scheduler.base());
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot check the registry process yet; advertising anyway"),
-        }
+        check_registry(&clients.scheduler, &registry, &shutdown).await?;
         let heartbeat = Heartbeat {
             state: state.clone(),
             key,
-            messenger,
+            messenger: clients.messenger,
             registry,
             interval: config.registry.advertise_interval,
             data_dir: config.worker.data_dir.clone(),
@@ -182,12 +91,7 @@ impl Worker {
             scores,
         };
         tasks.push(tokio::spawn(heartbeat.run(shutdown.clone())));
-        let (processes, token) = (config.jobs.processes.clone(), shutdown.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = jobs::run(jobs, processes, token).await {
-                tracing::error!(error = %e, "work loop stopped");
-            }
-        }));
+        tasks.push(spawn_work_loop(jobs, config.jobs.processes.clone(), shutdown.clone()));
         if let Some(period) = sd_notify::watchdog_enabled() {
             tasks.push(tokio::spawn(watchdog(period / 2, shutdown.clone())));
         }
@@ -196,7 +100,7 @@ impl Worker {
 
     /// Waits until an advertisement has been accepted, and returns it.
     pub async fn advertised(&self) -> Advertisement {
-        let mut rx = self.state.advertised.subscribe();
+        let mut rx = self.state.subscribe_advertised();
         loop {
             if let Some(a) = rx.borrow_and_update().clone() {
                 return a;
@@ -222,14 +126,150 @@ impl Worker {
     }
 }
 
+/// The registry process id, which `run` requires.
+fn registry_process(config: &Config) -> anyhow::Result<String> {
+    config.registry.process.clone().context("registry.process is empty: set it to the registry process id")
+}
+
+fn create_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create worker.data_dir {}", data_dir.display()))
+}
+
+/// The capacity manifest of this machine (off the async runtime: the probe blocks).
+async fn detect_capacity(data_dir: &Path, address: &str) -> anyhow::Result<CapacityManifest> {
+    let opts = DetectOptions { data_dir: data_dir.to_path_buf(), worker_address: Some(address.to_owned()) };
+    tokio::task::spawn_blocking(move || capacity::detect(&opts)).await.context("capacity detection failed")
+}
+
+/// What the manifest says about the devices serving evaluations.
+fn serving_info(pool: &DevicePool) -> capacity::ServingInfo {
+    capacity::ServingInfo {
+        backend: pool.kind().as_str().to_owned(),
+        determinism: pool.determinism().as_str().to_owned(),
+        devices: pool.infos().into_iter().map(|d| d.description).collect(),
+        skipped: pool.skipped().to_vec(),
+    }
+}
+
+/// The clients of the AO units, all with the configured retry policy.
+struct Clients {
+    scheduler: SchedulerClient,
+    messenger: MessengerClient,
+    gateway: GatewayClient,
+}
+
+impl Clients {
+    fn new(network: &NetworkSection) -> Self {
+        let policy = Policy::from_config(network);
+        Self {
+            scheduler: SchedulerClient::new(&network.scheduler_url, policy.clone()),
+            messenger: MessengerClient::new(&network.messenger_url, policy.clone()),
+            gateway: GatewayClient::new(&network.gateway_url, policy),
+        }
+    }
+}
+
+/// The wasm runtime on the device pool, with its module cache in the data directory.
+fn start_runtime(config: &Config, pool: Arc<DevicePool>, gateway: &GatewayClient) -> anyhow::Result<Runtime> {
+    Runtime::with_pool(
+        RuntimeConfig {
+            cache_dir: config.worker.data_dir.join("modules"),
+            max_memory: config.limits.max_memory,
+            max_compute: config.limits.max_compute,
+            deadline: config.limits.deadline,
+        },
+        PoolConfig {
+            pool,
+            max_device_memory: config.gpu.max_device_memory,
+            // Constants (model weights) come from the same gateway as modules, verified per
+            // item, and are cached on each device.
+            constant_source: Some(Arc::new(jobs::constants::GatewayConstants::new(gateway.clone(), tokio::runtime::Handle::current()))),
+            max_constant_memory: config.gpu.max_constant_memory,
+        },
+    )
+    .context("cannot start the wasm runtime")
+}
+
+/// Measured scores: bench.json when it matches this machine, version and the serving backend
+/// (then they go into `manifest`); else an empty slot for [`measure_scores`] (see
+/// [`crate::bench::scores`]).
+fn load_scores(manifest: &mut CapacityManifest, data_dir: &Path, (kind, mode): (BackendKind, Determinism)) -> ScoreSlot {
+    let scores = ScoreSlot::load(manifest, data_dir, kind, mode);
+    manifest.scores = scores.current();
+    scores
+}
+
+/// A quick bench of the serving backend, once, in the background, when `scores` is empty; the
+/// status's manifest gets the scores when it ends.
+fn measure_scores(
+    scores: &ScoreSlot,
+    state: &Arc<WorkerState>,
+    manifest: &CapacityManifest,
+    data_dir: &Path,
+    (kind, mode): (BackendKind, Determinism),
+    shutdown: &CancellationToken,
+) {
+    let status_state = state.clone();
+    scores.measure_in_background(manifest, data_dir, kind, mode, shutdown.clone(), move |s| {
+        if let Some(m) = status_state.status().manifest.as_mut() {
+            m.scores = Some(s.clone());
+        }
+    });
+}
+
+/// The registry with the build info, then each subsystem's metrics: the devices, the daemon's
+/// own gauges, the constant cache, the work loop.
+fn register_metrics(address: &str, manifest: &CapacityManifest, runtime: &Runtime, pool: &DevicePool) -> WorkerMetrics {
+    let mut registry = Metrics::new(address, &manifest.backends_summary());
+    let tensor = runtime.tensor_backend();
+    pool.metrics().register(registry.registry(), tensor.kind, &tensor.description, tensor.determinism, &tensor.devices);
+    let daemon = DaemonMetrics::register(registry.registry());
+    if let Some(c) = runtime.constant_metrics() {
+        c.register(registry.registry());
+    }
+    let jobs = Arc::new(JobMetrics::register(registry.registry()));
+    WorkerMetrics { registry, daemon, jobs }
+}
+
+/// The API socket: the pre-bound `listener`, else `api.listen`.
+async fn bind_api(listener: Option<TcpListener>, api: &ApiSection) -> anyhow::Result<TcpListener> {
+    match listener {
+        Some(l) => Ok(l),
+        None => TcpListener::bind(api.listen).await.with_context(|| format!("cannot listen on api.listen {}", api.listen)),
+    }
+}
+
+/// Refuses to go on when the scheduler does not know the registry process (cancelling
+/// `shutdown`); any other failure only warns.
+async fn check_registry(scheduler: &SchedulerClient, registry: &str, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    match scheduler.process(registry).await {
+        Ok(_) => {}
+        Err(e @ NetError::NotFound { .. }) => {
+            shutdown.cancel();
+            anyhow::bail!("registry process {registry} is not known to the scheduler at {}: {e}", scheduler.base());
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot check the registry process yet; advertising anyway"),
+    }
+    Ok(())
+}
+
+/// The work loop on its own task, logging why it stopped.
+fn spawn_work_loop(jobs: Arc<jobs::Context>, processes: Vec<String>, token: CancellationToken) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = jobs::run(jobs, processes, token).await {
+            tracing::error!(error = %e, "work loop stopped");
+        }
+    })
+}
+
 /// Walks `gpu.backends` in order and opens every device (`gpu.devices`) of the first backend kind
 /// that starts, logging the choice, every device and every skipped candidate with its reason;
 /// fails when none of them works. Device names and memory sizes come from the capacity manifest.
-async fn open_devices(cfg: &GpuSection, manifest: &CapacityManifest) -> anyhow::Result<gpu::pool::DevicePool> {
+async fn open_devices(cfg: &GpuSection, manifest: &CapacityManifest) -> anyhow::Result<DevicePool> {
     let (order, determinism, selection) = (cfg.backends.clone(), cfg.determinism, cfg.devices.clone());
     let names: Vec<&str> = order.iter().map(|k| k.as_str()).collect();
     let inventory = inventory(manifest);
-    let pool = tokio::task::spawn_blocking(move || gpu::pool::DevicePool::open(&order, determinism, &selection, &inventory))
+    let pool = tokio::task::spawn_blocking(move || DevicePool::open(&order, determinism, &selection, &inventory))
         .await
         .context("tensor backend selection panicked")?
         .map_err(|e| anyhow::anyhow!("none of gpu.backends {names:?} can run here (gpu.devices = {}): {e}", cfg.devices))?;
@@ -282,7 +322,7 @@ struct Heartbeat {
     data_dir: std::path::PathBuf,
     manifest: CapacityManifest,
     /// Measured scores, put into every re-detected manifest.
-    scores: crate::bench::ScoreSlot,
+    scores: ScoreSlot,
 }
 
 /// Wait before retrying a failed advertisement: soon, but never more often than the
@@ -310,7 +350,7 @@ impl Heartbeat {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "capacity advertisement failed");
-                    self.state.metrics.advertisements.get_or_create(&[("result", "error")]).inc();
+                    self.state.metrics.daemon.advertisements.get_or_create(&[("result", "error")]).inc();
                     self.state.status().last_error = Some(e.to_string());
                     RETRY_AFTER_FAILURE.min(self.interval)
                 }
@@ -327,7 +367,7 @@ impl Heartbeat {
         let item = advertise::build(&self.key, &self.registry, &self.manifest, at_ms)?;
         self.messenger.post_item(&item).await?;
         let ad = Advertisement { id: item.id(), at_ms, registry: self.registry.clone() };
-        let m = &self.state.metrics;
+        let m = &self.state.metrics.daemon;
         m.advertisements.get_or_create(&[("result", "ok")]).inc();
         m.last_advertisement_seconds.set((at_ms / 1000) as i64);
         m.ready.set(1);
@@ -342,7 +382,7 @@ impl Heartbeat {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("registered; serving")]);
             }
         }
-        self.state.advertised.send_replace(Some(ad.clone()));
+        self.state.publish_advertised(ad.clone());
         Ok(ad)
     }
 }

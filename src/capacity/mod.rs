@@ -18,7 +18,7 @@ mod cuda;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -296,7 +296,7 @@ pub fn detect(opts: &DetectOptions) -> CapacityManifest {
     let cuda = cuda::probe();
     let manifest = CapacityManifest {
         schema: SCHEMA.to_owned(),
-        generated_at_ms: now_ms(),
+        generated_at_ms: crate::clock::now_ms(),
         worker: WorkerInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             address: opts.worker_address.clone(),
@@ -309,10 +309,6 @@ pub fn detect(opts: &DetectOptions) -> CapacityManifest {
     };
     tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "capacity detected");
     manifest
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// What [`CapacityManifest::hardware_fingerprint`] hashes: the parts of the machine that decide

@@ -48,7 +48,7 @@ impl GatewayUnit {
 }
 
 async fn info(State(gw): State<GatewayUnit>) -> Json<serde_json::Value> {
-    let height = gw.clock.block_height(Clock::now_ms());
+    let height = gw.clock.block_height(crate::clock::now_ms());
     Json(
         json!({"network": "ao-gpu-worker.devnet", "version": 5, "release": 1, "height": height, "blocks": height, "peers": 0, "queue_length": 0}),
     )
@@ -60,7 +60,7 @@ async fn upload(State(gw): State<GatewayUnit>, raw: Result<Bytes, BytesRejection
     let id = item.id();
     let store = gw.store.clone();
     let id2 = id.clone();
-    let timestamp = tokio::task::spawn_blocking(move || store.gateway_put(&id2, &raw, Clock::now_ms())).await??;
+    let timestamp = tokio::task::spawn_blocking(move || store.gateway_put(&id2, &raw, crate::clock::now_ms())).await??;
     Ok(Json(Uploaded { id, timestamp }))
 }
 

@@ -11,7 +11,6 @@ pub mod store;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -30,17 +29,13 @@ pub const GENESIS_HEIGHT: u64 = 1_500_000;
 /// One devnet block every two minutes, as on Arweave.
 pub const BLOCK_MS: u64 = 120_000;
 
-/// The devnet's clock: wall time, and block heights counted from its genesis.
+/// The devnet's clock: block heights counted from its genesis (wall time is [`crate::clock::now_ms`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     genesis_ms: u64,
 }
 
 impl Clock {
-    pub fn now_ms() -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-    }
-
     pub fn block_height(&self, at_ms: u64) -> u64 {
         GENESIS_HEIGHT + at_ms.saturating_sub(self.genesis_ms) / BLOCK_MS
     }
@@ -108,7 +103,7 @@ impl Devnet {
         let genesis_ms = match store.meta("genesis_ms")? {
             Some(v) => v.parse().context("corrupt genesis time")?,
             None => {
-                let now = Clock::now_ms();
+                let now = crate::clock::now_ms();
                 store.set_meta("genesis_ms", &now.to_string())?;
                 now
             }

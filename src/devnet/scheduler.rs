@@ -132,7 +132,7 @@ impl SchedulerUnit {
             return Ok((SuPosted { timestamp: entry.timestamp, id }, vec![]));
         }
         let previous = inner.store.process_state(&process)?;
-        let now = Clock::now_ms();
+        let now = crate::clock::now_ms();
         let timestamp = previous.as_ref().map_or(now, |s| now.max(s.last_timestamp + 1));
         let height = inner.clock.block_height(timestamp);
         let process_raw = b64::decode_id(&process).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -204,11 +204,11 @@ impl SchedulerUnit {
 }
 
 async fn info(State(su): State<SchedulerUnit>) -> Json<SuInfo> {
-    Json(SuInfo { timestamp: Clock::now_ms().to_string(), address: su.address().to_owned() })
+    Json(SuInfo { timestamp: crate::clock::now_ms().to_string(), address: su.address().to_owned() })
 }
 
 async fn timestamp(State(su): State<SchedulerUnit>) -> Json<SuTimestamp> {
-    let now = Clock::now_ms();
+    let now = crate::clock::now_ms();
     Json(SuTimestamp { timestamp: now.to_string(), block_height: format!("{:012}", su.inner.clock.block_height(now)) })
 }
 

@@ -176,7 +176,7 @@ pub fn choose(loads: &[DeviceLoad]) -> Option<usize> {
 /// `device` and `kind` labels of the per-device metrics: the pool index and the backend kind.
 pub type DeviceLabels = [(&'static str, String); 2];
 
-/// Per-device Prometheus metrics of a pool (registered by `crate::metrics`; clones share values).
+/// Per-device Prometheus metrics of a pool (registered by [`DeviceMetrics::register`]; clones share values).
 #[derive(Debug, Clone, Default)]
 pub struct DeviceMetrics {
     /// Evaluations running on the device.
@@ -528,6 +528,49 @@ fn open_kind(
 fn warn_unmatched(kind: BackendKind, selection: &DeviceSelection, devices: &[(usize, String)]) {
     for r in selection.unmatched(devices) {
         tracing::warn!(backend = %kind, entry = %r, devices = ?devices, "gpu.devices entry matches no device of this backend");
+    }
+}
+
+// ---- metrics registration ----------------------------------------------------------------------
+
+impl DeviceMetrics {
+    /// Registers the serving backend (`tensor_backend`: `kind`, `description`, `determinism`), one
+    /// `tensor_device` series per device of the pool, and these per-device metrics, in that order.
+    pub fn register(
+        &self,
+        registry: &mut prometheus_client::registry::Registry,
+        kind: BackendKind,
+        description: &str,
+        determinism: Determinism,
+        devices: &[DeviceInfo],
+    ) {
+        use prometheus_client::metrics::info::Info;
+        let tensor_info = Info::new(vec![
+            ("kind".to_owned(), kind.as_str().to_owned()),
+            ("description".to_owned(), description.to_owned()),
+            ("determinism".to_owned(), determinism.as_str().to_owned()),
+        ]);
+        registry.register("tensor_backend", "The tensor backend serving ao_gpu calls (chosen from gpu.backends)", tensor_info);
+        // One series per device of the pool: which device each pool index is.
+        let device_info = Family::<Vec<(String, String)>, Gauge>::default();
+        for d in devices {
+            device_info
+                .get_or_create(&vec![
+                    ("device".to_owned(), d.index.to_string()),
+                    ("kind".to_owned(), d.kind.as_str().to_owned()),
+                    ("ordinal".to_owned(), d.ordinal.to_string()),
+                    ("description".to_owned(), d.description.clone()),
+                ])
+                .set(1);
+        }
+        registry.register("tensor_device", "The devices ao_gpu evaluations are placed on (value 1), by pool index", device_info);
+        registry.register("tensor_device_in_flight", "Evaluations running on the device", self.in_flight.clone());
+        registry.register("tensor_device_evaluations", "Evaluations finished on the device", self.evaluations.clone());
+        registry.register(
+            "tensor_device_live_bytes",
+            "Bytes of live tensors on the device (evaluations' and cached constants') when its last evaluation ended",
+            self.live_bytes.clone(),
+        );
     }
 }
 

@@ -24,9 +24,9 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::advertise::Advertisement;
 use crate::attest::Keypair;
 use crate::attest::attestation::Attestation;
-use crate::daemon::Advertisement;
 use crate::journal::{Commit, Journal, OutKind, Outgoing, Progress, ResultRecord, sha256_hex};
 use crate::net::scheduler::Range;
 use crate::net::{GatewayClient, MessengerClient, NetError, SchedulerClient};
@@ -102,7 +102,7 @@ pub struct Context {
     pub backend: String,
     /// The `Device` of an attestation, by the pool index of the device the evaluation ran on.
     pub devices: Vec<String>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<JobMetrics>,
     processes: Mutex<HashMap<String, Arc<ProcessSetup>>>,
     scheduler_address: std::sync::OnceLock<String>,
     halted: Mutex<HashMap<String, String>>,
@@ -132,22 +132,47 @@ pub enum JobError {
     NotServed(String),
 }
 
+/// What the work loop is made of (see [`Context::new`]).
+pub struct JobsConfig {
+    pub journal: Journal,
+    pub runtime: Arc<Runtime>,
+    pub key: Arc<Keypair>,
+    pub scheduler: SchedulerClient,
+    pub messenger: MessengerClient,
+    pub gateway: GatewayClient,
+    /// The registry process followed for workload assignments.
+    pub registry: String,
+    /// Signers whose registry messages assign and release workloads.
+    pub authorities: Vec<String>,
+    /// Where attestations are sent.
+    pub attestation_target: String,
+    pub poll: Duration,
+    pub max_concurrent: usize,
+    /// The latest capacity advertisement, named in each attestation.
+    pub advertised: watch::Receiver<Option<Advertisement>>,
+    /// The host's CPU model: the `Device` of evaluations on the CPU backend.
+    pub device: String,
+    pub metrics: Arc<JobMetrics>,
+}
+
 impl Context {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        journal: Journal,
-        runtime: Arc<Runtime>,
-        key: Arc<Keypair>,
-        clients: (SchedulerClient, MessengerClient, GatewayClient),
-        registry: String,
-        authorities: Vec<String>,
-        attestation_target: String,
-        poll: Duration,
-        max_concurrent: usize,
-        advertised: watch::Receiver<Option<Advertisement>>,
-        device: String,
-        metrics: Arc<crate::metrics::Metrics>,
-    ) -> Arc<Self> {
+    pub fn new(config: JobsConfig) -> Arc<Self> {
+        let JobsConfig {
+            journal,
+            runtime,
+            key,
+            scheduler,
+            messenger,
+            gateway,
+            registry,
+            authorities,
+            attestation_target,
+            poll,
+            max_concurrent,
+            advertised,
+            device,
+            metrics,
+        } = config;
         let address = key.address();
         // The attestation names the backend that served the actor's tensor calls, its
         // determinism mode and the device the evaluation ran on.
@@ -159,9 +184,9 @@ impl Context {
             runtime,
             key,
             address,
-            scheduler: clients.0,
-            messenger: clients.1,
-            gateway: clients.2,
+            scheduler,
+            messenger,
+            gateway,
             registry,
             authorities,
             attestation_target,
@@ -214,7 +239,7 @@ impl Context {
                 };
                 (base, image)
             }
-            None => (DryRunBase { process: process.to_owned(), timestamp: crate::daemon::now_ms(), ..DryRunBase::default() }, None),
+            None => (DryRunBase { process: process.to_owned(), timestamp: crate::clock::now_ms(), ..DryRunBase::default() }, None),
         };
         let (message, slot) = eval::dry_run_message(request, &base);
         let msg_json = eval::message_json(&message, &slot, &setup.module_item.id(), true);
@@ -360,7 +385,7 @@ impl Context {
             }
             outgoing.extend(out.items.into_iter().map(|(kind, item)| to_outgoing(kind, &process, slot.nonce, &item)));
         }
-        let m = &self.metrics.jobs;
+        let m = &self.metrics;
         m.evaluations.get_or_create(&[("result", if outcome.is_ok() { "ok" } else { "error" })]).inc();
         m.gas_used.inc_by(evaluation.gas_used);
         if let Err(e) = &outcome {
@@ -504,12 +529,12 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
         if let Ok(n) = ctx.journal.pending_count() {
-            ctx.metrics.jobs.pending.set(n as i64);
+            ctx.metrics.pending.set(n as i64);
         }
-        ctx.metrics.jobs.halted.set(ctx.halted.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
+        ctx.metrics.halted.set(ctx.halted.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
         match ctx.journal.served() {
             Ok(served) => {
-                ctx.metrics.jobs.served.set(served.len() as i64);
+                ctx.metrics.served.set(served.len() as i64);
                 for s in served {
                     let p = s.process;
                     if ctx.halted.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&p) {

@@ -46,13 +46,13 @@ async fn drain(ctx: &Context) -> anyhow::Result<bool> {
         match ctx.messenger.post_item(&item).await {
             Ok(_) => {
                 ctx.journal.confirm(&out.id)?;
-                ctx.metrics.jobs.posted.get_or_create(&[("kind", super::kind_label(out.kind))]).inc();
+                ctx.metrics.posted.get_or_create(&[("kind", super::kind_label(out.kind))]).inc();
                 tracing::debug!(id = %out.id, kind = ?out.kind, "posted");
             }
             Err(NetError::Rejected { status, message, .. }) if (400..500).contains(&status) && status != 429 => {
                 tracing::error!(id = %out.id, kind = ?out.kind, status, %message, "messenger refused an item; set aside");
                 ctx.journal.refuse(&out.id, &format!("{status}: {message}"))?;
-                ctx.metrics.jobs.refused.inc();
+                ctx.metrics.refused.inc();
             }
             Err(e) => return Err(e.into()),
         }

@@ -17,6 +17,14 @@ use crate::protocol::su::ItemJson;
 pub const ASSIGN: &str = "Assign-Workload";
 pub const RELEASE: &str = "Release-Workload";
 
+/// Why the registry cannot be followed past an entry; retried at the next poll.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// An assignment of the registry process without a numeric `Nonce` tag.
+    #[error("registry entry without a Nonce")]
+    MissingNonce,
+}
+
 /// What a registry entry means for this worker.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -71,12 +79,7 @@ async fn step(ctx: &Context) -> anyhow::Result<()> {
         let cursor = ctx.journal.registry_cursor()?;
         let page = ctx.scheduler.page(&ctx.registry, &Range { from: cursor, limit: Some(100), by_nonce: true, ..Range::default() }).await?;
         for edge in &page.edges {
-            let nonce: u64 = edge
-                .node
-                .assignment
-                .tag("Nonce")
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("registry entry without a Nonce"))?;
+            let nonce: u64 = edge.node.assignment.tag("Nonce").and_then(|n| n.parse().ok()).ok_or(RegistryError::MissingNonce)?;
             let decision = match &edge.node.message {
                 Some(m) => decide(m, &ctx.address, &ctx.authorities),
                 None => Decision::Ignore("assignment without a message".into()),

@@ -59,7 +59,7 @@ pub use host::gpu::{
 pub use host::wasi::LOG_CAP;
 pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
 
-pub use crate::gpu::pool::{DeviceInfo, DeviceLoad, DevicePool, SharedDevice as SharedBackend};
+pub use crate::gpu::pool::{DeviceInfo, DeviceLoad, DevicePool, SharedDevice};
 use crate::gpu::{Backend, BackendKind, Determinism};
 use crate::protocol::Tag;
 use cache::DiskCache;

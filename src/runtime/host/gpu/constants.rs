@@ -58,7 +58,7 @@ pub trait ConstantSource: Send + Sync + 'static {
 }
 
 /// Prometheus metrics of one or several [`ConstantCache`]s (see [`ConstantCache::with_metrics`]),
-/// registered by `crate::metrics`.
+/// registered by [`ConstantMetrics::register`].
 #[derive(Debug, Clone, Default)]
 pub struct ConstantMetrics {
     /// `constant` calls served from the cache (including those that waited for another's load).
@@ -386,5 +386,22 @@ impl Drop for ConstantCache {
         self.report(&mut state);
         drop(state);
         self.free(entries.into_values().map(|e| e.tensor).collect());
+    }
+}
+
+// ---- metrics registration ----------------------------------------------------------------------
+
+impl ConstantMetrics {
+    /// Registers the constant cache's metrics (`gpu_constant_*`).
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register("gpu_constant_hits", "ao_gpu.constant calls served from the constant cache", self.hits.clone());
+        registry.register("gpu_constant_misses", "ao_gpu.constant calls that fetched the item from the gateway", self.misses.clone());
+        registry.register("gpu_constant_evictions", "Constants evicted to stay under gpu.max_constant_memory", self.evictions.clone());
+        registry.register("gpu_constant_bytes", "Bytes of constants resident on the tensor devices", self.bytes.clone());
+        registry.register(
+            "gpu_constant_entries",
+            "Constants resident on the tensor devices (one per device holding it)",
+            self.entries.clone(),
+        );
     }
 }

@@ -1,6 +1,10 @@
 //! Command line: the subcommands and what each does, returning an exit code.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 64 configuration or usage error (EX_USAGE).
+//!
+//! The top of the crate: it parses, calls the library and prints; no library module imports it.
+
+pub mod model;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -94,7 +98,7 @@ pub enum Command {
     /// Model weights for actors: inspect a GGUF file, publish its tensors to a gateway.
     Model {
         #[command(subcommand)]
-        command: crate::model::ModelCommand,
+        command: model::ModelCommand,
     },
     /// Measure this machine: f32 GEMM, quantized matrix-vector products, upload and read bandwidth
     /// and host calls from Wasm on each tensor backend. Prints a table headed by the hardware (or
@@ -216,7 +220,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         }
         Command::Model { command } => {
             crate::logging::init(&config::LogSection { level: "warn".into(), format: config::LogFormat::Text });
-            crate::model::run_cli(command)
+            model::run_cli(command)
         }
         Command::Bench { config, data_dir, backends, determinism, quick, json } => {
             bench(config, data_dir, backends, determinism, quick, json)

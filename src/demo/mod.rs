@@ -1,7 +1,13 @@
 //! The devnet demo, the README's main job: publish the counter actor, spawn two processes,
 //! assign them to the worker through the registry, send messages, and report each result,
 //! the outbox messages delivered and the attestations posted — all through the AO units'
-//! HTTP APIs, as any client would.
+//! HTTP APIs, as any client would. The SmolLM2 demo of `ao-gpu-worker model demo` is
+//! [`smollm2`].
+//!
+//! Demos report what they find as JSON values to their caller (the command line prints them);
+//! nothing here knows the command line.
+
+pub mod smollm2;
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +15,8 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 
 use crate::attest::Keypair;
-use crate::daemon::{Worker, now_ms};
+use crate::clock::now_ms;
+use crate::daemon::Worker;
 use crate::devnet::Devnet;
 use crate::journal::{OutKind, ResultRecord};
 use crate::net::{GatewayClient, MessengerClient, Policy};
@@ -17,9 +24,9 @@ use crate::protocol::ao::{self, ItemType};
 use crate::protocol::{DataItem, DataItemBuilder, Tag, b64};
 
 /// The counter/echo actor (examples/actors/counter.c).
-pub const COUNTER_WASM: &[u8] = include_bytes!("../examples/actors/counter.wasm");
+pub const COUNTER_WASM: &[u8] = include_bytes!("../../examples/actors/counter.wasm");
 /// The MLP actor (examples/actors/mlp.c): one batched `ao_gpu` command list per inference.
-pub const MLP_WASM: &[u8] = include_bytes!("../examples/actors/mlp.wasm");
+pub const MLP_WASM: &[u8] = include_bytes!("../../examples/actors/mlp.wasm");
 /// The input the demo sends to the MLP actor.
 pub const MLP_INPUT: [f32; 16] = [0.5, -1.25, 2.0, 0.75, -0.5, 1.5, -2.0, 0.25, 1.0, -0.75, 0.125, 3.0, -1.5, 0.0, 2.5, -0.25];
 
