@@ -1,16 +1,17 @@
-//! The backend contract and the closed set of backends: [`TensorBackend`] (storage, metas, the
-//! execution of planned ops, batches), [`Backend`] (CPU, wgpu, CUDA; it derefs to the contract, so
-//! there is no forwarding layer) and [`select`] (the first backend of an order that starts).
-//!
-//! Ops are not methods of the contract: callers go through [`super::TensorOps::run`], which plans
-//! the op ([`super::Op::plan`]) and hands the backend a [`Planned`] op to execute.
+//! The backend contract, the one checked dispatch and the closed set of backends:
+//! [`TensorBackend`] (storage, metas, the execution of planned ops, batches), [`TensorOps`]
+//! (`run`: plan the op with [`Op::plan`], then execute it; and the ops spelled as methods),
+//! [`Backend`] (CPU, wgpu, CUDA; it derefs to the contract, so there is no forwarding layer) and
+//! [`select`] (the first backend of an order that starts).
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 
+use super::dtype::HostTensor;
 use super::dtype::{DType, RawTensor};
-use super::op::{Meta, Planned};
-use super::tensor::{BackendKind, Determinism, GpuError, HostTensor, Result, TensorId};
+use super::op::{BinaryOp, Meta, Op, Plan, Planned, ReduceOp, RopeMode, UnaryOp};
+use super::shape::shape_err;
+use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
 use super::{cpu, cuda, wgpu};
 
 /// What every backend implements: device-resident tensors by id, and the execution of ops that
@@ -58,6 +59,132 @@ pub trait TensorBackend {
         GpuError::Unsupported { op, backend: self.describe() }
     }
 }
+
+/// The checked dispatch, and the ops spelled as methods for Rust callers (each builds an [`Op`] and
+/// calls [`TensorOps::run`]). Implemented for every [`TensorBackend`], including `dyn` ones, so
+/// `Backend` gets it through `Deref`.
+pub trait TensorOps: TensorBackend {
+    /// Plans `op` on `inputs` (their metas as the backend holds them), then executes it.
+    fn run(&mut self, op: &Op, inputs: &[TensorId]) -> Result<TensorId> {
+        self.run_with(op, inputs, |_| Ok::<(), GpuError>(())).map(|(id, _)| id)
+    }
+
+    /// [`TensorOps::run`], with `admit` deciding on the plan before anything runs (a quota, a
+    /// price): its error stops the op. Returns the output and the plan.
+    fn run_with<E: From<GpuError>>(
+        &mut self,
+        op: &Op,
+        inputs: &[TensorId],
+        admit: impl FnOnce(&Plan) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(TensorId, Plan), E> {
+        if inputs.len() != op.arity() {
+            return Err(shape_err(op.name(), format!("takes {} operands, got {}", op.arity(), inputs.len())).into());
+        }
+        let mut metas = Vec::with_capacity(inputs.len());
+        for &id in inputs {
+            metas.push(self.meta(id)?);
+        }
+        let refs: Vec<&Meta> = metas.iter().collect();
+        let plan = op.plan(&refs)?;
+        admit(&plan)?;
+        let out = self.execute(Planned { plan: &plan, inputs })?;
+        Ok((out, plan))
+    }
+
+    fn matmul(&mut self, a: TensorId, b: TensorId, transpose_a: bool, transpose_b: bool) -> Result<TensorId> {
+        self.run(&Op::Matmul { transpose_a, transpose_b }, &[a, b])
+    }
+    fn binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId) -> Result<TensorId> {
+        self.run(&Op::Binary(op), &[a, b])
+    }
+    fn add(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
+        self.binary(BinaryOp::Add, a, b)
+    }
+    fn sub(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
+        self.binary(BinaryOp::Sub, a, b)
+    }
+    fn mul(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
+        self.binary(BinaryOp::Mul, a, b)
+    }
+    fn div(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
+        self.binary(BinaryOp::Div, a, b)
+    }
+    fn unary(&mut self, op: UnaryOp, x: TensorId) -> Result<TensorId> {
+        self.run(&Op::Unary(op), &[x])
+    }
+    fn scale(&mut self, x: TensorId, factor: f32) -> Result<TensorId> {
+        self.unary(UnaryOp::Scale(factor), x)
+    }
+    fn relu(&mut self, x: TensorId) -> Result<TensorId> {
+        self.unary(UnaryOp::Relu, x)
+    }
+    fn gelu(&mut self, x: TensorId) -> Result<TensorId> {
+        self.unary(UnaryOp::Gelu, x)
+    }
+    fn silu(&mut self, x: TensorId) -> Result<TensorId> {
+        self.unary(UnaryOp::Silu, x)
+    }
+    fn tanh(&mut self, x: TensorId) -> Result<TensorId> {
+        self.unary(UnaryOp::Tanh, x)
+    }
+    fn exp(&mut self, x: TensorId) -> Result<TensorId> {
+        self.unary(UnaryOp::Exp, x)
+    }
+    fn softmax_last(&mut self, x: TensorId) -> Result<TensorId> {
+        self.run(&Op::Softmax, &[x])
+    }
+    fn rmsnorm(&mut self, x: TensorId, weight: TensorId, eps: f32) -> Result<TensorId> {
+        self.run(&Op::Rmsnorm { eps }, &[x, weight])
+    }
+    fn layernorm(&mut self, x: TensorId, weight: TensorId, bias: TensorId, eps: f32) -> Result<TensorId> {
+        self.run(&Op::Layernorm { eps }, &[x, weight, bias])
+    }
+    fn reduce_last(&mut self, op: ReduceOp, x: TensorId) -> Result<TensorId> {
+        self.run(&Op::Reduce(op), &[x])
+    }
+    fn sum_last(&mut self, x: TensorId) -> Result<TensorId> {
+        self.reduce_last(ReduceOp::Sum, x)
+    }
+    fn mean_last(&mut self, x: TensorId) -> Result<TensorId> {
+        self.reduce_last(ReduceOp::Mean, x)
+    }
+    fn max_last(&mut self, x: TensorId) -> Result<TensorId> {
+        self.reduce_last(ReduceOp::Max, x)
+    }
+    fn argmax_last(&mut self, x: TensorId) -> Result<TensorId> {
+        self.reduce_last(ReduceOp::Argmax, x)
+    }
+    fn cast(&mut self, x: TensorId, to: DType) -> Result<TensorId> {
+        self.run(&Op::Cast(to), &[x])
+    }
+    fn reshape(&mut self, x: TensorId, shape: &[usize]) -> Result<TensorId> {
+        self.run(&Op::Reshape(shape.to_vec()), &[x])
+    }
+    fn permute(&mut self, x: TensorId, axes: &[usize]) -> Result<TensorId> {
+        self.run(&Op::Permute(axes.to_vec()), &[x])
+    }
+    fn slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize) -> Result<TensorId> {
+        self.run(&Op::Slice { axis, start, len }, &[x])
+    }
+    fn concat(&mut self, a: TensorId, b: TensorId, axis: usize) -> Result<TensorId> {
+        self.run(&Op::Concat { axis }, &[a, b])
+    }
+    /// [`Op::Append`]: the cache keeps its id.
+    fn append(&mut self, cache: TensorId, rows: TensorId) -> Result<()> {
+        self.run(&Op::Append, &[cache, rows]).map(|_| ())
+    }
+    fn gather_rows(&mut self, table: TensorId, ids: TensorId) -> Result<TensorId> {
+        self.run(&Op::Gather, &[table, ids])
+    }
+    fn rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode) -> Result<TensorId> {
+        self.run(&Op::Rope { pos0, theta, mode }, &[x])
+    }
+    fn attention(&mut self, q: TensorId, k: TensorId, v: TensorId, pos0: u32, scale: f32) -> Result<TensorId> {
+        self.run(&Op::Attention { pos0, scale }, &[q, k, v])
+    }
+}
+
+impl<T: TensorBackend + ?Sized> TensorOps for T {}
 
 /// The closed set of backends. The `Cuda` variant is uninhabited in builds without the `cuda`
 /// feature. Derefs to [`TensorBackend`]; the ops come with [`super::TensorOps`].

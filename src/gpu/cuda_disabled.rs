@@ -3,9 +3,9 @@
 //! [`device_count`] of 0.
 
 use super::backend::TensorBackend;
-use super::dtype::RawTensor;
+use super::dtype::{HostTensor, RawTensor};
 use super::op::{Meta, Planned};
-use super::tensor::{BackendKind, Determinism, GpuError, HostTensor, Result, TensorId};
+use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
 
 /// No CUDA devices in a build without the `cuda` feature.
 pub fn device_count() -> usize {

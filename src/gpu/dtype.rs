@@ -1,4 +1,5 @@
-//! Element types of device tensors, and the GGUF block formats used for model weights.
+//! Element types of device tensors, the GGUF block formats used for model weights, and tensors in
+//! host memory ([`HostTensor`] for f32, [`RawTensor`] for any dtype).
 //!
 //! Every tensor is row-major and contiguous. Plain types store one little-endian value per element.
 //! The quantized types store the last axis in blocks of [`QK`] = 32 elements, exactly as GGUF (and
@@ -14,7 +15,7 @@
 
 use std::fmt;
 
-use super::shape::numel;
+use super::shape::{check_shape, numel, shape_err};
 use super::tensor::{GpuError, Result};
 
 /// Elements per block of the quantized types.
@@ -114,6 +115,37 @@ pub(crate) fn expect_dtype(op: &'static str, what: &str, got: DType, want: DType
     Ok(())
 }
 
+/// An f32 tensor in host memory: row-major, contiguous.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Checks that the rank is 1..=4 and `data` holds exactly `shape.product()` values.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let t = Self { shape, data };
+        t.check()?;
+        Ok(t)
+    }
+
+    /// The checks of [`HostTensor::new`] on a tensor built by hand (its fields are public), without
+    /// copying it: what every backend's `upload` runs first.
+    pub fn check(&self) -> Result<()> {
+        check_shape("upload", &self.shape)?;
+        let n = numel(&self.shape);
+        if n != self.data.len() {
+            return Err(shape_err("upload", format!("shape {:?} needs {n} values, got {}", self.shape, self.data.len())));
+        }
+        Ok(())
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+}
+
 /// A tensor in host memory in any dtype: row-major, contiguous, little-endian storage bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawTensor {
@@ -125,7 +157,7 @@ pub struct RawTensor {
 impl RawTensor {
     /// Checks the rank, the shape and that `bytes` is exactly the storage size.
     pub fn new(dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
-        super::shape::check_shape("upload", &shape)?;
+        check_shape("upload", &shape)?;
         let want = dtype.byte_len("upload", &shape)?;
         if bytes.len() != want {
             return Err(super::shape::shape_err(

@@ -17,9 +17,9 @@
 //! layout ops (reshape / permute / slice / concat / append work on any unquantized type). `read`
 //! converts any dtype to f32 values; `read_raw` returns the storage bytes.
 //!
-//! Rooms: [`tensor`] (errors, ids, host tensors, modes), [`dtype`] and [`quant`] (element types and
-//! the GGUF blocks), [`shape`] (shape checks and kernel geometry), [`op`] (the op vocabulary, its
-//! checks and costs, and the one checked dispatch [`TensorOps::run`]), [`backend`] (the contract and
+//! Rooms: [`tensor`] (errors, ids, modes), [`dtype`] and [`quant`] (element types, the GGUF
+//! blocks and host tensors), [`shape`] (shape checks and kernel geometry), [`op`] (the op vocabulary, its
+//! checks and costs), [`backend`] (the contract, the one checked dispatch [`TensorOps::run`] and
 //! the closed [`Backend`] set), [`repro`] (portable math: how reproducible mode is bitwise across
 //! devices), [`kernels`] (every WGSL and CUDA source with its determinism class), the backends
 //! [`cpu`], [`wgpu`] and [`cuda`], and [`pool`] (every device of the serving kind, placement).
@@ -43,10 +43,10 @@ pub mod cuda;
 #[path = "cuda_disabled.rs"]
 pub mod cuda;
 
-pub use backend::{Backend, TensorBackend, select};
-pub use dtype::{DType, QK, RawTensor};
+pub use backend::{Backend, TensorBackend, TensorOps, select};
+pub use dtype::{DType, HostTensor, QK, RawTensor};
 pub use kernels::KernelClass;
-pub use op::{BinaryOp, Flops, Meta, Op, Plan, Planned, ReduceOp, RopeMode, TensorOps, UnaryOp, flops};
+pub use op::{BinaryOp, Flops, Meta, Op, Plan, Planned, ReduceOp, RopeMode, UnaryOp, flops};
 pub use repro::{repro_exp, repro_exp_full, repro_gelu, repro_silu, repro_tanh};
 pub use shape::rope_table;
-pub use tensor::{BackendKind, DEFAULT_ORDER, Determinism, GpuError, HostTensor, MAX_RANK, Result, TensorId};
+pub use tensor::{BackendKind, DEFAULT_ORDER, Determinism, GpuError, MAX_RANK, Result, TensorId};

@@ -2,24 +2,23 @@
 //! checked ([`Op::plan`]: dtypes, then shapes), and what it makes and costs ([`Plan`]: the output's
 //! shape and dtype, its storage bytes, the bytes it moves and its FLOPs).
 //!
-//! [`TensorOps::run`] (and [`TensorOps::run_with`], which lets the caller admit the plan first) is
-//! the one checked dispatch that every caller uses, the `ao_gpu` host module, model code, benches and
-//! tests alike: it plans the op against its operands' metas and hands the backend a [`Planned`] op,
-//! whose [`Launch`] carries the validated geometry the kernels need. Backends keep only the checks
-//! that need device values (`gather`'s ids, device limits). Pricing is not here: the runtime turns a
+//! [`super::TensorOps::run`] (and `run_with`, which lets the caller admit the plan first) is the one
+//! checked dispatch that every caller uses, the `ao_gpu` host module, model code, benches and tests
+//! alike: it plans the op against its operands' metas and hands the backend a [`Planned`] op, whose
+//! [`Launch`] carries the validated geometry the kernels need. Backends keep only the checks that
+//! need device values (`gather`'s ids, device limits). Pricing is not here: the runtime turns a
 //! plan's bytes and FLOPs into gas.
 //!
 //! Adding an op: a variant of [`Op`] with its name, arity and plan arm here (and its [`Launch`]),
 //! one function per backend (`cpu`, `wgpu`, `cuda`) called from its `execute`, and its code in the
 //! host ABI table (`runtime/host/gpu/abi.rs`, mirrored by include/ao_gpu.h).
 
-use super::backend::TensorBackend;
 use super::dtype::{DType, dtype_err, expect_dtype};
 use super::shape::{
     AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, append_dims, attention_dims, broadcast, check_param, check_shape,
     concat_dims, gather_dims, matmul_dims, numel, permute_dims, reduced_shape, reshape_check, rope_dims, rows_last, shape_err, slice_dims,
 };
-use super::tensor::{GpuError, Result, TensorId};
+use super::tensor::{Result, TensorId};
 
 /// Elementwise ops on two tensors with numpy broadcasting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,8 +293,8 @@ pub(crate) enum Launch {
     },
 }
 
-/// An op that [`TensorOps::run_with`] planned against the current metas of its operands: what
-/// [`TensorBackend::execute`] takes. Only `run_with` makes one.
+/// An op that [`super::TensorOps::run_with`] planned against the current metas of its operands: what
+/// [`super::TensorBackend::execute`] takes. Only `run_with` makes one.
 #[derive(Debug, Clone, Copy)]
 pub struct Planned<'a> {
     pub(crate) plan: &'a Plan,
@@ -530,135 +529,10 @@ fn unary_cost(op: UnaryOp) -> u64 {
     }
 }
 
-/// The checked dispatch, and the ops spelled as methods for Rust callers (each builds an [`Op`] and
-/// calls [`TensorOps::run`]). Implemented for every [`TensorBackend`], including `dyn` ones, so
-/// `Backend` gets it through `Deref`.
-pub trait TensorOps: TensorBackend {
-    /// Plans `op` on `inputs` (their metas as the backend holds them), then executes it.
-    fn run(&mut self, op: &Op, inputs: &[TensorId]) -> Result<TensorId> {
-        self.run_with(op, inputs, |_| Ok::<(), GpuError>(())).map(|(id, _)| id)
-    }
-
-    /// [`TensorOps::run`], with `admit` deciding on the plan before anything runs (a quota, a
-    /// price): its error stops the op. Returns the output and the plan.
-    fn run_with<E: From<GpuError>>(
-        &mut self,
-        op: &Op,
-        inputs: &[TensorId],
-        admit: impl FnOnce(&Plan) -> std::result::Result<(), E>,
-    ) -> std::result::Result<(TensorId, Plan), E> {
-        if inputs.len() != op.arity() {
-            return Err(shape_err(op.name(), format!("takes {} operands, got {}", op.arity(), inputs.len())).into());
-        }
-        let mut metas = Vec::with_capacity(inputs.len());
-        for &id in inputs {
-            metas.push(self.meta(id)?);
-        }
-        let refs: Vec<&Meta> = metas.iter().collect();
-        let plan = op.plan(&refs)?;
-        admit(&plan)?;
-        let out = self.execute(Planned { plan: &plan, inputs })?;
-        Ok((out, plan))
-    }
-
-    fn matmul(&mut self, a: TensorId, b: TensorId, transpose_a: bool, transpose_b: bool) -> Result<TensorId> {
-        self.run(&Op::Matmul { transpose_a, transpose_b }, &[a, b])
-    }
-    fn binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId) -> Result<TensorId> {
-        self.run(&Op::Binary(op), &[a, b])
-    }
-    fn add(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
-        self.binary(BinaryOp::Add, a, b)
-    }
-    fn sub(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
-        self.binary(BinaryOp::Sub, a, b)
-    }
-    fn mul(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
-        self.binary(BinaryOp::Mul, a, b)
-    }
-    fn div(&mut self, a: TensorId, b: TensorId) -> Result<TensorId> {
-        self.binary(BinaryOp::Div, a, b)
-    }
-    fn unary(&mut self, op: UnaryOp, x: TensorId) -> Result<TensorId> {
-        self.run(&Op::Unary(op), &[x])
-    }
-    fn scale(&mut self, x: TensorId, factor: f32) -> Result<TensorId> {
-        self.unary(UnaryOp::Scale(factor), x)
-    }
-    fn relu(&mut self, x: TensorId) -> Result<TensorId> {
-        self.unary(UnaryOp::Relu, x)
-    }
-    fn gelu(&mut self, x: TensorId) -> Result<TensorId> {
-        self.unary(UnaryOp::Gelu, x)
-    }
-    fn silu(&mut self, x: TensorId) -> Result<TensorId> {
-        self.unary(UnaryOp::Silu, x)
-    }
-    fn tanh(&mut self, x: TensorId) -> Result<TensorId> {
-        self.unary(UnaryOp::Tanh, x)
-    }
-    fn exp(&mut self, x: TensorId) -> Result<TensorId> {
-        self.unary(UnaryOp::Exp, x)
-    }
-    fn softmax_last(&mut self, x: TensorId) -> Result<TensorId> {
-        self.run(&Op::Softmax, &[x])
-    }
-    fn rmsnorm(&mut self, x: TensorId, weight: TensorId, eps: f32) -> Result<TensorId> {
-        self.run(&Op::Rmsnorm { eps }, &[x, weight])
-    }
-    fn layernorm(&mut self, x: TensorId, weight: TensorId, bias: TensorId, eps: f32) -> Result<TensorId> {
-        self.run(&Op::Layernorm { eps }, &[x, weight, bias])
-    }
-    fn reduce_last(&mut self, op: ReduceOp, x: TensorId) -> Result<TensorId> {
-        self.run(&Op::Reduce(op), &[x])
-    }
-    fn sum_last(&mut self, x: TensorId) -> Result<TensorId> {
-        self.reduce_last(ReduceOp::Sum, x)
-    }
-    fn mean_last(&mut self, x: TensorId) -> Result<TensorId> {
-        self.reduce_last(ReduceOp::Mean, x)
-    }
-    fn max_last(&mut self, x: TensorId) -> Result<TensorId> {
-        self.reduce_last(ReduceOp::Max, x)
-    }
-    fn argmax_last(&mut self, x: TensorId) -> Result<TensorId> {
-        self.reduce_last(ReduceOp::Argmax, x)
-    }
-    fn cast(&mut self, x: TensorId, to: DType) -> Result<TensorId> {
-        self.run(&Op::Cast(to), &[x])
-    }
-    fn reshape(&mut self, x: TensorId, shape: &[usize]) -> Result<TensorId> {
-        self.run(&Op::Reshape(shape.to_vec()), &[x])
-    }
-    fn permute(&mut self, x: TensorId, axes: &[usize]) -> Result<TensorId> {
-        self.run(&Op::Permute(axes.to_vec()), &[x])
-    }
-    fn slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize) -> Result<TensorId> {
-        self.run(&Op::Slice { axis, start, len }, &[x])
-    }
-    fn concat(&mut self, a: TensorId, b: TensorId, axis: usize) -> Result<TensorId> {
-        self.run(&Op::Concat { axis }, &[a, b])
-    }
-    /// [`Op::Append`]: the cache keeps its id.
-    fn append(&mut self, cache: TensorId, rows: TensorId) -> Result<()> {
-        self.run(&Op::Append, &[cache, rows]).map(|_| ())
-    }
-    fn gather_rows(&mut self, table: TensorId, ids: TensorId) -> Result<TensorId> {
-        self.run(&Op::Gather, &[table, ids])
-    }
-    fn rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode) -> Result<TensorId> {
-        self.run(&Op::Rope { pos0, theta, mode }, &[x])
-    }
-    fn attention(&mut self, q: TensorId, k: TensorId, v: TensorId, pos0: u32, scale: f32) -> Result<TensorId> {
-        self.run(&Op::Attention { pos0, scale }, &[q, k, v])
-    }
-}
-
-impl<T: TensorBackend + ?Sized> TensorOps for T {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::GpuError;
 
     /// The pair count by brute force over (query, key) pairs, against the closed form.
     #[test]

@@ -1,9 +1,7 @@
-//! The small vocabulary every floor of `gpu` shares: errors, tensor handles, host tensors, the
-//! determinism mode and the backend kinds. Imports nothing else of `gpu` but shape checks.
+//! The small vocabulary every floor of `gpu` shares: errors, tensor handles, the determinism mode
+//! and the backend kinds. Imports nothing else of `gpu`.
 
 use std::fmt;
-
-use super::shape::{check_shape, numel, shape_err};
 
 /// Errors from the tensor layer; each variant is a decision for the caller.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -42,37 +40,6 @@ impl fmt::Display for TensorId {
 
 /// The most dimensions a tensor may have.
 pub const MAX_RANK: usize = 4;
-
-/// An f32 tensor in host memory: row-major, contiguous.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-impl HostTensor {
-    /// Checks that the rank is 1..=4 and `data` holds exactly `shape.product()` values.
-    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
-        let t = Self { shape, data };
-        t.check()?;
-        Ok(t)
-    }
-
-    /// The checks of [`HostTensor::new`] on a tensor built by hand (its fields are public), without
-    /// copying it: what every backend's `upload` runs first.
-    pub fn check(&self) -> Result<()> {
-        check_shape("upload", &self.shape)?;
-        let n = numel(&self.shape);
-        if n != self.data.len() {
-            return Err(shape_err("upload", format!("shape {:?} needs {n} values, got {}", self.shape, self.data.len())));
-        }
-        Ok(())
-    }
-
-    pub fn numel(&self) -> usize {
-        numel(&self.shape)
-    }
-}
 
 /// Whether reductions must be bitwise reproducible across backends, chosen when a backend is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

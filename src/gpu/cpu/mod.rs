@@ -44,12 +44,12 @@ use self::kernels::{
 };
 use self::matmul::{matmul_f32, matmul_weights};
 use super::backend::TensorBackend;
-use super::dtype::{DType, RawTensor};
+use super::dtype::{DType, HostTensor, RawTensor};
 use super::op::{BinaryOp, Launch, Meta, Planned, ReduceOp, RopeMode, UnaryOp};
 use super::quant;
 use super::repro::repro_exp;
 use super::shape::{AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, numel, rope_table, shape_err};
-use super::tensor::{BackendKind, Determinism, GpuError, HostTensor, Result, TensorId};
+use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
 
 /// Storage of one tensor.
 #[derive(Debug, Clone)]

@@ -31,11 +31,11 @@ use self::launch::{
     gemm_plan, grid_for, matmul_grid, u32_of,
 };
 use super::backend::TensorBackend;
-use super::dtype::{DType, RawTensor};
+use super::dtype::{DType, HostTensor, RawTensor};
 use super::op::{BinaryOp, Launch, Meta, Planned, ReduceOp, RopeMode, UnaryOp};
 use super::quant;
 use super::shape::{AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, check_shape, numel, rope_table, shape_err};
-use super::tensor::{BackendKind, Determinism, GpuError, HostTensor, Result, TensorId};
+use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
 
 /// The number of CUDA devices the driver reports; 0 (never an error or a panic) without a driver.
 pub fn device_count() -> usize {

@@ -33,12 +33,12 @@ pub use self::matmul::MatmulKernels;
 use self::matmul::MatmulPipelines;
 use self::stream::{Gpu, Kernel, Purpose, Stream, device_err};
 use super::backend::TensorBackend;
-use super::dtype::{DType, RawTensor};
+use super::dtype::{DType, HostTensor, RawTensor};
 use super::kernels::{FILES, Lang, compiled_source};
 use super::op::{BinaryOp, Launch, Meta, Planned, ReduceOp, RopeMode, UnaryOp};
 use super::quant;
 use super::shape::{AttentionDims, Broadcast, MatmulDims, RopeDims, numel, rope_table, shape_err, strides};
-use super::tensor::{BackendKind, Determinism, GpuError, HostTensor, Result, TensorId};
+use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
 
 /// The kernel file whose pipelines are specialized per call ([`matmul`]).
 const MATMUL_FILE: &str = "shaders/matmul.wgsl";
@@ -77,8 +77,6 @@ impl WTensor {
 fn get(tensors: &HashMap<TensorId, WTensor>, id: TensorId) -> Result<&WTensor> {
     tensors.get(&id).ok_or(GpuError::UnknownTensor(id))
 }
-
-/// Refuses the block types (the layout ops move single elements).
 
 /// One wgpu device and queue, its compiled pipelines and its tensors.
 pub struct WgpuBackend {
