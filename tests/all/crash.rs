@@ -14,8 +14,6 @@
 //! The kill intervals and the gaps between messages come from a seed printed at the start;
 //! `CRASH_SEED=<n>` replays them (the machine's own timing is not replayed).
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -34,7 +32,8 @@ use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy, SchedulerClient
 use ao_gpu_worker::protocol::ao;
 use ao_gpu_worker::protocol::su::MessageNode;
 use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, Tag};
-use common::binary::{Guard, command, start_devnet};
+
+use crate::support::binary::{Guard, command, start_devnet};
 
 /// Everything must be done by then, on however loaded a machine.
 const OVERALL: Duration = Duration::from_secs(180);
