@@ -1,4 +1,4 @@
-//! The wgpu matmul kernels (shaders/matmul.wgsl) in both kernel sets on whatever adapter runs the
+//! The wgpu matmul kernels (shaders/matmul_*.wgsl, matvec.wgsl) in both kernel sets on whatever adapter runs the
 //! tests, so the GPU set is checked on lavapipe too: shapes that cross the tile edges (64 x 128 for
 //! `mm_rb`, 64 x 64 for `mm_tiled`), k not a multiple of 4 or 32 (unaligned loads, scalar tails),
 //! every weight dtype, both transposes, batches with a broadcast operand, and the row counts where
