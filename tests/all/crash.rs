@@ -31,7 +31,7 @@ use ao_gpu_worker::net::scheduler::Range;
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy, SchedulerClient};
 use ao_gpu_worker::protocol::ao;
 use ao_gpu_worker::protocol::su::MessageNode;
-use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, Tag};
+use ao_gpu_worker::protocol::{DataItem, DataItemBuilder};
 
 use crate::support::binary::{Guard, command, start_devnet};
 
@@ -98,16 +98,7 @@ async fn stop(worker: &mut Guard, logs: &[PathBuf]) {
 }
 
 fn module_item(key: &Keypair) -> DataItem {
-    let mut tags = vec![Tag::new("Data-Protocol", ao::DATA_PROTOCOL), Tag::new("Variant", ao::VARIANT), Tag::new("Type", "Module")];
-    tags.extend([
-        Tag::new("Module-Format", ao::MODULE_FORMAT),
-        Tag::new("Input-Encoding", "JSON-1"),
-        Tag::new("Output-Encoding", "JSON-1"),
-        Tag::new("Content-Type", "application/wasm"),
-        Tag::new("Memory-Limit", "16-mb"),
-        Tag::new("Compute-Limit", "1000000000"),
-        Tag::new("Name", "counter"),
-    ]);
+    let tags = ao::module_tags("counter", "16-mb", "1000000000");
     DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(tags).data(COUNTER_WASM.to_vec()).sign(key).unwrap()
 }
 
