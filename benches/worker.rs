@@ -26,7 +26,7 @@ use ao_gpu_worker::journal::{Commit, Journal, OutKind, Outgoing, Progress, Resul
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy};
 use ao_gpu_worker::protocol::ao;
 use ao_gpu_worker::protocol::su::ItemJson;
-use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, Tag, b64};
+use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, b64};
 use ao_gpu_worker::runtime::{EvalInput, Runtime, RuntimeConfig};
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 
@@ -35,22 +35,13 @@ const K: u64 = 100;
 /// Posts in flight at once during a batch.
 const IN_FLIGHT: usize = 8;
 
-fn module_tags() -> Vec<Tag> {
-    let mut tags = vec![Tag::new("Data-Protocol", ao::DATA_PROTOCOL), Tag::new("Variant", ao::VARIANT), Tag::new("Type", "Module")];
-    tags.extend([
-        Tag::new("Module-Format", ao::MODULE_FORMAT),
-        Tag::new("Input-Encoding", "JSON-1"),
-        Tag::new("Output-Encoding", "JSON-1"),
-        Tag::new("Content-Type", "application/wasm"),
-        Tag::new("Memory-Limit", "16-mb"),
-        Tag::new("Compute-Limit", "1000000000"),
-        Tag::new("Name", "counter"),
-    ]);
-    tags
-}
-
 fn module_item(key: &Keypair) -> DataItem {
-    DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(module_tags()).data(COUNTER_WASM.to_vec()).sign(key).unwrap()
+    DataItemBuilder::new()
+        .anchor(ao::numeric_anchor(0))
+        .tags(ao::module_tags("counter", "16-mb", "1000000000"))
+        .data(COUNTER_WASM.to_vec())
+        .sign(key)
+        .unwrap()
 }
 
 fn process_item(key: &Keypair, module: &str, scheduler: &str) -> DataItem {

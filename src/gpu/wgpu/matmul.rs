@@ -1,5 +1,4 @@
-//! Matmul kernel selection for the wgpu backend: which entry point of `shaders/matmul.wgsl` runs a
-//! call, with which override constants, on which grid. Every combination of constants is its own
+//! Matmul kernel selection for the wgpu backend: which entry point of [`FILES`] runs a call, with which override constants, on which grid. Every combination of constants is its own
 //! pipeline (no per-element branch on the dtype or layout is left in the kernels), compiled on first
 //! use and cached for the life of the backend.
 //!
@@ -19,6 +18,7 @@
 
 use std::collections::HashMap;
 
+use super::super::kernels::{KernelFile, compiled_source};
 use super::super::shape::MatmulDims;
 use super::super::{DType, Determinism, Result};
 use super::stream::{Gpu, Kernel, device_err};
@@ -42,7 +42,7 @@ impl MatmulKernels {
     }
 }
 
-/// An entry point with its override constants (see the top of `shaders/matmul.wgsl`).
+/// An entry point with its override constants (see the top of `shaders/matmul_common.wgsl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct Variant {
     pub entry: &'static str,
@@ -95,21 +95,41 @@ pub(super) fn plan(set: MatmulKernels, det: Determinism, d: &MatmulDims, dtype: 
     }
 }
 
-/// The matmul shader module and the pipelines compiled from it so far.
+/// The kernel files of the matmul entry points (over `shaders/matmul_common.wgsl`).
+pub(super) const FILES: [&str; 3] = ["shaders/matmul_cpu.wgsl", "shaders/matmul_tiled.wgsl", "shaders/matvec.wgsl"];
+
+/// The matmul shader modules and the pipelines compiled from them so far.
 pub(super) struct MatmulPipelines {
     pub set: MatmulKernels,
-    module: wgpu::ShaderModule,
+    /// The module of each entry point.
+    modules: HashMap<&'static str, wgpu::ShaderModule>,
+    files: Vec<&'static str>,
     cache: HashMap<Variant, Kernel>,
 }
 
 impl MatmulPipelines {
-    /// Compiles the module (validation errors go to the caller's error scope).
-    pub fn new(device: &wgpu::Device, source: &str, set: MatmulKernels) -> Self {
+    pub fn new(set: MatmulKernels) -> Self {
+        Self { set, modules: HashMap::new(), files: Vec::new(), cache: HashMap::new() }
+    }
+
+    /// Compiles the module of `file`, one of [`FILES`] (validation errors go to the caller's error scope).
+    pub fn add(&mut self, device: &wgpu::Device, file: &KernelFile) {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("shaders/matmul.wgsl"),
-            source: wgpu::ShaderSource::Wgsl(source.to_owned().into()),
+            label: Some(file.path),
+            source: wgpu::ShaderSource::Wgsl(compiled_source(file)),
         });
-        Self { set, module, cache: HashMap::new() }
+        for entry in file.entries {
+            self.modules.insert(entry.name, module.clone());
+        }
+        self.files.push(file.path);
+    }
+
+    /// Itself once every file of [`FILES`] is added.
+    pub fn complete(self) -> Result<Self> {
+        match FILES.iter().find(|path| !self.files.contains(path)) {
+            Some(path) => Err(device_err(format!("{path} is not registered"))),
+            None => Ok(self),
+        }
     }
 
     /// The pipeline for `v`, compiled now if it is new.
@@ -128,7 +148,7 @@ impl MatmulPipelines {
             let pipeline = gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(v.entry),
                 layout: None,
-                module: &self.module,
+                module: self.modules.get(v.entry).ok_or_else(|| device_err(format!("no matmul kernel {}", v.entry)))?,
                 entry_point: Some(v.entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants: &constants,

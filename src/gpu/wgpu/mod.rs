@@ -40,9 +40,6 @@ use super::quant;
 use super::shape::{AttentionDims, Broadcast, MatmulDims, RopeDims, numel, rope_table, shape_err, strides};
 use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
 
-/// The kernel file whose pipelines are specialized per call ([`matmul`]).
-const MATMUL_FILE: &str = "shaders/matmul.wgsl";
-
 /// Freed buffers kept for reuse, at most this many bytes.
 const MAX_POOLED_BYTES: u64 = 256 << 20;
 
@@ -207,11 +204,11 @@ impl WgpuBackend {
 
         let scope = device.push_error_scope(::wgpu::ErrorFilter::Validation);
         let mut kernels = HashMap::new();
-        let mut matmul = None;
+        let mut matmul = MatmulPipelines::new(MatmulKernels::for_adapter(&info));
         for file in FILES.iter().filter(|f| f.lang == Lang::Wgsl) {
-            if file.path == MATMUL_FILE {
+            if matmul::FILES.contains(&file.path) {
                 // Specialized pipelines, compiled on first use (`matmul::MatmulPipelines`).
-                matmul = Some(MatmulPipelines::new(&device, &compiled_source(file), MatmulKernels::for_adapter(&info)));
+                matmul.add(&device, file);
                 continue;
             }
             let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
@@ -234,7 +231,7 @@ impl WgpuBackend {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(device_err(format!("compiling shaders on {}: {e}", info.name)));
         }
-        let matmul = matmul.ok_or_else(|| device_err(format!("{MATMUL_FILE} is not registered")))?;
+        let matmul = matmul.complete()?;
         tracing::debug!(
             adapter = %info.name,
             max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size,

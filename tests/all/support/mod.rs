@@ -1,10 +1,12 @@
-//! Helpers shared by integration tests: locating the pinned Node interop setup in tests/js,
-//! and (in `counter`) a devnet with a worker serving a counter process.
-#![allow(dead_code)]
+//! Helpers shared by the integration suites: locating the pinned Node interop setup in tests/js,
+//! the real binary (`binary`), an in-process devnet with a worker (`inproc`, and in `counter` one
+//! serving a counter process), and the f64 references and tolerances of the tensor suites
+//! (`reference`).
 
 pub mod binary;
 pub mod counter;
 pub mod inproc;
+pub mod reference;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -5,18 +5,18 @@
 //! With `REQUIRE_WGPU=1` a wgpu adapter must exist (CI with lavapipe); otherwise a machine
 //! without one falls back to the CPU and says so.
 
-mod common;
-
 use ao_gpu_worker::daemon::Worker;
 use ao_gpu_worker::devnet::Devnet;
 use ao_gpu_worker::gpu::{self, BackendKind, Determinism};
+
+use crate::support;
 
 async fn start(dir: &std::path::Path, backends: &str) -> (Devnet, Worker) {
     start_with(dir, &format!("[gpu]\nbackends = {backends}\n")).await
 }
 
 async fn start_with(dir: &std::path::Path, gpu: &str) -> (Devnet, Worker) {
-    common::inproc::devnet_and_worker(dir, gpu).await
+    support::inproc::devnet_and_worker(dir, gpu).await
 }
 
 fn wgpu_adapter() -> bool {

@@ -2,10 +2,9 @@
 //! good and failed messages, result pages, the state image, dry-runs that change nothing,
 //! and JSON errors for bad requests.
 
-mod common;
-
 use ao_gpu_worker::journal::{Progress, sha256_hex};
-use common::counter::CounterNet;
+
+use crate::support::counter::CounterNet;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

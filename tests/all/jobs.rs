@@ -2,8 +2,6 @@
 //! registry by an authority (and ignored from anyone else), every message evaluated once
 //! and in nonce order across many schedule pages, results attested and posted.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use ao_gpu_worker::attest::Keypair;
@@ -14,6 +12,8 @@ use ao_gpu_worker::net::scheduler::Range;
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy, SchedulerClient};
 use ao_gpu_worker::protocol::ao::{self, ItemType};
 use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, Tag};
+
+use crate::support;
 
 struct Setup {
     net: Devnet,
@@ -26,7 +26,7 @@ struct Setup {
 
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let (net, worker) = common::inproc::devnet_and_worker(dir.path(), "").await;
+    let (net, worker) = support::inproc::devnet_and_worker(dir.path(), "").await;
     let mu = MessengerClient::new(&net.urls.messenger, Policy::default());
     let su = SchedulerClient::new(&net.urls.scheduler, Policy::default());
     let module = module_item(&net.authority).unwrap();

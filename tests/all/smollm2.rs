@@ -23,9 +23,7 @@
 //!
 //! Debug builds of the CPU backend take seconds per decoded token, so the devnet test generates
 //! `AO_SMOLLM2_TOKENS` tokens per prompt (default 3; 32, llama.cpp's full sequences, in release
-//! builds: `cargo test --release --test smollm2` takes about 10 s once built).
-
-mod common;
+//! builds: `cargo test --release --test all smollm2::` takes about 10 s once built).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,11 +42,13 @@ use ao_gpu_worker::runtime::{
 };
 use serde_json::{Value, json};
 
+use crate::support;
+
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const MODEL_BYTES: u64 = 98_362_432;
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-const ACTOR_WASM: &[u8] = include_bytes!("../examples/actors/smollm2.wasm");
-const REFERENCE: &str = include_str!("reference/smollm2_llamacpp_greedy.json");
+const ACTOR_WASM: &[u8] = include_bytes!("../../examples/actors/smollm2.wasm");
+const REFERENCE: &str = include_str!("../reference/smollm2_llamacpp_greedy.json");
 /// How many of llama.cpp's greedy tokens each prompt reproduces (see the module doc).
 const AGREE: [usize; 4] = [32, 16, 15, 32];
 /// Largest |actor logit - llama.cpp logit| accepted for llama.cpp's five first tokens.
@@ -61,7 +61,7 @@ const COMPUTE_LIMIT: &str = "20000000000";
 
 /// True when a missing model must fail the test (scripts/test fetched it, or CI).
 fn model_required() -> bool {
-    std::env::var("REQUIRE_MODEL").is_ok_and(|v| v == "1") || common::interop_required()
+    std::env::var("REQUIRE_MODEL").is_ok_and(|v| v == "1") || support::interop_required()
 }
 
 /// Where scripts/fetch-model puts the model.
@@ -201,7 +201,7 @@ async fn wait_result(worker: &ao_gpu_worker::daemon::Worker, id: &str) -> ao_gpu
 
 /// `ao-gpu-worker model publish`, run as an operator would; returns its summary line.
 async fn publish_cli(model: &Path, gateway: &str, key: &Path, out: &Path) -> Value {
-    let mut cmd = common::binary::command();
+    let mut cmd = support::binary::command();
     cmd.args(["model", "publish"]).arg(model).args(["--gateway", gateway, "--key"]).arg(key).arg("--out").arg(out);
     let output = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
     assert!(output.status.success(), "model publish: {}", String::from_utf8_lossy(&output.stderr));
@@ -228,7 +228,7 @@ async fn smollm2_on_the_devnet_matches_llama_cpp() {
     let Some(path) = model_path(TEST) else { return };
     let n_new = tokens_per_prompt();
     let dir = tempfile::tempdir().unwrap();
-    let (net, worker) = common::inproc::devnet_and_worker(
+    let (net, worker) = support::inproc::devnet_and_worker(
         dir.path(),
         "[gpu]\nbackends = [\"cpu\"]\n[limits]\ndeadline = \"1800s\"\nmax_memory = \"256-mb\"\n",
     )

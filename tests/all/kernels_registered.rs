@@ -1,12 +1,13 @@
 //! Every kernel file is registered and valid: each `shaders/*.wgsl` parses and validates with naga
 //! (no GPU needed), every file in `shaders/` and `kernels/` (except README.md) is listed in the
 //! registry (`.cuh` headers in `HEADERS`), every registered file exists with the embedded contents,
-//! and every registered entry point is defined in its file.
+//! every WGSL header a file names is registered and every registered one is used, and every
+//! registered entry point is defined in its file.
 
 use std::collections::HashSet;
 use std::path::Path;
 
-use ao_gpu_worker::gpu::kernels::{FILES, HEADERS, Lang, compiled_source};
+use ao_gpu_worker::gpu::kernels::{FILES, HEADERS, Lang, WGSL_PRELUDE, compiled_source, header};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -53,6 +54,25 @@ fn every_kernel_file_is_registered_and_exists() {
         for e in f.entries {
             assert!(names.insert((f.lang, e.name)), "entry point {} registered twice", e.name);
         }
+    }
+}
+
+#[test]
+fn every_wgsl_header_is_registered_and_used() {
+    assert!(header(WGSL_PRELUDE).is_some_and(|h| h.lang == Lang::Wgsl), "{WGSL_PRELUDE} is not a registered WGSL header");
+    let mut named = HashSet::new();
+    for f in FILES {
+        if f.lang == Lang::Cuda {
+            assert!(f.headers.is_empty(), "{}: CUDA files #include their headers", f.path);
+        }
+        for &path in f.headers {
+            assert!(header(path).is_some_and(|h| h.lang == Lang::Wgsl), "{}: header {path} is not a registered WGSL header", f.path);
+            assert_ne!(path, WGSL_PRELUDE, "{}: {path} goes in front of every WGSL file already", f.path);
+            assert!(named.insert((f.path, path)), "{}: header {path} named twice", f.path);
+        }
+    }
+    for h in HEADERS.iter().filter(|h| h.lang == Lang::Wgsl && h.path != WGSL_PRELUDE) {
+        assert!(named.iter().any(|&(_, path)| path == h.path), "{} is registered but no file names it", h.path);
     }
 }
 

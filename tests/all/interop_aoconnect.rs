@@ -6,11 +6,10 @@
 //! Needs `node` and `npm ci --ignore-scripts --prefix tests/js`. Without them the test prints a
 //! "skipped" line and passes, unless `CI` is set or `REQUIRE_INTEROP=1`, where it fails.
 
-mod common;
-
 use ao_gpu_worker::journal::ResultRecord;
-use common::counter::CounterNet;
-use common::{interop_dir, require_package, run_node};
+
+use crate::support::counter::CounterNet;
+use crate::support::{interop_dir, require_package, run_node};
 use serde_json::{Value, json};
 
 const AOCONNECT_VERSION: &str = "0.0.98";

@@ -12,9 +12,7 @@ use ao_gpu_worker::protocol::ans104::{Ans104Error, MAX_TAG_BYTES, MAX_TAG_NAME, 
 use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, SignatureType, Tag, b64};
 use serde::Deserialize;
 
-mod common;
-
-use common::{interop_dir, run_node};
+use crate::support::{interop_dir, run_node};
 
 /// One line of `verify.js` output.
 #[derive(Debug, Deserialize)]

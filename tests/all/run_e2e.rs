@@ -3,14 +3,14 @@
 //! from the scheduler, verify here and with npm arbundles, and the worker must serve its
 //! API and stop cleanly on SIGTERM.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ao_gpu_worker::net::scheduler::Range;
 use ao_gpu_worker::net::{Policy, SchedulerClient};
-use common::binary::{Guard, command, start_devnet};
+
+use crate::support;
+use crate::support::binary::{Guard, command, start_devnet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_posts_a_capacity_advertisement_that_verifies_everywhere() {
@@ -80,10 +80,10 @@ async fn run_posts_a_capacity_advertisement_that_verifies_everywhere() {
     assert!(manifest["gpus"]["cuda"]["status"].is_string());
 
     // ... and with arbundles, byte for byte the item the worker signed.
-    if let Some(js) = common::interop_dir("run_posts_a_capacity_advertisement_that_verifies_everywhere") {
+    if let Some(js) = support::interop_dir("run_posts_a_capacity_advertisement_that_verifies_everywhere") {
         let file = tmp.path().join("advert.bin");
         std::fs::write(&file, item.to_bytes()).unwrap();
-        let out = common::run_node(&js, "verify.js", &[file.display().to_string()]);
+        let out = support::run_node(&js, "verify.js", &[file.display().to_string()]);
         let verdict: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
         assert_eq!(verdict["valid"], true, "{out}");
         assert_eq!(verdict["id"], advert.id.as_str(), "{out}");

@@ -2,8 +2,6 @@
 //! (well formed, hardware fields, positive finite figures; no timing assertions), and a worker that
 //! advertises the scores of a bench.json from this machine and ignores one from another.
 
-mod common;
-
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -13,11 +11,13 @@ use std::time::{Duration, Instant};
 use ao_gpu_worker::bench::{BenchReport, WORKER_VERSION};
 use ao_gpu_worker::capacity::{DetectOptions, detect};
 
+use crate::support;
+
 /// A quick CPU run in a debug build takes seconds; this only guards against a hang.
 const DEADLINE: Duration = Duration::from_secs(300);
 
 fn bin() -> Command {
-    let mut cmd = common::binary::command();
+    let mut cmd = support::binary::command();
     cmd.env("AO_WORKER_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
@@ -169,7 +169,7 @@ async fn the_manifest_carries_the_scores_of_a_bench_json_from_this_machine() {
     let fingerprint = detect(&DetectOptions { data_dir: data_dir.clone(), worker_address: None }).hardware_fingerprint();
     let report = write_report(&data_dir, &fingerprint);
 
-    let (_net, worker) = common::inproc::devnet_and_worker(dir.path(), "[gpu]\nbackends = [\"cpu\"]\n").await;
+    let (_net, worker) = support::inproc::devnet_and_worker(dir.path(), "[gpu]\nbackends = [\"cpu\"]\n").await;
     let scores = worker.state.status().manifest.as_ref().and_then(|m| m.scores.clone()).expect("scores at startup");
     assert_eq!(scores, report.scores("bench.json"));
     let shown = capacity_scores(&worker.api_url).await;
@@ -197,7 +197,7 @@ async fn a_bench_json_from_another_machine_is_ignored_and_the_worker_measures_it
     write_report(&data_dir, &other);
 
     let (_net, worker) =
-        common::inproc::devnet_and_worker(dir.path(), "[gpu]\nbackends = [\"cpu\"]\nstartup_bench = \"when-stale\"\n").await;
+        support::inproc::devnet_and_worker(dir.path(), "[gpu]\nbackends = [\"cpu\"]\nstartup_bench = \"when-stale\"\n").await;
     let at_start = worker.state.status().manifest.as_ref().and_then(|m| m.scores.clone());
     assert!(at_start.as_ref().is_none_or(|s| s.source == "startup"), "another machine's scores were used: {at_start:?}");
 

@@ -14,8 +14,6 @@
 //! The kill intervals and the gaps between messages come from a seed printed at the start;
 //! `CRASH_SEED=<n>` replays them (the machine's own timing is not replayed).
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -33,8 +31,9 @@ use ao_gpu_worker::net::scheduler::Range;
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy, SchedulerClient};
 use ao_gpu_worker::protocol::ao;
 use ao_gpu_worker::protocol::su::MessageNode;
-use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, Tag};
-use common::binary::{Guard, command, start_devnet};
+use ao_gpu_worker::protocol::{DataItem, DataItemBuilder};
+
+use crate::support::binary::{Guard, command, start_devnet};
 
 /// Everything must be done by then, on however loaded a machine.
 const OVERALL: Duration = Duration::from_secs(180);
@@ -99,16 +98,7 @@ async fn stop(worker: &mut Guard, logs: &[PathBuf]) {
 }
 
 fn module_item(key: &Keypair) -> DataItem {
-    let mut tags = vec![Tag::new("Data-Protocol", ao::DATA_PROTOCOL), Tag::new("Variant", ao::VARIANT), Tag::new("Type", "Module")];
-    tags.extend([
-        Tag::new("Module-Format", ao::MODULE_FORMAT),
-        Tag::new("Input-Encoding", "JSON-1"),
-        Tag::new("Output-Encoding", "JSON-1"),
-        Tag::new("Content-Type", "application/wasm"),
-        Tag::new("Memory-Limit", "16-mb"),
-        Tag::new("Compute-Limit", "1000000000"),
-        Tag::new("Name", "counter"),
-    ]);
+    let tags = ao::module_tags("counter", "16-mb", "1000000000");
     DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(tags).data(COUNTER_WASM.to_vec()).sign(key).unwrap()
 }
 

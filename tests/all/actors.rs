@@ -181,7 +181,7 @@ fn mlp_infers_through_ao_gpu_like_the_cpu_backend() {
     eprintln!("mlp actor on {}", g.runtime.tensor_backend().description);
     let (on_gpu, arg_gpu, gas_gpu) = mlp_infer(&mut g, &infer, &data);
     // Bitwise: in reproducible mode every op of the MLP (matmul, add, gelu, softmax) gives the
-    // CPU backend's bits on wgpu (tests/gpu_conformance.rs checks each op).
+    // CPU backend's bits on wgpu (tests/all/gpu_conformance checks each op).
     for (i, (a, c)) in on_gpu.iter().zip(&probs).enumerate() {
         assert_eq!(a.to_bits(), c.to_bits(), "probability {i}: wgpu {a:e}, cpu {c:e} (wgpu {on_gpu:?}, cpu {probs:?})");
     }

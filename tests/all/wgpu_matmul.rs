@@ -1,15 +1,17 @@
-//! The wgpu matmul kernels (shaders/matmul.wgsl) in both kernel sets on whatever adapter runs the
+//! The wgpu matmul kernels (shaders/matmul_*.wgsl, matvec.wgsl) in both kernel sets on whatever adapter runs the
 //! tests, so the GPU set is checked on lavapipe too: shapes that cross the tile edges (64 x 128 for
 //! `mm_rb`, 64 x 64 for `mm_tiled`), k not a multiple of 4 or 32 (unaligned loads, scalar tails),
 //! every weight dtype, both transposes, batches with a broadcast operand, and the row counts where
 //! the kernel choice changes (1, 2, 3, 4, 15, 16, 17). Reproducible mode must give the CPU
 //! reference's bits; both modes must be within the per-output error bound of an f64 reference
-//! computed here from the inputs' defined values.
+//! computed from the inputs' defined values (`support::reference`).
 //!
 //! Without an adapter the cases print a loud skip; with `REQUIRE_WGPU=1` they fail instead.
 
 use ao_gpu_worker::gpu::wgpu::{MatmulKernels, WgpuBackend};
 use ao_gpu_worker::gpu::{Backend, DType, Determinism, RawTensor, Result, TensorId, cpu::CpuBackend, quant};
+
+use crate::support::reference::{assert_within_bound, matmul_f64};
 
 fn wgpu(det: Determinism, set: MatmulKernels) -> Option<Backend> {
     match WgpuBackend::new(det) {
@@ -46,34 +48,6 @@ fn run(b: &mut Backend, x: &RawTensor, w: &RawTensor, ta: bool, tb: bool) -> Res
         b.free(id)?;
     }
     result
-}
-
-/// The f64 product of the inputs' values and, per output, the sum of the terms' magnitudes.
-fn reference(a: &RawTensor, w: &RawTensor, ta: bool, tb: bool) -> (Vec<f64>, Vec<f64>, usize) {
-    let (av, wv) = (values(a), values(w));
-    let (ra, rb) = (a.shape.len(), w.shape.len());
-    let (m, k) = if ta { (a.shape[ra - 1], a.shape[ra - 2]) } else { (a.shape[ra - 2], a.shape[ra - 1]) };
-    let n = if tb { w.shape[rb - 2] } else { w.shape[rb - 1] };
-    let batch = a.shape[..ra - 2].iter().product::<usize>().max(w.shape[..rb - 2].iter().product());
-    let sa = if ra > 2 { m * k } else { 0 };
-    let sb = if rb > 2 { k * n } else { 0 };
-    let (mut out, mut bound) = (Vec::new(), Vec::new());
-    for bi in 0..batch {
-        for i in 0..m {
-            for j in 0..n {
-                let (mut s, mut abs) = (0.0f64, 0.0f64);
-                for q in 0..k {
-                    let x = f64::from(if ta { av[bi * sa + q * m + i] } else { av[bi * sa + i * k + q] });
-                    let y = f64::from(if tb { wv[bi * sb + j * k + q] } else { wv[bi * sb + q * n + j] });
-                    s += x * y;
-                    abs += (x * y).abs();
-                }
-                out.push(s);
-                bound.push(abs);
-            }
-        }
-    }
-    (out, bound, k)
 }
 
 /// (weight dtype, a shape, b shape, transpose_a, transpose_b)
@@ -158,11 +132,8 @@ fn check_all(det: Determinism, set: MatmulKernels) {
         {
             panic!("{what}: output {j} is {:e}, the CPU reference gives {:e}", got_v[j], values(&want)[j]);
         }
-        let (r, bound, k) = reference(&a, &w, ta, tb);
-        for (j, ((&g, &r), &bd)) in got_v.iter().zip(&r).zip(&bound).enumerate() {
-            let tol = (k.max(1) as f64) * 2.0 * f64::from(f32::EPSILON) * bd + 1e-30;
-            assert!((f64::from(g) - r).abs() <= tol, "{what}: output {j} is {g:e}, f64 gives {r:e} (tolerance {tol:e})");
-        }
+        let (r, bound, k) = matmul_f64(&values(&a), &a.shape, &values(&w), &w.shape, ta, tb);
+        assert_within_bound(&what, &got_v, &r, &bound, k);
     }
 }
 

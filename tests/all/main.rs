@@ -1,0 +1,31 @@
+//! The integration tests, in one binary: each former `tests/*.rs` file is a module here (so
+//! wasmtime and wgpu are linked once, not once per file), with the helpers they share in
+//! [`support`]. `cargo test --test all <module>::` runs one suite, such as
+//! `cargo test --test all gpu_conformance::`.
+//!
+//! All tests share one process: nothing here may set environment variables, install a global
+//! (tracing subscriber, rayon pool) or change the working directory.
+
+mod support;
+
+mod actors;
+mod actors_build;
+mod ans104;
+mod ao_gpu;
+mod backend_selection;
+mod bench;
+mod cli;
+mod crash;
+mod cu_api;
+mod cuda_backend;
+mod device_pool;
+mod devnet;
+mod gpu_conformance;
+mod interop_aoconnect;
+mod interop_arbundles;
+mod jobs;
+mod kernels_registered;
+mod net_clients;
+mod run_e2e;
+mod smollm2;
+mod wgpu_matmul;
