@@ -1,10 +1,10 @@
 // Helpers shared by the kernel files in kernels/: every `.cu` file starts with
-// `#include "common.cuh"`, and each helper here is defined nowhere else (tests/cuda_backend.rs
+// `#include "common.cuh"`, and each helper here is defined nowhere else (tests/all/cuda_backend.rs
 // fails if a `.cu` file defines one of these names again).
 //
 // How each compiler finds this file: NVRTC gets it as a named header (src/gpu/cuda/compile.rs,
 // whose cache key covers it); the host emulator (src/gpu/cuda/emu.rs) and the clang-16 syntax check
-// (tests/cuda_backend.rs) write it next to the sources. The registry (`HEADERS` in
+// (tests/all/cuda_backend.rs) write it next to the sources. The registry (`HEADERS` in
 // src/gpu/kernels.rs) embeds it in the binary, like the kernel files.
 //
 // Functions are `static` (one private copy per NVRTC program) and `inline` (no unused-function
@@ -98,7 +98,7 @@ static __device__ __forceinline__ float load_elem(const u8 *base, u32 i) {
 // ---- portable math ----
 
 // exp(x) with correctly rounded operations only, bitwise equal to `gpu::repro_exp` in
-// src/gpu/repro.rs (the same constants, as bits; tests/cuda_backend.rs compares them).
+// src/gpu/repro.rs (the same constants, as bits; tests/all/cuda_backend.rs compares them).
 static __device__ inline float repro_exp(float x) {
     if (x != x) return x;
     if (x > 88.72f) return __uint_as_float(0x7f800000u);

@@ -1,5 +1,5 @@
 // Causal scaled-dot-product attention in three passes over a scratch score tensor
-// s [batch, tq, hq, tk] (row r = (b * tq + i) * hq + h), mirroring `attention` in src/gpu/cpu.rs
+// s [batch, tq, hq, tk] (row r = (b * tq + i) * hq + h), mirroring `attention` in src/gpu/cpu/kernels.rs
 // operation for operation:
 //   1. attn_scores: s[r, j] = (sum over c in order of q[.., c] * k[.., c]) * scale, for the keys
 //      j < len(i) = min(tk, pos0 + i + 1) the query may see;

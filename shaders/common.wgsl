@@ -8,7 +8,7 @@ fn is_nan(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
 }
 
-// Mirrors `repro_exp` in src/gpu/mod.rs operation for operation (constants as bits): the portable
+// Mirrors `repro_exp` in src/gpu/repro.rs operation for operation (constants as bits): the portable
 // exp of softmax and attention in reproducible mode.
 fn repro_exp(v: f32) -> f32 {
     if is_nan(v) {

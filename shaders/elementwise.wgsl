@@ -143,7 +143,7 @@ fn exp_op(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
 // ---- reproducible mode: portable exp, tanh, silu and gelu ----
 //
 // These mirror `repro_exp_full`, `repro_tanh`, `repro_silu`, `repro_gelu` and their helpers in
-// src/gpu/mod.rs operation for operation: IEEE +, -, * only (no division, no built-ins but floor
+// src/gpu/repro.rs operation for operation: IEEE +, -, * only (no division, no built-ins but floor
 // and abs), constants as bits, NaN and subnormal tests on the bits (a float compare like `v != v`
 // may be folded away), subnormal results flushed to signed zero.
 //

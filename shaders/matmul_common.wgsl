@@ -9,7 +9,7 @@
 // 2-D operand over the batch.
 //
 // Order: every kernel except `mv_split` sums each output over k in index order with a separate
-// multiply and add (`acc = acc + x * w` from 0), mirroring `matmul_ordered` in src/gpu/cpu.rs and
+// multiply and add (`acc = acc + x * w` from 0), mirroring `matmul_ordered` in src/gpu/cpu/matmul.rs and
 // `quant::dot_row_ordered`, so all of them serve reproducible mode; they differ only in how the work
 // is laid out:
 //

@@ -1,5 +1,5 @@
 // RMSNorm and LayerNorm over the last axis, one invocation per row, sums in index order: the same
-// operations in the same order as `rmsnorm_row` / `layernorm_row` in src/gpu/cpu.rs.
+// operations in the same order as `rmsnorm_row` / `layernorm_row` in src/gpu/cpu/kernels.rs.
 
 struct NormParams {
     rows: u32,

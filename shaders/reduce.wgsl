@@ -1,5 +1,5 @@
 // Reductions over the last axis, one invocation per row summing in index order (the fixed order of
-// `reduce_row` / `softmax_row` in src/gpu/cpu.rs), 64 rows per workgroup on a 2-D workgroup grid.
+// `reduce_row` / `softmax_row` in src/gpu/cpu/kernels.rs), 64 rows per workgroup on a 2-D workgroup grid.
 // NaN never compares greater: max skips it, argmax returns the first index of the maximum (as i32).
 
 struct RowParams {

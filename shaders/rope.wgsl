@@ -1,7 +1,7 @@
 // Rotary position embedding of f32 x [batch, seq, heads, dim]. The (cos, sin) table [seq, dim/2, 2]
 // comes from the host (`layout::rope_table`, rounded once to f32 there), so this kernel only
 // multiplies and adds: out0 = x0 * cos - x1 * sin, out1 = x0 * sin + x1 * cos, each product rounded
-// before the add, mirroring `rope` in src/gpu/cpu.rs. One invocation per rotated pair.
+// before the add, mirroring `rope` in src/gpu/cpu/kernels.rs. One invocation per rotated pair.
 
 struct RopeParams {
     // batch * seq * heads * dim / 2

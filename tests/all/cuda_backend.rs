@@ -216,7 +216,7 @@ fn hex_constants(body: &str) -> Vec<u32> {
 
 #[test]
 fn kernel_repro_exp_uses_the_rust_constants() {
-    let rust = std::fs::read_to_string(root().join("src/gpu/mod.rs")).unwrap();
+    let rust = std::fs::read_to_string(root().join("src/gpu/repro.rs")).unwrap();
     let start = rust.find("pub fn repro_exp").unwrap();
     let rust_body = &rust[start..start + rust[start..].find("\n}\n").unwrap()];
     let want = hex_constants(rust_body);
@@ -362,6 +362,7 @@ fn kernels_compile_as_cuda_with_clang() {
 #[cfg(feature = "cuda")]
 mod on_device {
     use super::*;
+    use ao_gpu_worker::gpu::TensorOps;
     use ao_gpu_worker::gpu::{BinaryOp, DType, RawTensor, ReduceOp, Result, RopeMode, TensorId, UnaryOp, cpu::CpuBackend, quant};
 
     fn require_cuda() -> bool {

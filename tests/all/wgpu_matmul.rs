@@ -8,6 +8,7 @@
 //!
 //! Without an adapter the cases print a loud skip; with `REQUIRE_WGPU=1` they fail instead.
 
+use ao_gpu_worker::gpu::TensorOps;
 use ao_gpu_worker::gpu::wgpu::{MatmulKernels, WgpuBackend};
 use ao_gpu_worker::gpu::{Backend, DType, Determinism, RawTensor, Result, TensorId, cpu::CpuBackend, quant};
 

@@ -9,7 +9,7 @@
 //!
 //! Needs clang++ (Debian's clang-16) at test time; without it the tests print a loud skip, unless
 //! `REQUIRE_CUDA_EMU=1` makes that a failure. What it cannot show: NVRTC accepting the sources (see
-//! tests/cuda_backend.rs for the clang CUDA syntax check), device-specific math (expf, tanhf), real
+//! tests/all/cuda_backend.rs for the clang CUDA syntax check), device-specific math (expf, tanhf), real
 //! warp scheduling, and performance.
 
 use std::io::{BufReader, Read, Write};

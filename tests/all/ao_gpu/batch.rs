@@ -2,7 +2,7 @@
 //! batch, each command charged like its call plus the command fee, and one device submission on
 //! wgpu.
 
-use ao_gpu_worker::runtime::{GAS_PER_COMMAND, SharedBackend, gpu_op};
+use ao_gpu_worker::runtime::{GAS_PER_COMMAND, SharedDevice, gpu_op};
 
 use super::*;
 
@@ -185,7 +185,7 @@ fn a_batch_charges_each_command_like_its_single_call_plus_the_command_fee() {
 #[test]
 fn a_batch_is_one_device_submission_on_wgpu() {
     let Some(backend) = wgpu_backend() else { return };
-    let shared: SharedBackend = Arc::new(Mutex::new(backend));
+    let shared: SharedDevice = Arc::new(Mutex::new(backend));
     let f = runtime_with(GpuConfig { backend: Some(shared.clone()), ..GpuConfig::default() });
     let submissions = || match &*shared.lock().unwrap() {
         Backend::Wgpu(b) => b.submissions(),

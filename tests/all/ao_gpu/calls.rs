@@ -2,10 +2,9 @@
 //! rotary and attention ops, handles and tensors that live for one evaluation, imports checked at
 //! load, and the same actor on wgpu.
 
+use ao_gpu_worker::gpu::{HostTensor, RopeMode, TensorOps};
+
 use super::*;
-
-use ao_gpu_worker::gpu::{HostTensor, RopeMode};
-
 use crate::support::reference::{Tol, assert_close};
 
 /// Uploads A and B, multiplies, reads back, and runs every other op on A (or the product),

@@ -14,7 +14,7 @@ use ao_gpu_worker::jobs::constants::GatewayConstants;
 use ao_gpu_worker::net::gateway::ItemMeta;
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy};
 use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, ao};
-use ao_gpu_worker::runtime::{ConstantCache, ConstantSource, SharedBackend, SourceError};
+use ao_gpu_worker::runtime::{ConstantCache, ConstantSource, SharedDevice, SourceError};
 use sha2::{Digest, Sha256};
 
 use super::*;
@@ -52,12 +52,12 @@ impl ConstantSource for Items {
     }
 }
 
-fn shared_cpu() -> SharedBackend {
+fn shared_cpu() -> SharedDevice {
     Arc::new(Mutex::new(cpu()))
 }
 
 /// A runtime whose constants come from `source` through `cache` (on `backend`).
-fn constants_runtime(backend: &SharedBackend, cache: &Arc<ConstantCache>, max_device_memory: u64) -> Fixture {
+fn constants_runtime(backend: &SharedDevice, cache: &Arc<ConstantCache>, max_device_memory: u64) -> Fixture {
     runtime_with(GpuConfig { backend: Some(backend.clone()), max_device_memory, constants: Some(cache.clone()) })
 }
 

@@ -79,6 +79,7 @@ fn the_header_and_the_abi_doc_match_the_host() {
     }
     assert!(header.contains(&format!("sizeof(ao_gpu_cmd) == {CMD_SIZE}")));
     assert_eq!((defines["AO_GPU_ROPE_NORMAL"], defines["AO_GPU_ROPE_NEOX"]), (0, 2));
-    assert_eq!(RopeMode::from_code(0), Some(RopeMode::Interleaved));
-    assert_eq!(RopeMode::from_code(2), Some(RopeMode::Neox));
+    assert_eq!(ao_gpu_worker::runtime::host::gpu::abi::rope_mode(0), Some(RopeMode::Interleaved));
+    assert_eq!(RopeMode::Neox.ggml_code(), 2, "the kernels take the ABI numbering");
+    assert_eq!(ao_gpu_worker::runtime::host::gpu::abi::rope_mode(2), Some(RopeMode::Neox));
 }

@@ -1,6 +1,7 @@
 //! Batched submission: results bitwise equal to unbatched ones, one submission per batch.
 
 use super::*;
+use ao_gpu_worker::gpu::TensorOps;
 
 /// A small transformer-ish step touching every op family; returns the storage of its outputs.
 /// `mid_read` reads an intermediate in the middle (which flushes an open batch).

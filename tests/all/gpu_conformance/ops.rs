@@ -3,6 +3,7 @@
 //! chained results, and backend selection.
 
 use super::*;
+use ao_gpu_worker::gpu::TensorOps;
 
 backend_test!(matmul_matches_reference, |b, cpu, det| {
     let cases: &[(&[usize], &[usize], bool, bool)] = &[

@@ -2,6 +2,7 @@
 //! the layout ops, append, rope and attention, compared as storage bytes.
 
 use super::*;
+use ao_gpu_worker::gpu::TensorOps;
 
 backend_test!(raw_storage_round_trips_in_every_dtype, |b, cpu, det| {
     let _ = det;

@@ -1,6 +1,7 @@
 //! The portable exp / tanh / silu / gelu of reproducible mode: bitwise equal everywhere, and accurate.
 
 use super::*;
+use ao_gpu_worker::gpu::TensorOps;
 
 const TRANSCENDENTAL: [UnaryOp; 4] = [UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Silu, UnaryOp::Gelu];
 

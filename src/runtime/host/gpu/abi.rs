@@ -94,7 +94,7 @@ impl From<&GpuError> for GpuStatus {
 }
 
 /// `binary` op codes.
-pub(super) fn binary_op(code: i32) -> Option<BinaryOp> {
+pub fn binary_op(code: i32) -> Option<BinaryOp> {
     Some(match code {
         0 => BinaryOp::Add,
         1 => BinaryOp::Sub,
@@ -105,7 +105,7 @@ pub(super) fn binary_op(code: i32) -> Option<BinaryOp> {
 }
 
 /// `unary` op codes.
-pub(super) fn unary_op(code: i32) -> Option<UnaryOp> {
+pub fn unary_op(code: i32) -> Option<UnaryOp> {
     Some(match code {
         0 => UnaryOp::Relu,
         1 => UnaryOp::Gelu,
@@ -117,7 +117,7 @@ pub(super) fn unary_op(code: i32) -> Option<UnaryOp> {
 }
 
 /// `reduce` op codes (over the last axis).
-pub(super) fn reduce_op(code: i32) -> Option<ReduceOp> {
+pub fn reduce_op(code: i32) -> Option<ReduceOp> {
     Some(match code {
         0 => ReduceOp::Sum,
         1 => ReduceOp::Max,
@@ -151,12 +151,12 @@ pub mod op {
 
 /// Dtype codes: f32 0, f16 1, i32 2, q8_0 3, q4_0 4, q4_1 5 ([`DType::code`], which the WGSL
 /// kernels share as their `DT` parameter).
-pub(super) fn dtype(code: i32) -> Option<DType> {
+pub fn dtype(code: i32) -> Option<DType> {
     DType::from_code(code)
 }
 
 /// Rope-mode codes: 0 interleaved, 2 neox (GGML's numbering, [`RopeMode::ggml_code`]).
-pub(super) fn rope_mode(code: i32) -> Option<RopeMode> {
+pub fn rope_mode(code: i32) -> Option<RopeMode> {
     match code {
         0 => Some(RopeMode::Interleaved),
         2 => Some(RopeMode::Neox),
