@@ -23,3 +23,4 @@ pub mod net;
 pub mod protocol;
 pub mod runtime;
 pub mod state;
+pub mod sync;

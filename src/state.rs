@@ -63,7 +63,7 @@ impl WorkerState {
     }
 
     pub fn status(&self) -> MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.status)
     }
 
     /// Follows the advertisements the messenger accepted.

@@ -95,7 +95,7 @@ impl ScoreSlot {
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<MeasuredScores>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.0)
     }
 
     /// When the slot is empty: runs the quick suite for the serving backend on a thread of its own

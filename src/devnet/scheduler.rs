@@ -116,7 +116,7 @@ impl SchedulerUnit {
     /// The synchronous, serialized part: nonce, timestamp, hash chain, signature, commit.
     fn assign(&self, kind: ItemType, item: &DataItem, raw: &[u8]) -> Result<(SuPosted, Vec<DataItem>), ApiError> {
         let inner = &self.inner;
-        let _guard = inner.write.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = crate::sync::lock(&inner.write);
         let id = item.id();
         let process = match kind {
             ItemType::Process => id.clone(),

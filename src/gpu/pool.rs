@@ -423,14 +423,14 @@ impl DevicePool {
 
     fn lock_loads(&self) -> MutexGuard<'_, Vec<DeviceLoad>> {
         // Every update of the table completes before the lock is released.
-        self.loads.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.loads)
     }
 }
 
-/// Locks a device, surviving poisoning: a panic in a backend op leaves no half-updated state that
-/// the next op could trip over worse than the error it would report anyway.
+/// Locks a device ([`crate::sync::lock`]: a panicked op leaves nothing worse than the error it
+/// reported).
 pub fn lock(device: &SharedDevice) -> MutexGuard<'_, Backend> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    crate::sync::lock(device)
 }
 
 /// Logs and records one device passed over.

@@ -260,13 +260,13 @@ impl Context {
 
     /// Processes that stopped on an error that retrying cannot fix, with the reason.
     pub fn halted(&self) -> HashMap<String, String> {
-        self.halted.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::sync::lock(&self.halted).clone()
     }
 
     /// The process's setup: its item from the scheduler, its module from the gateway
     /// (verified against its signed item), compiled, with limits resolved.
     pub async fn setup(&self, process: &str) -> Result<Arc<ProcessSetup>, JobError> {
-        if let Some(s) = self.processes.lock().unwrap_or_else(|p| p.into_inner()).get(process) {
+        if let Some(s) = crate::sync::lock(&self.processes).get(process) {
             return Ok(s.clone());
         }
         let halt = |reason: String| JobError::Halted { process: process.to_owned(), reason };
@@ -296,7 +296,7 @@ impl Context {
         let limits = self.runtime.limits(&module_item.tags, &process_item.tags).map_err(|e| halt(e.to_string()))?;
         let env_json = eval::env_json(&process_item, &module_item);
         let setup = Arc::new(ProcessSetup { process: process_item, module_item, module, limits, env_json });
-        self.processes.lock().unwrap_or_else(|p| p.into_inner()).insert(process.to_owned(), setup.clone());
+        crate::sync::lock(&self.processes).insert(process.to_owned(), setup.clone());
         Ok(setup)
     }
 
@@ -531,16 +531,16 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
         if let Ok(n) = ctx.journal.pending_count() {
             ctx.metrics.pending.set(n as i64);
         }
-        ctx.metrics.halted.set(ctx.halted.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
+        ctx.metrics.halted.set(crate::sync::lock(&ctx.halted).len() as i64);
         match ctx.journal.served() {
             Ok(served) => {
                 ctx.metrics.served.set(served.len() as i64);
                 for s in served {
                     let p = s.process;
-                    if ctx.halted.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&p) {
+                    if crate::sync::lock(&ctx.halted).contains_key(&p) {
                         continue;
                     }
-                    if !running.lock().unwrap_or_else(|e| e.into_inner()).insert(p.clone()) {
+                    if !crate::sync::lock(&running).insert(p.clone()) {
                         continue;
                     }
                     let (ctx, permits, running) = (ctx.clone(), permits.clone(), running.clone());
@@ -551,12 +551,12 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
                                 Ok(n) => tracing::debug!(process = %p, evaluated = n, "caught up"),
                                 Err(JobError::Halted { process, reason }) => {
                                     tracing::error!(%process, %reason, "process halted");
-                                    ctx.halted.lock().unwrap_or_else(|e| e.into_inner()).insert(process, reason);
+                                    crate::sync::lock(&ctx.halted).insert(process, reason);
                                 }
                                 Err(e) => tracing::warn!(process = %p, error = %e, "will retry"),
                             }
                         }
-                        running.lock().unwrap_or_else(|e| e.into_inner()).remove(&p);
+                        crate::sync::lock(&running).remove(&p);
                     });
                 }
             }

@@ -514,7 +514,7 @@ impl Runtime {
 
     fn lock_modules(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<ActorModule>>> {
         // The map holds no invariant a panicking holder could break.
-        self.modules.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.modules)
     }
 }
 

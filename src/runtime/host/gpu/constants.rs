@@ -244,7 +244,7 @@ impl ConstantCache {
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
         // Every update of the state is completed before the lock is released.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// The constant `key` (`bytes` long in storage, already checked against its dtype and
