@@ -236,7 +236,7 @@ impl DerefMut for Backend {
 
 /// Walks `order` and returns the first backend that starts, with one line per skipped candidate
 /// ("cuda: unavailable: no CUDA driver"). Each skip is also logged; the caller should surface the
-/// chosen backend's [`Backend::describe`] so there is never a silent fallback.
+/// chosen backend's [`TensorBackend::describe`] so there is never a silent fallback.
 pub fn select(order: &[BackendKind], determinism: Determinism) -> Result<(Backend, Vec<String>)> {
     let mut skipped = Vec::new();
     for &kind in order {

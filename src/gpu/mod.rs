@@ -1,7 +1,7 @@
 //! Tensor offload: device-resident tensors behind one closed [`Backend`] enum (CPU, wgpu, CUDA).
 //!
 //! A tensor is a [`TensorId`] handle to data that stays on the backend's device between calls; only
-//! [`Backend::read`] copies it back to the host. Every op takes handles and returns a new handle.
+//! [`TensorBackend::read`] copies it back to the host. Every op takes handles and returns a new handle.
 //!
 //! Architecture invariants:
 //! * this module knows nothing of Wasm, actors or the network;

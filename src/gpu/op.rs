@@ -5,11 +5,11 @@
 //! [`super::TensorOps::run`] (and `run_with`, which lets the caller admit the plan first) is the one
 //! checked dispatch that every caller uses, the `ao_gpu` host module, model code, benches and tests
 //! alike: it plans the op against its operands' metas and hands the backend a [`Planned`] op, whose
-//! [`Launch`] carries the validated geometry the kernels need. Backends keep only the checks that
+//! `Launch` carries the validated geometry the kernels need. Backends keep only the checks that
 //! need device values (`gather`'s ids, device limits). Pricing is not here: the runtime turns a
 //! plan's bytes and FLOPs into gas.
 //!
-//! Adding an op: a variant of [`Op`] with its name, arity and plan arm here (and its [`Launch`]),
+//! Adding an op: a variant of [`Op`] with its name, arity and plan arm here (and its `Launch`),
 //! one function per backend (`cpu`, `wgpu`, `cuda`) called from its `execute`, and its code in the
 //! host ABI table (`runtime/host/gpu/abi.rs`, mirrored by include/ao_gpu.h).
 

@@ -22,7 +22,7 @@
 //!
 //! Operands arrive checked ([`super::op`]); the one check left here needs values: gather's ids.
 //!
-//! Rooms: this file (storage and the backend), [`matmul`] (the matmul family), [`kernels`] (the
+//! Rooms: this file (storage and the backend), `matmul` (the matmul family), `kernels` (the
 //! reference row kernels the shaders mirror, and the layout moves).
 
 // `acc = acc + x` is spelled out to mirror the WGSL kernels line for line (Rust never contracts either form).

@@ -1,5 +1,5 @@
 //! The host side of the actor ABI: one module per host capability, each with its own
-//! `add_to_linker(linker, get)` (the wasmtime idiom), and [`HostState`], what every store carries.
+//! `add_to_linker(linker, get)` (the wasmtime idiom), and `HostState`, what every store carries.
 //!
 //! * [`wasi`]: the deterministic WASI subset (clock = message time, random seeded from the message
 //!   id, stdout captured);

@@ -1,5 +1,5 @@
 //! The `ao_gpu` ABI, mirrored by include/ao_gpu.h: the status codes and how tensor-layer errors
-//! map to them, the op, dtype and rope-mode codes, the `run` command record layout, and [`Fail`],
+//! map to them, the op, dtype and rope-mode codes, the `run` command record layout, and `Fail`,
 //! the one outcome type of a host call. (The function table is `super::FUNCTIONS`, generated with
 //! the linker entries from one list.)
 

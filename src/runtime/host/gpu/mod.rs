@@ -1,7 +1,7 @@
 //! The `ao_gpu` host module: tensor operations for actors, on the runtime's tensor backend.
 //!
 //! A tensor is a small positive integer handle, valid for one evaluation, that maps to a backend
-//! [`TensorId`] with its shape and [`DType`]; the data stays on the device between calls and only
+//! [`TensorId`](crate::gpu::TensorId) with its shape and [`DType`](crate::gpu::DType); the data stays on the device between calls and only
 //! `read` / `read_f32` copy it back into Wasm memory. Every tensor an evaluation created is freed
 //! when the evaluation ends, whether it succeeded or failed ([`GpuCtx`]'s `Drop`). Constants
 //! (`constant`: an item id plus the sha256 of its data) are the exception: their device tensors
@@ -11,7 +11,7 @@
 //! This module is a binding in the shape of wasmtime's wasi-nn: decode the guest's arguments,
 //! delegate to `gpu` (which plans, checks and runs every op: [`crate::gpu::op`]), map the outcome.
 //! Rooms: [`abi`] (status, op, dtype and rope codes, the command record, `Fail`), `handles` (the
-//! per-evaluation handle table and quota), `call` (memory ranges, fuel, the calls and the [`call::host`]
+//! per-evaluation handle table and quota), `call` (memory ranges, fuel, the calls and the `call::host`
 //! trampoline), [`constants`] (the content-addressed constant cache); the function table and the
 //! linker entries are generated here from one list ([`FUNCTIONS`], [`add_to_linker`]).
 //!
