@@ -9,7 +9,7 @@ use std::ops::{Deref, DerefMut};
 
 use super::dtype::HostTensor;
 use super::dtype::{DType, RawTensor};
-use super::op::{BinaryOp, Meta, Op, Plan, Planned, ReduceOp, RopeMode, UnaryOp};
+use super::op::{BinaryOp, MAX_OPERANDS, MetaRef, Op, Plan, Planned, ReduceOp, RopeMode, UnaryOp};
 use super::shape::shape_err;
 use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
 use super::{cpu, cuda, wgpu};
@@ -31,9 +31,9 @@ pub trait TensorBackend {
     fn read_raw(&mut self, id: TensorId) -> Result<RawTensor>;
     fn free(&mut self, id: TensorId) -> Result<()>;
     /// The shape and dtype of a tensor.
-    fn meta(&self, id: TensorId) -> Result<Meta>;
+    fn meta(&self, id: TensorId) -> Result<MetaRef<'_>>;
     fn shape(&self, id: TensorId) -> Result<Vec<usize>> {
-        self.meta(id).map(|m| m.shape)
+        self.meta(id).map(|m| m.shape.to_vec())
     }
     fn dtype(&self, id: TensorId) -> Result<DType> {
         self.meta(id).map(|m| m.dtype)
@@ -80,12 +80,14 @@ pub trait TensorOps: TensorBackend {
         if inputs.len() != op.arity() {
             return Err(shape_err(op.name(), format!("takes {} operands, got {}", op.arity(), inputs.len())).into());
         }
-        let mut metas = Vec::with_capacity(inputs.len());
-        for &id in inputs {
-            metas.push(self.meta(id)?);
-        }
-        let refs: Vec<&Meta> = metas.iter().collect();
-        let plan = op.plan(&refs)?;
+        let plan = {
+            // Borrowed from the backend's own table: planning copies no operand shape.
+            let mut metas = [MetaRef { shape: &[], dtype: DType::F32 }; MAX_OPERANDS];
+            for (slot, &id) in metas.iter_mut().zip(inputs) {
+                *slot = self.meta(id)?;
+            }
+            op.plan(&metas[..inputs.len()])?
+        };
         admit(&plan)?;
         let out = self.execute(Planned { plan: &plan, inputs })?;
         Ok((out, plan))

@@ -4,7 +4,7 @@
 
 use super::backend::TensorBackend;
 use super::dtype::{HostTensor, RawTensor};
-use super::op::{Meta, Planned};
+use super::op::{MetaRef, Planned};
 use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
 
 /// No CUDA devices in a build without the `cuda` feature.
@@ -55,7 +55,7 @@ impl TensorBackend for CudaBackend {
     fn free(&mut self, _id: TensorId) -> Result<()> {
         match *self {}
     }
-    fn meta(&self, _id: TensorId) -> Result<Meta> {
+    fn meta(&self, _id: TensorId) -> Result<MetaRef<'_>> {
         match *self {}
     }
     fn execute(&mut self, _op: Planned<'_>) -> Result<TensorId> {

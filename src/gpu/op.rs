@@ -198,12 +198,44 @@ impl Meta {
         Self { shape, dtype }
     }
 
+    pub fn as_ref(&self) -> MetaRef<'_> {
+        MetaRef { shape: &self.shape, dtype: self.dtype }
+    }
+
     /// Storage bytes ([`DType::byte_len`]), with the rank and size checked.
     pub fn bytes(&self, op: &'static str) -> Result<u64> {
-        check_shape(op, &self.shape)?;
-        self.dtype.byte_len(op, &self.shape).map(|b| b as u64)
+        self.as_ref().bytes(op)
     }
 }
+
+/// A borrowed [`Meta`]: what planning reads of an operand (no copy of its shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaRef<'a> {
+    pub shape: &'a [usize],
+    pub dtype: DType,
+}
+
+impl MetaRef<'_> {
+    /// Storage bytes ([`DType::byte_len`]), with the rank and size checked.
+    pub fn bytes(&self, op: &'static str) -> Result<u64> {
+        check_shape(op, self.shape)?;
+        self.dtype.byte_len(op, self.shape).map(|b| b as u64)
+    }
+
+    /// The storage bytes of an existing tensor's meta (one that passed [`MetaRef::bytes`] when it
+    /// was made), without checking it again.
+    fn stored_bytes(&self) -> u64 {
+        let elements: usize = self.shape.iter().product();
+        (elements / self.dtype.block_len() * self.dtype.block_bytes()) as u64
+    }
+
+    pub fn to_owned(&self) -> Meta {
+        Meta::new(self.shape.to_vec(), self.dtype)
+    }
+}
+
+/// The most operands an op takes.
+pub const MAX_OPERANDS: usize = 3;
 
 /// What an op makes and what it costs, from its operands' metas alone.
 #[derive(Debug, Clone, PartialEq)]
@@ -308,6 +340,7 @@ impl Planned<'_> {
         self.inputs[i]
     }
 
+    /// The output's shape and dtype.
     pub(crate) fn out(&self) -> &Meta {
         &self.plan.out
     }
@@ -317,12 +350,12 @@ impl Planned<'_> {
     }
 }
 
-fn f32_operand(op: &'static str, what: &str, m: &Meta) -> Result<()> {
+fn f32_operand(op: &'static str, what: &str, m: MetaRef<'_>) -> Result<()> {
     expect_dtype(op, what, m.dtype, DType::F32)
 }
 
 /// Refuses the block types (for the layout ops, which move single elements).
-fn unquantized(op: &'static str, what: &str, m: &Meta) -> Result<()> {
+fn unquantized(op: &'static str, what: &str, m: MetaRef<'_>) -> Result<()> {
     if m.dtype.is_quantized() {
         return Err(dtype_err(op, format!("{what} must be an unquantized type (f32, f16 or i32), got {}", m.dtype)));
     }
@@ -345,17 +378,15 @@ fn elements(shape: &[usize], per_element: u64) -> u64 {
 impl Op {
     /// Checks the op against its operands' metas (exactly [`Op::arity`] of them) and plans its
     /// output, cost and launch. The order of checks is the same for every op: dtypes, then shapes.
-    pub fn plan(&self, x: &[&Meta]) -> Result<Plan> {
+    pub fn plan(&self, x: &[MetaRef<'_>]) -> Result<Plan> {
         let name = self.name();
         if x.len() != self.arity() {
             return Err(shape_err(name, format!("takes {} operands, got {}", self.arity(), x.len())));
         }
         let m = |i: usize| x[i];
-        let mut in_bytes = 0u64;
-        for t in x {
-            in_bytes = in_bytes.saturating_add(t.bytes(name)?);
-        }
-        let same = |i: usize| m(i).clone();
+        // Operands exist, so their shapes were checked when they were made.
+        let in_bytes = x.iter().map(|t| t.stored_bytes()).fold(0u64, u64::saturating_add);
+        let same = |i: usize| m(i).to_owned();
         let f32_out = |shape: Vec<usize>| Meta::new(shape, DType::F32);
         let (out, flops, bytes, launch): (Meta, u64, Option<u64>, Launch) = match self {
             Op::Matmul { transpose_a, transpose_b } => {
@@ -367,84 +398,84 @@ impl Op {
                     }
                     _ => {}
                 }
-                let (d, shape) = matmul_dims(&m(0).shape, &m(1).shape, *transpose_a, *transpose_b)?;
+                let (d, shape) = matmul_dims(m(0).shape, m(1).shape, *transpose_a, *transpose_b)?;
                 let f = flops(Flops::Matmul { batch: d.batch, m: d.m, n: d.n, k: d.k });
                 (f32_out(shape), f, None, Launch::Matmul { dims: d, b: m(1).dtype })
             }
             Op::Binary(op) => {
                 f32_operand(name, "a", m(0))?;
                 f32_operand(name, "b", m(1))?;
-                let bc = broadcast(name, &m(0).shape, &m(1).shape)?;
+                let bc = broadcast(name, m(0).shape, m(1).shape)?;
                 let f = elements(&bc.out_shape, 1);
                 (f32_out(bc.out_shape.clone()), f, None, Launch::Binary { op: *op, bc })
             }
             Op::Unary(op) => {
                 f32_operand(name, "x", m(0))?;
-                (same(0), elements(&m(0).shape, unary_cost(*op)), None, Launch::Unary { op: *op })
+                (same(0), elements(m(0).shape, unary_cost(*op)), None, Launch::Unary { op: *op })
             }
             Op::Softmax => {
                 f32_operand(name, "x", m(0))?;
-                let (rows, last) = rows_last(&m(0).shape);
-                (same(0), elements(&m(0).shape, 8), None, Launch::Softmax { rows, last })
+                let (rows, last) = rows_last(m(0).shape);
+                (same(0), elements(m(0).shape, 8), None, Launch::Softmax { rows, last })
             }
             Op::Rmsnorm { eps } => {
                 f32_operand(name, "x", m(0))?;
                 f32_operand(name, "weight", m(1))?;
-                check_param(name, "weight", &m(0).shape, &m(1).shape)?;
-                let (rows, last) = rows_last(&m(0).shape);
-                (same(0), elements(&m(0).shape, 4), None, Launch::Rmsnorm { eps: *eps, rows, last })
+                check_param(name, "weight", m(0).shape, m(1).shape)?;
+                let (rows, last) = rows_last(m(0).shape);
+                (same(0), elements(m(0).shape, 4), None, Launch::Rmsnorm { eps: *eps, rows, last })
             }
             Op::Layernorm { eps } => {
                 for (i, what) in ["x", "weight", "bias"].into_iter().enumerate() {
                     f32_operand(name, what, m(i))?;
                 }
-                check_param(name, "weight", &m(0).shape, &m(1).shape)?;
-                check_param(name, "bias", &m(0).shape, &m(2).shape)?;
-                let (rows, last) = rows_last(&m(0).shape);
-                (same(0), elements(&m(0).shape, 8), None, Launch::Layernorm { eps: *eps, rows, last })
+                check_param(name, "weight", m(0).shape, m(1).shape)?;
+                check_param(name, "bias", m(0).shape, m(2).shape)?;
+                let (rows, last) = rows_last(m(0).shape);
+                (same(0), elements(m(0).shape, 8), None, Launch::Layernorm { eps: *eps, rows, last })
             }
             Op::Reduce(op) => {
                 f32_operand(name, "x", m(0))?;
-                let (rows, last) = rows_last(&m(0).shape);
+                let (rows, last) = rows_last(m(0).shape);
                 if *op == ReduceOp::Argmax && last == 0 {
                     return Err(shape_err(name, format!("the last axis of {:?} is empty", m(0).shape)));
                 }
                 // Argmax gives i32 indices (< 2^30 by `check_shape`, so they fit).
                 let dtype = if *op == ReduceOp::Argmax { DType::I32 } else { DType::F32 };
-                let out = Meta::new(reduced_shape(&m(0).shape), dtype);
-                (out, elements(&m(0).shape, 1), None, Launch::Reduce { op: *op, rows, last })
+                let out = Meta::new(reduced_shape(m(0).shape), dtype);
+                (out, elements(m(0).shape, 1), None, Launch::Reduce { op: *op, rows, last })
             }
             Op::Cast(to) => {
                 let from = m(0).dtype;
                 if !castable(from, *to) {
                     return Err(dtype_err(name, format!("cannot cast {from} to {to} (only to and from f32, and the identity)")));
                 }
-                (Meta::new(m(0).shape.clone(), *to), elements(&m(0).shape, 2), None, Launch::Cast { from, to: *to })
+                (Meta::new(m(0).shape.to_vec(), *to), elements(m(0).shape, 2), None, Launch::Cast { from, to: *to })
             }
             Op::Reshape(shape) => {
-                reshape_check(&m(0).shape, shape)?;
+                reshape_check(m(0).shape, shape)?;
                 (Meta::new(shape.clone(), m(0).dtype), 0, None, Launch::Reshape)
             }
             Op::Permute(axes) => {
                 unquantized(name, "x", m(0))?;
-                let shape = permute_dims(&m(0).shape, axes)?;
+                let shape = permute_dims(m(0).shape, axes)?;
                 (Meta::new(shape, m(0).dtype), 0, None, Launch::Permute { axes: axes.clone() })
             }
             Op::Slice { axis, start, len } => {
                 unquantized(name, "x", m(0))?;
-                let (shape, split) = slice_dims(&m(0).shape, *axis, *start, *len)?;
+                let (shape, split) = slice_dims(m(0).shape, *axis, *start, *len)?;
                 (Meta::new(shape, m(0).dtype), 0, None, Launch::Slice { axis: *axis, start: *start, len: *len, split })
             }
             Op::Concat { axis } => {
                 unquantized(name, "a", m(0))?;
                 expect_dtype(name, "b", m(1).dtype, m(0).dtype)?;
-                let (shape, split) = concat_dims(&m(0).shape, &m(1).shape, *axis)?;
+                let (shape, split) = concat_dims(m(0).shape, m(1).shape, *axis)?;
                 (Meta::new(shape, m(0).dtype), 0, None, Launch::Concat { axis: *axis, split })
             }
             Op::Append => {
                 unquantized(name, "cache", m(0))?;
                 expect_dtype(name, "rows", m(1).dtype, m(0).dtype)?;
-                let shape = append_dims(&m(0).shape, &m(1).shape)?;
+                let shape = append_dims(m(0).shape, m(1).shape)?;
                 // The rows are read and written once; the cache itself is not moved (amortized).
                 let rows = m(1).bytes(name)?;
                 (Meta::new(shape, m(0).dtype), 0, Some(rows.saturating_mul(2)), Launch::Append)
@@ -454,11 +485,11 @@ impl Op {
                     return Err(dtype_err(name, "the table must be f32, f16 or quantized, got i32"));
                 }
                 expect_dtype(name, "ids", m(1).dtype, DType::I32)?;
-                let shape = gather_dims(&m(0).shape, &m(1).shape)?;
+                let shape = gather_dims(m(0).shape, m(1).shape)?;
                 // Only the rows looked up are read, not the whole table.
-                let looked_up = numel(&m(1).shape) as u64;
-                let row_bytes = Meta::new(m(0).shape[1..].to_vec(), m(0).dtype).bytes(name)?;
-                let out_bytes = Meta::new(shape.clone(), DType::F32).bytes(name)?;
+                let looked_up = numel(m(1).shape) as u64;
+                let row_bytes = MetaRef { shape: &m(0).shape[1..], dtype: m(0).dtype }.bytes(name)?;
+                let out_bytes = MetaRef { shape: &shape, dtype: DType::F32 }.bytes(name)?;
                 let bytes = m(1).bytes(name)?.saturating_add(looked_up.saturating_mul(row_bytes)).saturating_add(out_bytes);
                 let f = elements(&shape, 1);
                 let launch = Launch::Gather { rows: m(0).shape[0], dim: m(0).shape[1] };
@@ -466,14 +497,14 @@ impl Op {
             }
             Op::Rope { pos0, theta, mode } => {
                 f32_operand(name, "x", m(0))?;
-                let dims = rope_dims(&m(0).shape)?;
-                (same(0), elements(&m(0).shape, 3), None, Launch::Rope { pos0: *pos0, theta: *theta, mode: *mode, dims })
+                let dims = rope_dims(m(0).shape)?;
+                (same(0), elements(m(0).shape, 3), None, Launch::Rope { pos0: *pos0, theta: *theta, mode: *mode, dims })
             }
             Op::Attention { pos0, scale } => {
                 for (i, what) in ["q", "k", "v"].into_iter().enumerate() {
                     f32_operand(name, what, m(i))?;
                 }
-                let d = attention_dims(&m(0).shape, &m(1).shape, &m(2).shape)?;
+                let d = attention_dims(m(0).shape, m(1).shape, m(2).shape)?;
                 let f = flops(Flops::Attention { batch: d.batch, heads: d.hq, tq: d.tq, tk: d.tk, dim: d.dim, pos0: *pos0 });
                 (same(0), f, None, Launch::Attention { pos0: *pos0, scale: *scale, dims: d })
             }
@@ -560,26 +591,29 @@ mod tests {
         let w = m(&[64, 32], DType::Q4_1);
         let x = f(&[3, 32]);
         // Quantized weight, transposed: [3, 32] @ [64, 32]^T.
-        let p = Op::Matmul { transpose_a: false, transpose_b: true }.plan(&[&x, &w]).unwrap();
+        let p = Op::Matmul { transpose_a: false, transpose_b: true }.plan(&[x.as_ref(), w.as_ref()]).unwrap();
         assert_eq!((p.out.shape.clone(), p.out.dtype, p.out_bytes), (vec![3, 64], DType::F32, 3 * 64 * 4));
         assert_eq!((p.bytes, p.flops), (384 + 1280 + 768, 2 * 3 * 64 * 32));
         // Dtype errors.
         let ids = m(&[5], DType::I32);
         let err = |r: Result<Plan>| r.unwrap_err();
-        assert!(matches!(err(Op::Matmul { transpose_a: false, transpose_b: false }.plan(&[&w, &x])), GpuError::DType { .. }));
-        assert!(matches!(err(Op::Softmax.plan(&[&ids])), GpuError::DType { .. }));
-        assert!(matches!(err(Op::Permute(vec![1, 0]).plan(&[&w])), GpuError::DType { .. }));
-        assert!(matches!(err(Op::Cast(DType::Q8_0).plan(&[&ids])), GpuError::DType { .. }));
-        assert!(matches!(err(Op::Gather.plan(&[&w, &x])), GpuError::DType { .. }));
-        assert!(matches!(err(Op::Reshape(vec![128, 16]).plan(&[&w])), GpuError::DType { .. }), "blocks must stay whole");
-        assert!(matches!(err(Op::Reshape(vec![7]).plan(&[&ids])), GpuError::ShapeMismatch { .. }));
+        assert!(matches!(
+            err(Op::Matmul { transpose_a: false, transpose_b: false }.plan(&[w.as_ref(), x.as_ref()])),
+            GpuError::DType { .. }
+        ));
+        assert!(matches!(err(Op::Softmax.plan(&[ids.as_ref()])), GpuError::DType { .. }));
+        assert!(matches!(err(Op::Permute(vec![1, 0]).plan(&[w.as_ref()])), GpuError::DType { .. }));
+        assert!(matches!(err(Op::Cast(DType::Q8_0).plan(&[ids.as_ref()])), GpuError::DType { .. }));
+        assert!(matches!(err(Op::Gather.plan(&[w.as_ref(), x.as_ref()])), GpuError::DType { .. }));
+        assert!(matches!(err(Op::Reshape(vec![128, 16]).plan(&[w.as_ref()])), GpuError::DType { .. }), "blocks must stay whole");
+        assert!(matches!(err(Op::Reshape(vec![7]).plan(&[ids.as_ref()])), GpuError::ShapeMismatch { .. }));
         // Gather reads only the looked-up rows: 5 ids (20 bytes) + 5 rows of 20 bytes + the [5, 32] output.
-        let p = Op::Gather.plan(&[&w, &ids]).unwrap();
+        let p = Op::Gather.plan(&[w.as_ref(), ids.as_ref()]).unwrap();
         assert_eq!((p.out.shape.clone(), p.bytes, p.flops), (vec![5, 32], 20 + 5 * 20 + 5 * 32 * 4, 5 * 32));
         // Append charges twice the rows, the quota follows the new size.
         let cache = f(&[4, 2, 8]);
         let rows = f(&[1, 2, 8]);
-        let p = Op::Append.plan(&[&cache, &rows]).unwrap();
+        let p = Op::Append.plan(&[cache.as_ref(), rows.as_ref()]).unwrap();
         assert_eq!((p.out.shape.clone(), p.out_bytes, p.bytes), (vec![5, 2, 8], 320, 128));
         assert!(castable(DType::Q4_0, DType::F32) && castable(DType::F32, DType::Q8_0) && !castable(DType::F16, DType::I32));
     }
@@ -590,10 +624,10 @@ mod tests {
     fn one_wording_per_rule() {
         let w = Meta::new(vec![64, 32], DType::Q4_0);
         let x = Meta::new(vec![3, 64], DType::F32);
-        let e = Op::Matmul { transpose_a: false, transpose_b: false }.plan(&[&x, &w]).unwrap_err();
+        let e = Op::Matmul { transpose_a: false, transpose_b: false }.plan(&[x.as_ref(), w.as_ref()]).unwrap_err();
         assert_eq!(e.to_string(), "dtype mismatch in matmul: q4_0 weights must be stored [n, k] (transpose_b = true)");
-        let e = Op::Permute(vec![1, 0]).plan(&[&w]).unwrap_err();
+        let e = Op::Permute(vec![1, 0]).plan(&[w.as_ref()]).unwrap_err();
         assert_eq!(e.to_string(), "dtype mismatch in permute: x must be an unquantized type (f32, f16 or i32), got q4_0");
-        assert!(matches!(Op::Softmax.plan(&[&x, &x]), Err(GpuError::ShapeMismatch { .. })), "arity");
+        assert!(matches!(Op::Softmax.plan(&[x.as_ref(), x.as_ref()]), Err(GpuError::ShapeMismatch { .. })), "arity");
     }
 }

@@ -22,6 +22,7 @@
 /// `repro_exp` in `shaders/reduce.wgsl`, so the CPU and every wgpu device agree bitwise (given no FMA
 /// contraction). Accuracy is a few ULP. Results below `e^-86` flush to 0 (they would be near the
 /// subnormal range, which GPUs may flush anyway); above `88.7` gives +inf; NaN gives NaN.
+#[inline]
 pub fn repro_exp(x: f32) -> f32 {
     if x.is_nan() {
         return x;
@@ -65,12 +66,14 @@ pub fn repro_exp(x: f32) -> f32 {
 // gelu 3.83 ULP (all below 3e-7 relative).
 
 /// `2^n` for `n` in -126..=127, built from its bits.
+#[inline]
 fn pow2(n: i32) -> f32 {
     f32::from_bits(((n + 127) as u32) << 23)
 }
 
 /// `v * 2^n` for `n` in -252..=254 in at most two steps, each exact unless its result overflows or
 /// is subnormal (which the callers flush).
+#[inline]
 fn scale_pow2(v: f32, n: i32) -> f32 {
     if n > 127 {
         v * pow2(127) * pow2(n - 127)
@@ -82,6 +85,7 @@ fn scale_pow2(v: f32, n: i32) -> f32 {
 }
 
 /// `v`, or the zero with sign bit `sign` where `v` is subnormal (or zero).
+#[inline]
 fn flush_subnormal(v: f32, sign: u32) -> f32 {
     if v.to_bits() & 0x7f80_0000 == 0 { f32::from_bits(sign) } else { v }
 }
@@ -89,6 +93,7 @@ fn flush_subnormal(v: f32, sign: u32) -> f32 {
 /// `e^(hi + lo) = p * 2^n` for `|hi| <= 110` and `|lo|` a few ULP of `hi` at most: `n = round(hi / ln 2)`,
 /// `r = hi - n ln 2 + lo` (Cody-Waite: `n * LN2_HI` is exact for `|n| < 2^9`), `p` a degree-6
 /// polynomial in `r` (1, 1, 1/2 and a minimax fit of the rest on |r| <= 0.35; error 2e-9).
+#[inline]
 fn exp_parts(hi: f32, lo: f32) -> (f32, i32) {
     let n = (hi * f32::from_bits(0x3fb8_aa3b) + 0.5).floor();
     let r = ((hi - n * f32::from_bits(0x3f31_7200)) - n * f32::from_bits(0x35bf_be8e)) + lo;
@@ -105,6 +110,7 @@ fn exp_parts(hi: f32, lo: f32) -> (f32, i32) {
 /// `1 / d` for `d` in [1, 2] without a division (Vulkan allows 2.5 ULP for one): three Newton steps
 /// from the linear minimax start `24/17 - 8/17 d` (relative error 1/17, then 3e-3, 1e-5, 1e-10
 /// before rounding; about 1.5 ULP after).
+#[inline]
 fn recip_1_2(d: f32) -> f32 {
     let mut r = f32::from_bits(0x3fb4_b4b5) - f32::from_bits(0x3ef0_f0f1) * d;
     r = r + r * (1.0 - d * r);
@@ -121,6 +127,7 @@ fn recip_1_2(d: f32) -> f32 {
 
 /// `a = hi + lo` exactly with `hi` the leading 12 significant bits of `a` (the low 12 mantissa bits
 /// cleared) and `lo` at most 12 bits more.
+#[inline]
 fn split(a: f32) -> (f32, f32) {
     let hi = f32::from_bits(a.to_bits() & 0xffff_f000);
     (hi, a - hi)
@@ -128,6 +135,7 @@ fn split(a: f32) -> (f32, f32) {
 
 /// `a * b = p + e` exactly (Dekker's product: the products of halves are exact, so an FMA
 /// contraction would not change them either), for products far from under/overflow.
+#[inline]
 fn two_prod(a: f32, b: f32) -> (f32, f32) {
     let p = a * b;
     let (ah, al) = split(a);
@@ -136,6 +144,7 @@ fn two_prod(a: f32, b: f32) -> (f32, f32) {
 }
 
 /// `a + b = s + e` exactly (Dekker's fast two-sum, the operands ordered by magnitude).
+#[inline]
 fn two_sum(a: f32, b: f32) -> (f32, f32) {
     let (big, small) = if a.abs() < b.abs() { (b, a) } else { (a, b) };
     let s = big + small;
@@ -145,6 +154,7 @@ fn two_sum(a: f32, b: f32) -> (f32, f32) {
 /// `exp` over the whole f32 range: [`repro_exp`]'s method with a more accurate polynomial, every
 /// normal result (x from -87.34 to 88.72) within 1.4 ULP; subnormal results flush to +0, above
 /// `ln(f32::MAX)` gives +inf, subnormal inputs give 1, NaN gives NaN (the same bits).
+#[inline]
 pub fn repro_exp_full(x: f32) -> f32 {
     let bits = x.to_bits();
     if bits & 0x7fff_ffff > 0x7f80_0000 {
@@ -166,6 +176,7 @@ pub fn repro_exp_full(x: f32) -> f32 {
 /// `tanh` within 2.0 ULP: `x` itself below 2^-12 (subnormals flush to signed zero), an odd minimax
 /// polynomial below 0.5625, `1 - 2e / (1 + e)` with `e = e^(-2|x|)` up to 9.5, then +-1; odd
 /// (the sign is restored from the bits); NaN gives NaN (the same bits).
+#[inline]
 pub fn repro_tanh(x: f32) -> f32 {
     let bits = x.to_bits();
     let sign = bits & 0x8000_0000;
@@ -200,6 +211,7 @@ pub fn repro_tanh(x: f32) -> f32 {
 
 /// `x * sigmoid(y) = x / (1 + e^-y)` for `y = hi + lo`, `x` normal with `|x| < 2^15` wherever
 /// `hi < 0` (a subnormal result flushes to zero with the sign of `x`).
+#[inline]
 fn mul_sigmoid(x: f32, hi: f32, lo: f32) -> f32 {
     let sign = x.to_bits() & 0x8000_0000;
     if hi >= 0.0 {
@@ -226,6 +238,7 @@ fn mul_sigmoid(x: f32, hi: f32, lo: f32) -> f32 {
 /// `silu(x) = x / (1 + e^-x)` within 4.1 ULP (through `x e^x / (1 + e^x)` below 0, so the tail down to
 /// the subnormal range near -92 keeps its accuracy); NaN gives NaN (the same bits), +inf gives +inf,
 /// -inf gives -0, subnormal results flush to signed zero.
+#[inline]
 pub fn repro_silu(x: f32) -> f32 {
     let bits = x.to_bits();
     if bits & 0x7fff_ffff > 0x7f80_0000 {
@@ -243,6 +256,7 @@ pub fn repro_silu(x: f32) -> f32 {
 /// -1/64 the result is as sensitive to `2u` as `e^(2u)` is, so `2u` is computed in double-f32 (Dekker
 /// products, constants as a high and a low f32). NaN gives NaN (the same bits), +inf gives +inf,
 /// -inf gives -0, subnormal results flush to signed zero.
+#[inline]
 pub fn repro_gelu(x: f32) -> f32 {
     let bits = x.to_bits();
     if bits & 0x7fff_ffff > 0x7f80_0000 {

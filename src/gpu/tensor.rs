@@ -1,7 +1,9 @@
 //! The small vocabulary every floor of `gpu` shares: errors, tensor handles, the determinism mode
 //! and the backend kinds. Imports nothing else of `gpu`.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Errors from the tensor layer; each variant is a decision for the caller.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -37,6 +39,31 @@ impl fmt::Display for TensorId {
         write!(f, "#{}", self.0)
     }
 }
+
+/// Hashes a [`TensorId`] with one multiplication (Fibonacci hashing). Ids are issued in sequence by
+/// the backend that owns the map, never chosen by a caller, so SipHash's resistance to chosen keys
+/// buys nothing, and a backend looks its operands up on every op.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A backend's tensors by id.
+pub type IdMap<V> = HashMap<TensorId, V, BuildHasherDefault<IdHasher>>;
 
 /// The most dimensions a tensor may have.
 pub const MAX_RANK: usize = 4;

@@ -61,6 +61,7 @@ pub(super) fn concat_runs<T: Copy>(a: &[T], b: &[T], outer: usize, ra: usize, rb
 /// Rotates one head (`row`, `d` features) by its position's `(cos, sin)` pairs `cs` (`[d/2, 2]`
 /// from [`rope_table`]). Pair `i` is features `(2i, 2i + 1)` (interleaved) or `(i, i + d/2)` (neox);
 /// `x0' = x0 * c - x1 * s`, `x1' = x0 * s + x1 * c`, each product rounded to f32 before the add.
+#[inline]
 pub(super) fn rope_row(row: &mut [f32], cs: &[f32], mode: RopeMode) {
     let half = row.len() / 2;
     for i in 0..half {
@@ -131,6 +132,7 @@ pub(super) fn attention_ref(d: &AttentionDims, q: &[f32], k: &[f32], v: &[f32], 
 /// One element of a unary op. The transcendental ops use the portable functions of [`super`] in
 /// reproducible mode (bitwise equal to the wgpu and CUDA kernels) and the standard library in fast
 /// mode.
+#[inline]
 pub(crate) fn unary_f32(op: UnaryOp, det: Determinism, x: f32) -> f32 {
     let repro = det == Determinism::Reproducible;
     match op {
@@ -155,6 +157,7 @@ pub(crate) fn unary_f32(op: UnaryOp, det: Determinism, x: f32) -> f32 {
 
 /// Sum, mean and max of a row (argmax: [`argmax_row`], as an f32). NaN never compares greater, so
 /// it is skipped (an all-NaN row gives max -inf).
+#[inline]
 pub(crate) fn reduce_row(op: ReduceOp, row: &[f32]) -> f32 {
     match op {
         ReduceOp::Sum => row_sum(row),
@@ -165,6 +168,7 @@ pub(crate) fn reduce_row(op: ReduceOp, row: &[f32]) -> f32 {
 }
 
 /// The first index of the maximum; NaN is skipped (an all-NaN or empty row gives 0).
+#[inline]
 pub(crate) fn argmax_row(row: &[f32]) -> usize {
     let Some(&first) = row.first() else { return 0 };
     let (mut best, mut idx) = (first, 0usize);
@@ -177,6 +181,7 @@ pub(crate) fn argmax_row(row: &[f32]) -> usize {
     idx
 }
 
+#[inline]
 pub(super) fn row_sum(row: &[f32]) -> f32 {
     let mut acc = 0.0f32;
     for &v in row {
@@ -185,6 +190,7 @@ pub(super) fn row_sum(row: &[f32]) -> f32 {
     acc
 }
 
+#[inline]
 pub(super) fn row_max(row: &[f32]) -> f32 {
     let mut acc = f32::NEG_INFINITY;
     for &v in row {
@@ -195,6 +201,7 @@ pub(super) fn row_max(row: &[f32]) -> f32 {
     acc
 }
 
+#[inline]
 pub(super) fn softmax_row(row: &mut [f32], exp: fn(f32) -> f32) {
     let m = row_max(row);
     let mut sum = 0.0f32;
@@ -207,6 +214,7 @@ pub(super) fn softmax_row(row: &mut [f32], exp: fn(f32) -> f32) {
     }
 }
 
+#[inline]
 pub(super) fn rmsnorm_row(row: &mut [f32], w: &[f32], eps: f32) {
     let mut ss = 0.0f32;
     for &v in row.iter() {
@@ -218,6 +226,7 @@ pub(super) fn rmsnorm_row(row: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
+#[inline]
 pub(super) fn layernorm_row(row: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
     let n = row.len() as f32;
     let mean = row_sum(row) / n;

@@ -33,7 +33,6 @@ mod matmul;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -45,11 +44,11 @@ use self::kernels::{
 use self::matmul::{matmul_f32, matmul_weights};
 use super::backend::TensorBackend;
 use super::dtype::{DType, HostTensor, RawTensor};
-use super::op::{BinaryOp, Launch, Meta, Planned, ReduceOp, RopeMode, UnaryOp};
+use super::op::{BinaryOp, Launch, Meta, MetaRef, Planned, ReduceOp, RopeMode, UnaryOp};
 use super::quant;
 use super::repro::repro_exp;
 use super::shape::{AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, numel, rope_table, shape_err};
-use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
+use super::tensor::{BackendKind, Determinism, GpuError, IdMap, Result, TensorId};
 
 /// Storage of one tensor.
 #[derive(Debug, Clone)]
@@ -131,13 +130,13 @@ fn inconsistent(op: &'static str) -> GpuError {
 #[derive(Debug)]
 pub struct CpuBackend {
     determinism: Determinism,
-    tensors: HashMap<TensorId, Tensor>,
+    tensors: IdMap<Tensor>,
     next_id: u64,
 }
 
 impl CpuBackend {
     pub fn new(determinism: Determinism) -> Self {
-        Self { determinism, tensors: HashMap::new(), next_id: 1 }
+        Self { determinism, tensors: IdMap::default(), next_id: 1 }
     }
 
     fn get(&self, id: TensorId) -> Result<&Tensor> {
@@ -206,20 +205,20 @@ impl TensorBackend for CpuBackend {
         self.tensors.remove(&id).map(|_| ()).ok_or(GpuError::UnknownTensor(id))
     }
 
-    fn meta(&self, id: TensorId) -> Result<Meta> {
+    fn meta(&self, id: TensorId) -> Result<MetaRef<'_>> {
         let t = self.get(id)?;
-        Ok(Meta::new(t.shape.clone(), t.dtype))
+        Ok(MetaRef { shape: &t.shape, dtype: t.dtype })
     }
 
     fn execute(&mut self, p: Planned<'_>) -> Result<TensorId> {
-        let out = p.out().clone();
+        let out = p.out();
         match p.launch() {
             Launch::Matmul { dims, b } => self.op_matmul(p.x(0), p.x(1), dims, *b, out),
             Launch::Binary { op, bc } => self.op_binary(*op, p.x(0), p.x(1), bc),
             Launch::Unary { op } => self.op_unary(*op, p.x(0)),
-            Launch::Softmax { last, .. } => self.op_rows(p.x(0), *last, &[], Row::Softmax),
-            Launch::Rmsnorm { eps, last, .. } => self.op_rows(p.x(0), *last, &[p.x(1)], Row::Rmsnorm(*eps)),
-            Launch::Layernorm { eps, last, .. } => self.op_rows(p.x(0), *last, &[p.x(1), p.x(2)], Row::Layernorm(*eps)),
+            Launch::Softmax { last, .. } => self.op_rows(p.x(0), *last, Row::Softmax),
+            Launch::Rmsnorm { eps, last, .. } => self.op_rows(p.x(0), *last, Row::Rmsnorm { weight: p.x(1), eps: *eps }),
+            Launch::Layernorm { eps, last, .. } => self.op_rows(p.x(0), *last, Row::Layernorm { weight: p.x(1), bias: p.x(2), eps: *eps }),
             Launch::Reduce { op, rows, last } => self.op_reduce(*op, p.x(0), *rows, *last, out),
             Launch::Cast { from, to } => self.op_cast(p.x(0), *from, *to),
             Launch::Reshape => self.op_reshape(p.x(0), out),
@@ -238,18 +237,18 @@ impl TensorBackend for CpuBackend {
     }
 }
 
-/// The row ops over the last axis.
+/// The row ops over the last axis, with their parameter tensors.
 #[derive(Clone, Copy)]
 enum Row {
     Softmax,
-    Rmsnorm(f32),
-    Layernorm(f32),
+    Rmsnorm { weight: TensorId, eps: f32 },
+    Layernorm { weight: TensorId, bias: TensorId, eps: f32 },
 }
 
 /// The ops, on operands `Op::plan` checked: only storage kinds are matched here (an internal
 /// inconsistency, never the caller's error) and gather's ids.
 impl CpuBackend {
-    fn op_matmul(&mut self, a: TensorId, b: TensorId, dims: &MatmulDims, b_dtype: DType, out: Meta) -> Result<TensorId> {
+    fn op_matmul(&mut self, a: TensorId, b: TensorId, dims: &MatmulDims, b_dtype: DType, out: &Meta) -> Result<TensorId> {
         const OP: &str = "matmul";
         let (ta, tb) = (self.get(a)?, self.get(b)?);
         let av = ta.f32s(OP)?;
@@ -259,7 +258,7 @@ impl CpuBackend {
             DType::F16 if !dims.transpose_b => matmul_f32(self.determinism, dims, av, &tb.values()),
             dtype => matmul_weights(self.determinism, dims, av, dtype, tb.raw(OP)?),
         };
-        Ok(self.insert_f32(out.shape, data))
+        Ok(self.insert_f32(out.shape.clone(), data))
     }
 
     fn op_binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId, bc: &Broadcast) -> Result<TensorId> {
@@ -300,23 +299,28 @@ impl CpuBackend {
         Ok(self.insert_f32(shape, out))
     }
 
-    /// Softmax or a norm of every row of `last` elements (`params`: the norm's weight and bias).
-    fn op_rows(&mut self, x: TensorId, last: usize, params: &[TensorId], row_op: Row) -> Result<TensorId> {
+    /// Softmax or a norm of every row of `last` elements.
+    fn op_rows(&mut self, x: TensorId, last: usize, row_op: Row) -> Result<TensorId> {
         const OP: &str = "row op";
         let exp = self.exp_fn();
         let t = self.get(x)?;
         let mut out = t.f32s(OP)?.to_vec();
-        let p: Vec<&[f32]> = params.iter().map(|&id| self.get(id)?.f32s(OP)).collect::<Result<_>>()?;
         match row_op {
             Row::Softmax => for_chunks(&mut out, last, |row| softmax_row(row, exp)),
-            Row::Rmsnorm(eps) => for_chunks(&mut out, last, |row| rmsnorm_row(row, p[0], eps)),
-            Row::Layernorm(eps) => for_chunks(&mut out, last, |row| layernorm_row(row, p[0], p[1], eps)),
+            Row::Rmsnorm { weight, eps } => {
+                let w = self.get(weight)?.f32s(OP)?;
+                for_chunks(&mut out, last, |row| rmsnorm_row(row, w, eps));
+            }
+            Row::Layernorm { weight, bias, eps } => {
+                let (w, b) = (self.get(weight)?.f32s(OP)?, self.get(bias)?.f32s(OP)?);
+                for_chunks(&mut out, last, |row| layernorm_row(row, w, b, eps));
+            }
         }
         let shape = t.shape.clone();
         Ok(self.insert_f32(shape, out))
     }
 
-    fn op_reduce(&mut self, op: ReduceOp, x: TensorId, rows: usize, last: usize, out: Meta) -> Result<TensorId> {
+    fn op_reduce(&mut self, op: ReduceOp, x: TensorId, rows: usize, last: usize, out: &Meta) -> Result<TensorId> {
         let xv = self.get(x)?.f32s(op.name())?;
         let row = |r: usize| &xv[r * last..(r + 1) * last];
         let data = if op == ReduceOp::Argmax {
@@ -325,7 +329,7 @@ impl CpuBackend {
         } else {
             Data::F32((0..rows).map(|r| reduce_row(op, row(r))).collect())
         };
-        Ok(self.insert(Tensor { dtype: out.dtype, shape: out.shape, data: Arc::new(data) }))
+        Ok(self.insert(Tensor { dtype: out.dtype, shape: out.shape.clone(), data: Arc::new(data) }))
     }
 
     fn op_cast(&mut self, x: TensorId, from: DType, to: DType) -> Result<TensorId> {
@@ -341,22 +345,22 @@ impl CpuBackend {
         Ok(self.insert(Tensor { dtype: to, shape, data }))
     }
 
-    fn op_reshape(&mut self, x: TensorId, out: Meta) -> Result<TensorId> {
+    fn op_reshape(&mut self, x: TensorId, out: &Meta) -> Result<TensorId> {
         let data = Arc::clone(&self.get(x)?.data);
-        Ok(self.insert(Tensor { dtype: out.dtype, shape: out.shape, data }))
+        Ok(self.insert(Tensor { dtype: out.dtype, shape: out.shape.clone(), data }))
     }
 
-    fn op_permute(&mut self, x: TensorId, axes: &[usize], out: Meta) -> Result<TensorId> {
+    fn op_permute(&mut self, x: TensorId, axes: &[usize], out: &Meta) -> Result<TensorId> {
         let t = self.get(x)?;
         let data = match &*t.data {
             Data::F32(v) => Data::F32(permute_elems(v, &t.shape, axes)),
             Data::I32(v) => Data::I32(permute_elems(v, &t.shape, axes)),
             Data::Bytes(b) => Data::Bytes(permute_elems(b.as_chunks::<2>().0, &t.shape, axes).into_flattened()),
         };
-        Ok(self.insert(Tensor { dtype: out.dtype, shape: out.shape, data: Arc::new(data) }))
+        Ok(self.insert(Tensor { dtype: out.dtype, shape: out.shape.clone(), data: Arc::new(data) }))
     }
 
-    fn op_slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize, sp: AxisSplit, out: Meta) -> Result<TensorId> {
+    fn op_slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize, sp: AxisSplit, out: &Meta) -> Result<TensorId> {
         let t = self.get(x)?;
         let run = |inner: usize| (t.shape[axis] * inner, start * inner, len * inner);
         let data = match &*t.data {
@@ -364,10 +368,10 @@ impl CpuBackend {
             Data::I32(v) => Data::I32(slice_runs(v, sp.outer, run(sp.inner))),
             Data::Bytes(b) => Data::Bytes(slice_runs(b, sp.outer, run(sp.inner * 2))),
         };
-        Ok(self.insert(Tensor { dtype: out.dtype, shape: out.shape, data: Arc::new(data) }))
+        Ok(self.insert(Tensor { dtype: out.dtype, shape: out.shape.clone(), data: Arc::new(data) }))
     }
 
-    fn op_concat(&mut self, a: TensorId, b: TensorId, axis: usize, sp: AxisSplit, out: Meta) -> Result<TensorId> {
+    fn op_concat(&mut self, a: TensorId, b: TensorId, axis: usize, sp: AxisSplit, out: &Meta) -> Result<TensorId> {
         let (ta, tb) = (self.get(a)?, self.get(b)?);
         let (la, lb) = (ta.shape[axis], tb.shape[axis]);
         let data = match (&*ta.data, &*tb.data) {
@@ -376,10 +380,10 @@ impl CpuBackend {
             (Data::Bytes(x), Data::Bytes(y)) => Data::Bytes(concat_runs(x, y, sp.outer, la * sp.inner * 2, lb * sp.inner * 2)),
             _ => return Err(inconsistent("concat")),
         };
-        Ok(self.insert(Tensor { dtype: out.dtype, shape: out.shape, data: Arc::new(data) }))
+        Ok(self.insert(Tensor { dtype: out.dtype, shape: out.shape.clone(), data: Arc::new(data) }))
     }
 
-    fn op_append(&mut self, cache: TensorId, rows: TensorId, out: Meta) -> Result<TensorId> {
+    fn op_append(&mut self, cache: TensorId, rows: TensorId, out: &Meta) -> Result<TensorId> {
         // Row-major storage: joining along axis 0 is appending the flat data. The rows are copied
         // out first (they may be the cache itself); the cache's Vec grows geometrically in place
         // (copied once first if a reshape still shares it).
@@ -391,11 +395,11 @@ impl CpuBackend {
             (Data::Bytes(c), Data::Bytes(r)) => c.extend_from_slice(r),
             _ => return Err(inconsistent("append")),
         }
-        tc.shape = out.shape;
+        tc.shape = out.shape.clone();
         Ok(cache)
     }
 
-    fn op_gather(&mut self, table: TensorId, ids: TensorId, v: usize, d: usize, out: Meta) -> Result<TensorId> {
+    fn op_gather(&mut self, table: TensorId, ids: TensorId, v: usize, d: usize, out: &Meta) -> Result<TensorId> {
         const OP: &str = "gather_rows";
         let (tt, ti) = (self.get(table)?, self.get(ids)?);
         let Data::I32(idv) = &*ti.data else { return Err(inconsistent(OP)) };
@@ -426,7 +430,7 @@ impl CpuBackend {
                 Data::I32(_) => return Err(inconsistent(OP)),
             }
         }
-        Ok(self.insert_f32(out.shape, data))
+        Ok(self.insert_f32(out.shape.clone(), data))
     }
 
     fn op_rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode, d: &RopeDims) -> Result<TensorId> {

@@ -23,8 +23,6 @@ pub mod device;
 mod emu;
 mod launch;
 
-use std::collections::HashMap;
-
 use self::device::{Arg, Device, RealDevice};
 use self::launch::{
     AttnParams, BLOCK, Broadcast4, CopyParams, GatherParams, MATVEC_OUTPUTS_PER_BLOCK, MatmulParams, PermuteParams, RopeParams, bytes_of,
@@ -32,10 +30,10 @@ use self::launch::{
 };
 use super::backend::TensorBackend;
 use super::dtype::{DType, HostTensor, RawTensor};
-use super::op::{BinaryOp, Launch, Meta, Planned, ReduceOp, RopeMode, UnaryOp};
+use super::op::{BinaryOp, Launch, Meta, MetaRef, Planned, ReduceOp, RopeMode, UnaryOp};
 use super::quant;
 use super::shape::{AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, check_shape, numel, rope_table, shape_err};
-use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
+use super::tensor::{BackendKind, Determinism, GpuError, IdMap, Result, TensorId};
 
 /// The number of CUDA devices the driver reports; 0 (never an error or a panic) without a driver.
 pub fn device_count() -> usize {
@@ -114,7 +112,7 @@ struct Tensor<B> {
 /// Every op of [`TensorBackend`] on a [`Device`].
 pub struct Engine<D: Device> {
     // Tensors before the device: buffers are released before the context they belong to.
-    tensors: HashMap<TensorId, Tensor<D::Buf>>,
+    tensors: IdMap<Tensor<D::Buf>>,
     dev: D,
     determinism: Determinism,
     next_id: u64,
@@ -139,7 +137,7 @@ impl<D: Device> Drop for Engine<D> {
 impl<D: Device> Engine<D> {
     /// The engine on `dev`.
     pub(crate) fn on(dev: D, determinism: Determinism) -> Self {
-        Self { tensors: HashMap::new(), dev, determinism, next_id: 1, live: 0 }
+        Self { tensors: IdMap::default(), dev, determinism, next_id: 1, live: 0 }
     }
 
     fn repro(&self) -> bool {
@@ -245,13 +243,13 @@ impl<D: Device> TensorBackend for Engine<D> {
         Ok(())
     }
 
-    fn meta(&self, id: TensorId) -> Result<Meta> {
+    fn meta(&self, id: TensorId) -> Result<MetaRef<'_>> {
         let t = self.get(id)?;
-        Ok(Meta::new(t.shape.clone(), t.dtype))
+        Ok(MetaRef { shape: &t.shape, dtype: t.dtype })
     }
 
     fn execute(&mut self, p: Planned<'_>) -> Result<TensorId> {
-        let out = p.out().clone();
+        let out = p.out();
         match p.launch() {
             Launch::Matmul { dims, b } => self.op_matmul(p.x(0), p.x(1), dims, *b, out),
             Launch::Binary { op, bc } => self.op_binary(*op, p.x(0), p.x(1), bc),
@@ -272,7 +270,7 @@ impl<D: Device> TensorBackend for Engine<D> {
             Launch::Cast { from, to } => self.op_cast(p.x(0), *from, *to),
             Launch::Reshape => {
                 let t = self.get(p.x(0))?;
-                let copy = self.copy_of(t, out.shape)?;
+                let copy = self.copy_of(t, out.shape.clone())?;
                 Ok(self.insert(copy))
             }
             Launch::Permute { axes } => self.op_permute(p.x(0), axes, out),
@@ -300,10 +298,10 @@ impl<D: Device> TensorBackend for Engine<D> {
 
 /// The ops, on operands `Op::plan` checked.
 impl<D: Device> Engine<D> {
-    fn op_matmul(&mut self, a: TensorId, b: TensorId, dims: &MatmulDims, b_dtype: DType, out: Meta) -> Result<TensorId> {
+    fn op_matmul(&mut self, a: TensorId, b: TensorId, dims: &MatmulDims, b_dtype: DType, out: &Meta) -> Result<TensorId> {
         const OP: &str = "matmul";
         let (ta, tb) = (self.get(a)?, self.get(b)?);
-        let out = self.alloc(OP, DType::F32, out.shape)?;
+        let out = self.alloc(OP, DType::F32, out.shape.clone())?;
         if out.bytes > 0 {
             if dims.k == 0 {
                 self.dev.zero(&out.buf, 0, out.bytes)?;
@@ -341,11 +339,11 @@ impl<D: Device> Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn op_unary(&mut self, op: UnaryOp, x: TensorId, out: Meta) -> Result<TensorId> {
+    fn op_unary(&mut self, op: UnaryOp, x: TensorId, out: &Meta) -> Result<TensorId> {
         let t = self.get(x)?;
         let n = numel(&out.shape);
         let factor = if let UnaryOp::Scale(s) = op { s } else { 1.0 };
-        let out = self.alloc(op.name(), DType::F32, out.shape)?;
+        let out = self.alloc(op.name(), DType::F32, out.shape.clone())?;
         let args = [Arg::Buf(&t.buf), Arg::Buf(&out.buf), Arg::U32(u32_of(n)), Arg::F32(factor)];
         // Reproducible mode: the transcendental ops run the portable functions of `gpu` (`_repro`).
         let portable = self.repro() && matches!(op, UnaryOp::Gelu | UnaryOp::Silu | UnaryOp::Tanh | UnaryOp::Exp);
@@ -363,10 +361,10 @@ impl<D: Device> Engine<D> {
         params: &[TensorId],
         (rows, last): (usize, usize),
         eps: Option<f32>,
-        out: Meta,
+        out: &Meta,
     ) -> Result<TensorId> {
         let t = self.get(x)?;
-        let out = self.alloc("row op", DType::F32, out.shape)?;
+        let out = self.alloc("row op", DType::F32, out.shape.clone())?;
         let mut args = vec![Arg::Buf(&t.buf)];
         for &id in params {
             args.push(Arg::Buf(&self.get(id)?.buf));
@@ -377,9 +375,9 @@ impl<D: Device> Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn op_reduce(&mut self, op: ReduceOp, x: TensorId, rows: usize, last: usize, out: Meta) -> Result<TensorId> {
+    fn op_reduce(&mut self, op: ReduceOp, x: TensorId, rows: usize, last: usize, out: &Meta) -> Result<TensorId> {
         let t = self.get(x)?;
-        let out = self.alloc(op.name(), out.dtype, out.shape)?;
+        let out = self.alloc(op.name(), out.dtype, out.shape.clone())?;
         // Sums in reproducible mode: one thread per row, in order; everything else: a block per row.
         let (kernel, per_block) = match (op, self.repro()) {
             (ReduceOp::Sum, true) => ("sum_last_f32", BLOCK as usize),
@@ -423,20 +421,20 @@ impl<D: Device> Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn op_permute(&mut self, x: TensorId, axes: &[usize], out: Meta) -> Result<TensorId> {
+    fn op_permute(&mut self, x: TensorId, axes: &[usize], out: &Meta) -> Result<TensorId> {
         const OP: &str = "permute";
         let t = self.get(x)?;
-        let out = self.alloc(OP, t.dtype, out.shape)?;
+        let out = self.alloc(OP, t.dtype, out.shape.clone())?;
         let p = PermuteParams::new(&t.shape, axes);
         let args = [Arg::Buf(&t.buf), Arg::Buf(&out.buf), Arg::Pod(bytes_of(&p))];
         self.launch(&format!("permute_{}", elem_kernel(t.dtype)), p.n as usize, BLOCK as usize, &args)?;
         Ok(self.insert(out))
     }
 
-    fn op_slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize, sp: AxisSplit, out: Meta) -> Result<TensorId> {
+    fn op_slice(&mut self, x: TensorId, axis: usize, start: usize, len: usize, sp: AxisSplit, out: &Meta) -> Result<TensorId> {
         const OP: &str = "slice";
         let t = self.get(x)?;
-        let out = self.alloc(OP, t.dtype, out.shape)?;
+        let out = self.alloc(OP, t.dtype, out.shape.clone())?;
         let p = CopyParams {
             outer: u32_of(sp.outer),
             row: u32_of(len * sp.inner),
@@ -450,11 +448,11 @@ impl<D: Device> Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn op_concat(&mut self, a: TensorId, b: TensorId, axis: usize, sp: AxisSplit, out: Meta) -> Result<TensorId> {
+    fn op_concat(&mut self, a: TensorId, b: TensorId, axis: usize, sp: AxisSplit, out: &Meta) -> Result<TensorId> {
         const OP: &str = "concat";
         let (ta, tb) = (self.get(a)?, self.get(b)?);
         let (la, lb) = (ta.shape[axis], tb.shape[axis]);
-        let out = self.alloc(OP, ta.dtype, out.shape)?;
+        let out = self.alloc(OP, ta.dtype, out.shape.clone())?;
         let kernel = format!("copy_rows_{}", elem_kernel(ta.dtype));
         let dst_stride = u32_of((la + lb) * sp.inner);
         for (src, len, dst_offset) in [(ta, la, 0), (tb, lb, la * sp.inner)] {
@@ -473,10 +471,10 @@ impl<D: Device> Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn op_append(&mut self, cache: TensorId, rows: TensorId, out: Meta) -> Result<TensorId> {
+    fn op_append(&mut self, cache: TensorId, rows: TensorId, out: &Meta) -> Result<TensorId> {
         const OP: &str = "append";
         let (tc, tr) = (self.get(cache)?, self.get(rows)?);
-        let new_shape = out.shape;
+        let new_shape = out.shape.clone();
         let new_bytes = tc.dtype.byte_len(OP, &new_shape)?;
         let (old_bytes, add) = (tc.bytes, tr.bytes);
         let cap = D::capacity(&tc.buf);
@@ -509,11 +507,11 @@ impl<D: Device> Engine<D> {
         Ok(cache)
     }
 
-    fn op_gather(&mut self, table: TensorId, ids: TensorId, vocab: usize, dim: usize, out: Meta) -> Result<TensorId> {
+    fn op_gather(&mut self, table: TensorId, ids: TensorId, vocab: usize, dim: usize, out: &Meta) -> Result<TensorId> {
         const OP: &str = "gather_rows";
         let (tt, ti) = (self.get(table)?, self.get(ids)?);
         let n_ids = numel(&ti.shape);
-        let out = self.alloc(OP, DType::F32, out.shape)?;
+        let out = self.alloc(OP, DType::F32, out.shape.clone())?;
         // The lowest position of a bad id, or u32::MAX.
         let bad = self.dev.alloc(4)?;
         self.dev.upload(&bad, 0, &u32::MAX.to_le_bytes())?;
@@ -533,10 +531,10 @@ impl<D: Device> Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn op_rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode, d: &RopeDims, out: Meta) -> Result<TensorId> {
+    fn op_rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode, d: &RopeDims, out: &Meta) -> Result<TensorId> {
         const OP: &str = "rope";
         let t = self.get(x)?;
-        let out = self.alloc(OP, DType::F32, out.shape)?;
+        let out = self.alloc(OP, DType::F32, out.shape.clone())?;
         let pairs = d.batch * d.seq * d.heads * (d.dim / 2);
         if pairs > 0 {
             let table: Vec<u8> = rope_table(pos0, d.seq, d.dim, theta).iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -550,10 +548,10 @@ impl<D: Device> Engine<D> {
         Ok(self.insert(out))
     }
 
-    fn op_attention(&mut self, [q, k, v]: [TensorId; 3], pos0: u32, scale: f32, d: &AttentionDims, out: Meta) -> Result<TensorId> {
+    fn op_attention(&mut self, [q, k, v]: [TensorId; 3], pos0: u32, scale: f32, d: &AttentionDims, out: &Meta) -> Result<TensorId> {
         const OP: &str = "attention";
         let (tq, tk, tv) = (self.get(q)?, self.get(k)?, self.get(v)?);
-        let out = self.alloc(OP, DType::F32, out.shape)?;
+        let out = self.alloc(OP, DType::F32, out.shape.clone())?;
         let rows = d.batch * d.tq * d.hq;
         let p = AttnParams {
             batch: u32_of(d.batch),

@@ -35,10 +35,10 @@ use self::stream::{Gpu, Kernel, Purpose, Stream, device_err};
 use super::backend::TensorBackend;
 use super::dtype::{DType, HostTensor, RawTensor};
 use super::kernels::{FILES, Lang, compiled_source};
-use super::op::{BinaryOp, Launch, Meta, Planned, ReduceOp, RopeMode, UnaryOp};
+use super::op::{BinaryOp, Launch, Meta, MetaRef, Planned, ReduceOp, RopeMode, UnaryOp};
 use super::quant;
 use super::shape::{AttentionDims, Broadcast, MatmulDims, RopeDims, numel, rope_table, shape_err, strides};
-use super::tensor::{BackendKind, Determinism, GpuError, Result, TensorId};
+use super::tensor::{BackendKind, Determinism, GpuError, IdMap, Result, TensorId};
 
 /// Freed buffers kept for reuse, at most this many bytes.
 const MAX_POOLED_BYTES: u64 = 256 << 20;
@@ -71,7 +71,7 @@ impl WTensor {
     }
 }
 
-fn get(tensors: &HashMap<TensorId, WTensor>, id: TensorId) -> Result<&WTensor> {
+fn get(tensors: &IdMap<WTensor>, id: TensorId) -> Result<&WTensor> {
     tensors.get(&id).ok_or(GpuError::UnknownTensor(id))
 }
 
@@ -81,7 +81,7 @@ pub struct WgpuBackend {
     gpu: Gpu,
     stream: Stream,
     matmul: MatmulPipelines,
-    tensors: HashMap<TensorId, WTensor>,
+    tensors: IdMap<WTensor>,
     next_id: u64,
 }
 
@@ -241,7 +241,7 @@ impl WgpuBackend {
         );
         let gpu = Gpu { info, limits, features, device, queue, kernels, errors };
         let stream = Stream::new(&gpu, MAX_POOLED_BYTES);
-        Ok(Self { determinism, gpu, stream, matmul, tensors: HashMap::new(), next_id: 1 })
+        Ok(Self { determinism, gpu, stream, matmul, tensors: IdMap::default(), next_id: 1 })
     }
 
     pub fn adapter_info(&self) -> &::wgpu::AdapterInfo {
@@ -314,8 +314,8 @@ impl WgpuBackend {
 
     /// Runs a row kernel (softmax, norms, reductions; `params` start with rows and row length),
     /// making a tensor of `out`; `extra` are further bindings (weights, bias).
-    fn row_op(&mut self, entry: &'static str, x: TensorId, out: Meta, params: &[u32], extra: &[(u32, TensorId)]) -> Result<TensorId> {
-        let (out_shape, out_dtype) = (out.shape, out.dtype);
+    fn row_op(&mut self, entry: &'static str, x: TensorId, out: &Meta, params: &[u32], extra: &[(u32, TensorId)]) -> Result<TensorId> {
+        let (out_shape, out_dtype) = (out.shape.clone(), out.dtype);
         let rows = params[0] as usize;
         let out = self.output(numel(&out_shape) * 4)?;
         if numel(&out_shape) > 0 {
@@ -411,13 +411,13 @@ impl TensorBackend for WgpuBackend {
         Ok(())
     }
 
-    fn meta(&self, id: TensorId) -> Result<Meta> {
+    fn meta(&self, id: TensorId) -> Result<MetaRef<'_>> {
         let t = self.get(id)?;
-        Ok(Meta::new(t.shape.clone(), t.dtype))
+        Ok(MetaRef { shape: &t.shape, dtype: t.dtype })
     }
 
     fn execute(&mut self, p: Planned<'_>) -> Result<TensorId> {
-        let out = p.out().clone();
+        let out = p.out();
         match p.launch() {
             Launch::Matmul { dims, b } => self.op_matmul(p.x(0), p.x(1), dims, *b, out),
             Launch::Binary { op, bc } => self.op_binary(*op, p.x(0), p.x(1), bc),
@@ -441,7 +441,7 @@ impl TensorBackend for WgpuBackend {
             Launch::Reshape => {
                 let t = self.get(p.x(0))?;
                 let (buf, ids) = (t.buf.clone(), t.ids);
-                Ok(self.insert(out.shape, out.dtype, buf, ids))
+                Ok(self.insert(out.shape.clone(), out.dtype, buf, ids))
             }
             Launch::Permute { axes } => self.op_permute(p.x(0), axes, out),
             Launch::Slice { axis, start, .. } => self.op_slice(p.x(0), *axis, *start, out),
@@ -473,7 +473,7 @@ impl TensorBackend for WgpuBackend {
 /// The ops, on operands `Op::plan` checked; what remains here are the device's own limits (binding
 /// sizes) and gather's ids.
 impl WgpuBackend {
-    fn op_matmul(&mut self, a: TensorId, b: TensorId, dims: &MatmulDims, b_dtype: DType, out_meta: Meta) -> Result<TensorId> {
+    fn op_matmul(&mut self, a: TensorId, b: TensorId, dims: &MatmulDims, b_dtype: DType, out_meta: &Meta) -> Result<TensorId> {
         let (ta, tb) = (self.get(a)?, self.get(b)?);
         // The kernels read whole 16-byte vectors; pooled buffers are sized in multiples of 16 except
         // at a binding limit that is not one, where the last bytes could not be read.
@@ -502,7 +502,7 @@ impl WgpuBackend {
             self.stream.dispatch_kernel(&self.gpu, kernel, plan.variant.entry, &params, &bindings, plan.groups)?;
         }
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(out_meta.shape, DType::F32, out, None))
+        Ok(self.insert(out_meta.shape.clone(), DType::F32, out, None))
     }
 
     fn op_binary(&mut self, op: BinaryOp, a: TensorId, b: TensorId, bc: &Broadcast) -> Result<TensorId> {
@@ -520,7 +520,7 @@ impl WgpuBackend {
         Ok(self.insert(bc.out_shape.clone(), DType::F32, out, None))
     }
 
-    fn op_unary(&mut self, op: UnaryOp, x: TensorId, out_meta: Meta) -> Result<TensorId> {
+    fn op_unary(&mut self, op: UnaryOp, x: TensorId, out_meta: &Meta) -> Result<TensorId> {
         let n = numel(&out_meta.shape);
         let out = self.output(n * 4)?;
         if n > 0 {
@@ -543,10 +543,10 @@ impl WgpuBackend {
             self.map_op(entry, x, &[u32_of(n), factor.to_bits(), 0], n, &out)?;
         }
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(out_meta.shape, DType::F32, out, None))
+        Ok(self.insert(out_meta.shape.clone(), DType::F32, out, None))
     }
 
-    fn op_reduce(&mut self, op: ReduceOp, x: TensorId, rows: usize, last: usize, out: Meta) -> Result<TensorId> {
+    fn op_reduce(&mut self, op: ReduceOp, x: TensorId, rows: usize, last: usize, out: &Meta) -> Result<TensorId> {
         let params = [u32_of(rows), u32_of(last)];
         let id = self.row_op(op.name(), x, out, &params, &[])?;
         if op == ReduceOp::Argmax {
@@ -558,10 +558,10 @@ impl WgpuBackend {
         Ok(id)
     }
 
-    fn op_cast(&mut self, x: TensorId, from: DType, to: DType, out_meta: Meta) -> Result<TensorId> {
+    fn op_cast(&mut self, x: TensorId, from: DType, to: DType, out_meta: &Meta) -> Result<TensorId> {
         const OP: &str = "cast";
         let t = self.get(x)?;
-        let (shape, n) = (out_meta.shape, t.numel());
+        let (shape, n) = (out_meta.shape.clone(), t.numel());
         if from == to {
             let (buf, ids) = (t.buf.clone(), t.ids);
             return Ok(self.insert(shape, to, buf, ids));
@@ -588,7 +588,7 @@ impl WgpuBackend {
         Ok(self.insert(shape, to, out, None))
     }
 
-    fn op_permute(&mut self, x: TensorId, axes: &[usize], out_meta: Meta) -> Result<TensorId> {
+    fn op_permute(&mut self, x: TensorId, axes: &[usize], out_meta: &Meta) -> Result<TensorId> {
         let t = self.get(x)?;
         let (dtype, ids) = (t.dtype, t.ids);
         let in_strides = strides(&t.shape);
@@ -600,10 +600,10 @@ impl WgpuBackend {
         let src = get(&self.tensors, x)?.buf.clone();
         self.record_copy(dtype, &src, &out, &Copy::full(pad4(&out_meta.shape), 0, src_strides))?;
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(out_meta.shape, dtype, out, ids))
+        Ok(self.insert(out_meta.shape.clone(), dtype, out, ids))
     }
 
-    fn op_slice(&mut self, x: TensorId, axis: usize, start: usize, out_meta: Meta) -> Result<TensorId> {
+    fn op_slice(&mut self, x: TensorId, axis: usize, start: usize, out_meta: &Meta) -> Result<TensorId> {
         let t = self.get(x)?;
         let (dtype, ids) = (t.dtype, t.ids);
         let in_strides = strides4(&t.shape);
@@ -612,12 +612,12 @@ impl WgpuBackend {
         let out = self.output(dtype.byte_len("slice", &out_meta.shape)?)?;
         self.record_copy(dtype, &src, &out, &Copy::full(pad4(&out_meta.shape), src_off, in_strides))?;
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(out_meta.shape, dtype, out, ids))
+        Ok(self.insert(out_meta.shape.clone(), dtype, out, ids))
     }
 
-    fn op_concat(&mut self, a: TensorId, b: TensorId, axis: usize, out_meta: Meta) -> Result<TensorId> {
+    fn op_concat(&mut self, a: TensorId, b: TensorId, axis: usize, out_meta: &Meta) -> Result<TensorId> {
         let (ta, tb) = (self.get(a)?, self.get(b)?);
-        let out_shape = out_meta.shape;
+        let out_shape = out_meta.shape.clone();
         let (dtype, ids) = (ta.dtype, union(ta.ids, tb.ids));
         let (sa, sb) = (strides4(&ta.shape), strides4(&tb.shape));
         let (bufa, bufb) = (ta.buf.clone(), tb.buf.clone());
@@ -633,9 +633,9 @@ impl WgpuBackend {
         Ok(self.insert(out_shape, dtype, out, ids))
     }
 
-    fn op_append(&mut self, cache: TensorId, rows: TensorId, out: Meta) -> Result<TensorId> {
+    fn op_append(&mut self, cache: TensorId, rows: TensorId, out: &Meta) -> Result<TensorId> {
         let (tc, tr) = (self.get(cache)?, self.get(rows)?);
-        let new_shape = out.shape;
+        let new_shape = out.shape.clone();
         let dtype = tc.dtype;
         let (old_n, add_n) = (tc.numel(), tr.numel());
         let old_bytes = (old_n * dtype.block_bytes()) as u64;
@@ -677,7 +677,7 @@ impl WgpuBackend {
         Ok(cache)
     }
 
-    fn op_gather(&mut self, table: TensorId, ids: TensorId, v: usize, d: usize, out_meta: Meta) -> Result<TensorId> {
+    fn op_gather(&mut self, table: TensorId, ids: TensorId, v: usize, d: usize, out_meta: &Meta) -> Result<TensorId> {
         const OP: &str = "gather_rows";
         let dtype = self.get(table)?.dtype;
         let (lo, hi) = self.id_range(ids)?;
@@ -694,11 +694,11 @@ impl WgpuBackend {
             self.stream.dispatch(&self.gpu, "gather_rows", &params, &[(1, &tt.buf), (2, &ti.buf), (3, &out)], groups)?;
         }
         self.stream.end_op(&self.gpu)?;
-        Ok(self.insert(out_meta.shape, DType::F32, out, None))
+        Ok(self.insert(out_meta.shape.clone(), DType::F32, out, None))
     }
 
-    fn op_rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode, dims: &RopeDims, out_meta: Meta) -> Result<TensorId> {
-        let shape = out_meta.shape;
+    fn op_rope(&mut self, x: TensorId, pos0: u32, theta: f32, mode: RopeMode, dims: &RopeDims, out_meta: &Meta) -> Result<TensorId> {
+        let shape = out_meta.shape.clone();
         let pairs = numel(&shape) / 2;
         let out = self.output(numel(&shape) * 4)?;
         if pairs > 0 {
@@ -714,8 +714,8 @@ impl WgpuBackend {
         Ok(self.insert(shape, DType::F32, out, None))
     }
 
-    fn op_attention(&mut self, [q, k, v]: [TensorId; 3], pos0: u32, scale: f32, d: &AttentionDims, out_meta: Meta) -> Result<TensorId> {
-        let shape = out_meta.shape;
+    fn op_attention(&mut self, [q, k, v]: [TensorId; 3], pos0: u32, scale: f32, d: &AttentionDims, out_meta: &Meta) -> Result<TensorId> {
+        let shape = out_meta.shape.clone();
         let rows = d.batch * d.tq * d.hq;
         // The scores buffer is this device's own limit.
         let scores = rows
