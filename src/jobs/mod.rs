@@ -83,26 +83,15 @@ fn kind_label(kind: OutKind) -> &'static str {
     }
 }
 
-/// Everything the work loop needs, shared by its tasks.
+/// Everything the work loop needs, shared by its tasks: what it was made of ([`JobsConfig`], its
+/// fields reached through `Deref`) and what follows from it.
 pub struct Context {
-    pub journal: Journal,
-    pub runtime: Arc<Runtime>,
-    pub key: Arc<Keypair>,
+    config: JobsConfig,
     pub address: String,
-    pub scheduler: SchedulerClient,
-    pub messenger: MessengerClient,
-    pub gateway: GatewayClient,
-    pub registry: String,
-    pub authorities: Vec<String>,
-    pub attestation_target: String,
-    pub poll: Duration,
-    pub max_concurrent: usize,
-    /// The latest capacity advertisement, named in each attestation.
-    pub advertised: watch::Receiver<Option<Advertisement>>,
+    /// The `Backend` of an attestation: the serving backend kind and its determinism mode.
     pub backend: String,
     /// The `Device` of an attestation, by the pool index of the device the evaluation ran on.
     pub devices: Vec<String>,
-    pub metrics: Arc<JobMetrics>,
     processes: Mutex<HashMap<String, Arc<ProcessSetup>>>,
     scheduler_address: std::sync::OnceLock<String>,
     halted: Mutex<HashMap<String, String>>,
@@ -155,47 +144,27 @@ pub struct JobsConfig {
     pub metrics: Arc<JobMetrics>,
 }
 
+impl std::ops::Deref for Context {
+    type Target = JobsConfig;
+
+    fn deref(&self) -> &JobsConfig {
+        &self.config
+    }
+}
+
 impl Context {
     pub fn new(config: JobsConfig) -> Arc<Self> {
-        let JobsConfig {
-            journal,
-            runtime,
-            key,
-            scheduler,
-            messenger,
-            gateway,
-            registry,
-            authorities,
-            attestation_target,
-            poll,
-            max_concurrent,
-            advertised,
-            device,
-            metrics,
-        } = config;
-        let address = key.address();
+        let address = config.key.address();
         // The attestation names the backend that served the actor's tensor calls, its
         // determinism mode and the device the evaluation ran on.
-        let info = runtime.tensor_backend();
+        let info = config.runtime.tensor_backend();
         let backend = format!("{}/{}", info.kind.as_str(), info.determinism.as_str());
-        let devices = attested_devices(&info.devices, &device);
+        let devices = attested_devices(&info.devices, &config.device);
         Arc::new(Self {
-            journal,
-            runtime,
-            key,
+            config,
             address,
-            scheduler,
-            messenger,
-            gateway,
-            registry,
-            authorities,
-            attestation_target,
-            poll,
-            max_concurrent,
-            advertised,
             backend,
             devices,
-            metrics,
             processes: Mutex::new(HashMap::new()),
             scheduler_address: std::sync::OnceLock::new(),
             halted: Mutex::new(HashMap::new()),
