@@ -618,6 +618,30 @@ mod tests {
         assert!(castable(DType::Q4_0, DType::F32) && castable(DType::F32, DType::Q8_0) && !castable(DType::F16, DType::I32));
     }
 
+    /// `run_with` plans from a fixed array of `MAX_OPERANDS` metas: no op may take more.
+    #[test]
+    fn every_op_fits_the_operand_array() {
+        let ops = [
+            Op::Matmul { transpose_a: false, transpose_b: false },
+            Op::Binary(BinaryOp::Add),
+            Op::Unary(UnaryOp::Relu),
+            Op::Softmax,
+            Op::Rmsnorm { eps: 0.0 },
+            Op::Layernorm { eps: 0.0 },
+            Op::Reduce(ReduceOp::Sum),
+            Op::Cast(DType::F16),
+            Op::Reshape(vec![1]),
+            Op::Permute(vec![0]),
+            Op::Slice { axis: 0, start: 0, len: 0 },
+            Op::Concat { axis: 0 },
+            Op::Append,
+            Op::Gather,
+            Op::Rope { pos0: 0, theta: 1.0, mode: RopeMode::Neox },
+            Op::Attention { pos0: 0, scale: 1.0 },
+        ];
+        assert_eq!(ops.iter().map(Op::arity).max(), Some(MAX_OPERANDS));
+    }
+
     /// The same misuse gets the same error whatever the op's path: a quantized `b` that is not
     /// transposed is refused by planning, before any backend sees it.
     #[test]
