@@ -215,6 +215,12 @@ pub(crate) fn append_dims(cache: &[usize], rows: &[usize]) -> Result<Vec<usize>>
     Ok(out)
 }
 
+/// The error for a gather id outside the table's `0..rows` (a check on device values, which each
+/// backend makes its own way, with one wording).
+pub(crate) fn gather_id_err(id: i64, rows: usize) -> GpuError {
+    shape_err("gather_rows", format!("id {id} is outside the table's 0..{rows} rows"))
+}
+
 /// `gather_rows(table [v, d], ids [...])`: returns the output shape `ids.shape + [d]` (rank <= 4).
 pub(crate) fn gather_dims(table: &[usize], ids: &[usize]) -> Result<Vec<usize>> {
     if table.len() != 2 {

@@ -47,7 +47,7 @@ use super::dtype::{DType, HostTensor, RawTensor};
 use super::op::{BinaryOp, Launch, Meta, MetaRef, Planned, ReduceOp, RopeMode, UnaryOp};
 use super::quant;
 use super::repro::repro_exp;
-use super::shape::{AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, numel, rope_table, shape_err};
+use super::shape::{AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, gather_id_err, numel, rope_table};
 use super::tensor::{BackendKind, Determinism, GpuError, IdMap, Result, TensorId};
 
 /// Storage of one tensor.
@@ -405,13 +405,7 @@ impl CpuBackend {
         let Data::I32(idv) = &*ti.data else { return Err(inconsistent(OP)) };
         let rows: Vec<usize> = idv
             .iter()
-            .enumerate()
-            .map(|(i, &id)| {
-                usize::try_from(id)
-                    .ok()
-                    .filter(|&r| r < v)
-                    .ok_or_else(|| shape_err(OP, format!("id {id} at index {i} is outside the table's 0..{v} rows")))
-            })
+            .map(|&id| usize::try_from(id).ok().filter(|&r| r < v).ok_or_else(|| gather_id_err(id.into(), v)))
             .collect::<Result<_>>()?;
         let mut data = vec![0.0f32; rows.len() * d];
         if d > 0 {

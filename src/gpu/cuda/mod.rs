@@ -32,7 +32,7 @@ use super::backend::TensorBackend;
 use super::dtype::{DType, HostTensor, RawTensor};
 use super::op::{BinaryOp, Launch, Meta, MetaRef, Planned, ReduceOp, RopeMode, UnaryOp};
 use super::quant;
-use super::shape::{AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, check_shape, numel, rope_table, shape_err};
+use super::shape::{AttentionDims, AxisSplit, Broadcast, MatmulDims, RopeDims, check_shape, gather_id_err, numel, rope_table, shape_err};
 use super::tensor::{BackendKind, Determinism, GpuError, IdMap, Result, TensorId};
 
 /// The number of CUDA devices the driver reports; 0 (never an error or a panic) without a driver.
@@ -526,7 +526,7 @@ impl<D: Device> Engine<D> {
             let at = pos as usize * 4;
             let id = self.dev.download(&ti.buf, at, 4)?;
             let id = i32::from_le_bytes([id[0], id[1], id[2], id[3]]);
-            return Err(shape_err(OP, format!("id {id} at index {pos} is outside the table's 0..{vocab} rows")));
+            return Err(gather_id_err(id.into(), vocab));
         }
         Ok(self.insert(out))
     }

@@ -37,7 +37,7 @@ use super::dtype::{DType, HostTensor, RawTensor};
 use super::kernels::{FILES, Lang, compiled_source};
 use super::op::{BinaryOp, Launch, Meta, MetaRef, Planned, ReduceOp, RopeMode, UnaryOp};
 use super::quant;
-use super::shape::{AttentionDims, Broadcast, MatmulDims, RopeDims, numel, rope_table, shape_err, strides};
+use super::shape::{AttentionDims, Broadcast, MatmulDims, RopeDims, gather_id_err, numel, rope_table, shape_err, strides};
 use super::tensor::{BackendKind, Determinism, GpuError, IdMap, Result, TensorId};
 
 /// Freed buffers kept for reuse, at most this many bytes.
@@ -678,12 +678,11 @@ impl WgpuBackend {
     }
 
     fn op_gather(&mut self, table: TensorId, ids: TensorId, v: usize, d: usize, out_meta: &Meta) -> Result<TensorId> {
-        const OP: &str = "gather_rows";
         let dtype = self.get(table)?.dtype;
         let (lo, hi) = self.id_range(ids)?;
         if lo <= hi && (lo < 0 || hi as usize >= v) {
             let bad = if lo < 0 { lo } else { hi };
-            return Err(shape_err(OP, format!("id {bad} is outside the table's rows 0..{v}")));
+            return Err(gather_id_err(bad.into(), v));
         }
         let n = numel(&out_meta.shape);
         let out = self.output(n * 4)?;

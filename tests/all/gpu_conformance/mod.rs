@@ -189,6 +189,13 @@ fn same_error_kind(what: &str, got: Result<impl std::fmt::Debug>, want: Result<i
     assert_eq!(std::mem::discriminant(&got), std::mem::discriminant(&want), "{what}: {got} vs cpu {want}");
 }
 
+/// The same error, to the letter: operand rules live in one planner, and checks on device values
+/// (gather's ids) share one wording, so no backend words a misuse its own way.
+fn same_error(what: &str, got: Result<impl std::fmt::Debug>, want: Result<impl std::fmt::Debug>) {
+    let (got, want) = (got.expect_err(&format!("{what}: no error")), want.expect_err(&format!("{what}: no error on the cpu")));
+    assert_eq!(got, want, "{what}");
+}
+
 /// Element `i` (f16 / f32 / i32 sized) of a raw tensor's storage.
 fn elem(t: &RawTensor, i: usize) -> &[u8] {
     let s = t.dtype.block_bytes();
