@@ -9,6 +9,7 @@ use crate::attest::Keypair;
 use crate::attest::attestation::derived_anchor;
 use crate::journal::OutKind;
 use crate::protocol::ao::{self, ItemType};
+use crate::protocol::cu_json::{self, CuEnvItem, CuMessage};
 use crate::protocol::su::ItemJson;
 use crate::protocol::{DataItem, DataItemBuilder, Tag, b64};
 
@@ -71,6 +72,49 @@ pub fn message_json(m: &ItemJson, slot: &Slot, module: &str, read_only: bool) ->
     o.insert("Read-Only".into(), json!(read_only));
     o.insert("Module".into(), json!(module));
     Value::Object(o).to_string()
+}
+
+/// The message JSON an aos module gets: the compute unit's shape, value types and key order
+/// (`protocol::cu_json`), which aos's memory image depends on. A scheduled message carries its
+/// slot (`Epoch`, `Nonce`, `Hash-Chain`) and targets the process, as the assignment says; a
+/// dry-run (`read_only`) carries neither slot field nor `Forwarded-By`, and keeps the target the
+/// request gave, as the CU's `dryRun.js` builds it.
+pub fn cu_message_json(m: &ItemJson, slot: &Slot, process: &str, read_only: bool) -> String {
+    let tags = CuMessage::tags_for_cu(&m.tags);
+    let owner = m.owner.address.as_str();
+    // `mapFrom`: a non-empty From-Process names the sender; `mapForwardedBy`: any From-Process
+    // tag makes the signer the forwarder.
+    let from_process = m.tags.iter().find(|t| t.name == "From-Process");
+    let from = from_process.map(|t| t.value.as_str()).filter(|v| !v.is_empty()).unwrap_or(owner);
+    let scheduled = !read_only;
+    CuMessage {
+        id: &m.id,
+        signature: Some(m.signature.as_str()).filter(|s| scheduled || !s.is_empty()),
+        data: m.data.as_deref(),
+        owner,
+        target: if scheduled { process } else { m.target.as_deref().filter(|t| !t.is_empty()).unwrap_or(process) },
+        anchor: m.anchor.as_deref(),
+        from,
+        forwarded_by: from_process.filter(|_| scheduled).map(|_| owner),
+        tags: &tags,
+        epoch: scheduled.then_some(slot.epoch),
+        nonce: scheduled.then_some(slot.nonce),
+        timestamp: slot.timestamp,
+        block_height: slot.block_height,
+        hash_chain: Some(slot.hash_chain.as_str()).filter(|_| scheduled),
+        cron: false,
+        read_only,
+    }
+    .to_json()
+}
+
+/// The environment JSON an aos module gets (`AoGlobal`, the CU's key order).
+pub fn cu_env_json(process: &ItemJson, module: &DataItem) -> String {
+    let (module_id, module_owner) = (module.id(), module.owner_address());
+    cu_json::env_json(
+        CuEnvItem { id: &process.id, owner: &process.owner.address, tags: &process.tags },
+        CuEnvItem { id: &module_id, owner: &module_owner, tags: &module.tags },
+    )
 }
 
 /// A dry-run message as the compute unit's `POST /dry-run` takes it (docs/ao-protocol.md §5):
@@ -335,6 +379,31 @@ mod tests {
         assert_eq!(
             (msg["Timestamp"].clone(), msg["Block-Height"].clone(), msg["Hash-Chain"].clone()),
             (json!(1000), json!(77), json!("HC"))
+        );
+    }
+
+    #[test]
+    fn aos_messages_are_shaped_as_the_compute_unit_shapes_them() {
+        let m = ItemJson {
+            id: "M".into(),
+            owner: crate::protocol::su::Owner { address: "MU".into(), key: String::new() },
+            data: Some("hi".into()),
+            tags: vec![Tag::new("Action", "Ping"), Tag::new("From", "spoof"), Tag::new("From-Process", "P2")],
+            signature: "S".into(),
+            anchor: None,
+            target: Some("ELSEWHERE".into()),
+        };
+        let slot =
+            Slot { nonce: 7, epoch: 0, timestamp: 1_700_000_000_000, block_height: 12, hash_chain: "HC".into(), assignment: "A".into() };
+        assert_eq!(
+            cu_message_json(&m, &slot, "PROC", false),
+            r#"{"Id":"M","Signature":"S","Data":"hi","Owner":"MU","Target":"PROC","From":"P2","Forwarded-By":"MU","Tags":[{"name":"Action","value":"Ping"},{"name":"From-Process","value":"P2"}],"Epoch":0,"Nonce":7,"Timestamp":1700000000000,"Block-Height":12,"Hash-Chain":"HC","Cron":false,"Read-Only":false}"#
+        );
+        let base = DryRunBase { process: "PROC".into(), nonce: 7, hash_chain: "HC".into(), timestamp: 5, block_height: 6 };
+        let (item, slot) = dry_run_message(&DryRunRequest { owner: Some("U".into()), ..DryRunRequest::default() }, &base);
+        assert_eq!(
+            cu_message_json(&item, &slot, "PROC", true),
+            r#"{"Id":"","Data":"","Owner":"U","Target":"PROC","From":"U","Tags":[],"Timestamp":5,"Block-Height":6,"Cron":false,"Read-Only":true}"#
         );
     }
 

@@ -8,6 +8,7 @@ pub mod ans104;
 pub mod ao;
 pub mod avro;
 pub mod b64;
+pub mod cu_json;
 pub mod deep_hash;
 pub mod su;
 
