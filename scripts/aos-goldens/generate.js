@@ -119,6 +119,15 @@ function main () {
     process.stderr.write(`generate: ${run.name}: ${entry.lines} lines in ${seconds.toFixed(1)} s` +
       (run.sandbox ? `; files created in cwd: ${JSON.stringify(entry.files_created_in_cwd)}` : '') + '\n')
   }
+  // What the loader compiles for the -metering formats: meterWASM of the fixture (the loader's bundled copy of
+  // @permaweb/wasm-metering 0.2.2 gives the same bytes as the dependency installed next to it; checked by
+  // hashing the bytes handed to WebAssembly.instantiate). Only the digest is kept: the bytes are BSL-derived.
+  const metering = require('@permaweb/wasm-metering')
+  index.metered_binaries = {}
+  for (const [fixture, meterType] of [['emscripten4.wasm', 'i32'], ['wasm64-emscripten.wasm', 'i64']]) {
+    const bytes = metering.meterWASM(fs.readFileSync(path.join(opts.fixtures, fixture)), { meterType })
+    index.metered_binaries[fixture] = { meter_type: meterType, len: bytes.length, sha256: crypto.createHash('sha256').update(bytes).digest('hex') }
+  }
   const sorted = {}
   for (const k of Object.keys(index.goldens).sort()) sorted[k] = index.goldens[k]
   index.goldens = sorted
