@@ -9,6 +9,7 @@ pub mod ao;
 pub mod avro;
 pub mod b64;
 pub mod deep_hash;
+pub mod rsa_pss;
 pub mod su;
 
 pub use ans104::{Ans104Error, DataItem, DataItemBuilder, SignatureType, Signer};
