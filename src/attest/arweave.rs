@@ -159,7 +159,9 @@ mod tests {
     fn refuses_inconsistent_or_foreign_wallets() {
         let good: serde_json::Value = serde_json::from_str(TEST_WALLET).unwrap();
         let other = b64::encode(&[5u8; 256]);
-        for (field, value) in [("dp", other.clone()), ("qi", other.clone()), ("p", other.clone()), ("d", other), ("e", "Aw".to_owned()), ("n", "!!".into())] {
+        for (field, value) in
+            [("dp", other.clone()), ("qi", other.clone()), ("p", other.clone()), ("d", other), ("e", "Aw".to_owned()), ("n", "!!".into())]
+        {
             let mut jwk = good.clone();
             jwk[field] = serde_json::Value::String(value);
             let parsed: RsaJwk = serde_json::from_value(jwk).unwrap();

@@ -2,12 +2,12 @@
 //! round trips over random items, and a corpus of malformed items that must each be
 //! refused with a specific error and no panic.
 
+use crate::support;
 use ao_gpu_worker::attest::Keypair;
 use ao_gpu_worker::protocol::ans104::{Ans104Error, MAX_TAG_BYTES, MAX_TAGS};
 use ao_gpu_worker::protocol::avro::AvroError;
 use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, SignatureType, Tag, b64};
 use proptest::prelude::*;
-use crate::support;
 
 const A1: &str = "0200eee52fa0c93cb308e907db097a0b47b8833c03e581656abde3be22c7ac4d9c771d44d9a6179e841dee5d2a10f74f937541bf5991e792ce20f78ad575765a3b0bdddfb5e1fe0777a910126e9299ac411c49ca0d92642e0361d0c6db71d67424ff0001456a6e31753673536a3565435131654179784f3735484b5579436a71574a436b01000000000000001a000000000000000218436f6e74656e742d5479706514746578742f706c61696e0048656c6c6f2c2042756e646c7221";
 const A2: &str = "02001858abc33bc97694896d801a650353702c915a1f6a6e6fb6d19f0a2af7a2285fa608365f471e386c421abdfa52ab889ad51c6319ff0972fec3bc985f54795b0ddddfb5e1fe0777a910126e9299ac411c49ca0d92642e0361d0c6db71d67424ff00000000000000000000000000000000000048656c6c6f2c2042756e646c7221";
@@ -320,7 +320,10 @@ fn published_rsa_items_parse_with_their_ids_and_verify() {
             let mut tampered = raw.clone();
             tampered[at] ^= 0x10;
             let err = DataItem::parse_verified(&tampered).err().unwrap_or_else(|| panic!("{file}: byte {at} flipped, still verifies"));
-            assert!(matches!(err, Ans104Error::BadSignature | Ans104Error::InvalidOwner(_) | Ans104Error::Tags(_)), "{file} byte {at}: {err:?}");
+            assert!(
+                matches!(err, Ans104Error::BadSignature | Ans104Error::InvalidOwner(_) | Ans104Error::Tags(_)),
+                "{file} byte {at}: {err:?}"
+            );
         }
     }
     let message = DataItem::parse(&rsa_vector("su_rsa_message.b64")).unwrap();
