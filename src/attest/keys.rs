@@ -84,7 +84,7 @@ struct Ed25519Jwk {
 }
 
 enum Secret {
-    Ed25519(SigningKey),
+    Ed25519(Box<SigningKey>),
     Arweave(Box<RsaKey>),
 }
 
@@ -123,7 +123,7 @@ impl Keypair {
 
     /// An ed25519 key from its 32 secret bytes (RFC 8032 seed).
     pub fn from_secret(secret: &[u8; 32]) -> Self {
-        Self { key: Secret::Ed25519(SigningKey::from_bytes(secret)) }
+        Self { key: Secret::Ed25519(Box::new(SigningKey::from_bytes(secret))) }
     }
 
     /// Which kind of key this is.
