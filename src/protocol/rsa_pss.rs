@@ -78,4 +78,20 @@ mod tests {
         assert_eq!(verify(&[0; 512], &item.signature, &message), Err(RsaVerifyError::Owner));
         assert_eq!(verify(&item.owner, &item.signature[..64], &message), Err(RsaVerifyError::Signature));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_owners_and_signatures_never_panic(
+            owner in proptest::collection::vec(proptest::prelude::any::<u8>(), 512),
+            signature in proptest::collection::vec(proptest::prelude::any::<u8>(), 512),
+            odd_and_full in proptest::prelude::any::<bool>(),
+        ) {
+            let mut owner = owner;
+            if odd_and_full {
+                owner[0] |= 0x80;
+                owner[511] |= 1;
+            }
+            proptest::prop_assert!(verify(&owner, &signature, &[1; 48]).is_err());
+        }
+    }
 }
