@@ -22,7 +22,8 @@ pub struct Advertisement {
 }
 
 /// Builds the signed advertisement. The anchor is the advertisement time, so each heartbeat
-/// is a new message while a retry of the same heartbeat has the same id (no duplicates).
+/// is a new message. Sign each heartbeat once and re-post those bytes on a retry (the daemon
+/// journals them): an RSA key signs the same heartbeat under a new id every time.
 pub fn build(key: &Keypair, registry: &str, manifest: &CapacityManifest, at_ms: u64) -> Result<DataItem, AdvertiseError> {
     let target = b64::decode_id(registry).map_err(|e| AdvertiseError::Registry(e.to_string()))?;
     let data = serde_json::to_vec(manifest).map_err(|e| AdvertiseError::Manifest(e.to_string()))?;

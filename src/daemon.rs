@@ -23,6 +23,7 @@ use crate::jobs::{self, JobMetrics, JobsConfig};
 use crate::journal::Journal;
 use crate::metrics::{DaemonMetrics, Metrics};
 use crate::net::{GatewayClient, MessengerClient, NetError, Policy, SchedulerClient};
+use crate::protocol::DataItem;
 use crate::runtime::{PoolConfig, Runtime, RuntimeConfig};
 use crate::state::{WorkerMetrics, WorkerState};
 
@@ -344,9 +345,10 @@ impl Heartbeat {
             first = false;
             self.manifest.scores = self.scores.current();
             let wait = match self.advertise_once().await {
-                Ok(a) => {
-                    tracing::info!(id = %a.id, registry = %a.registry, "capacity advertised");
-                    self.interval
+                Ok((a, fresh)) => {
+                    tracing::info!(id = %a.id, registry = %a.registry, fresh, "capacity advertised");
+                    // One signed before a restart went out first; follow it with a current one.
+                    if fresh { self.interval } else { Duration::ZERO }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "capacity advertisement failed");
@@ -362,10 +364,29 @@ impl Heartbeat {
         }
     }
 
-    async fn advertise_once(&self) -> anyhow::Result<Advertisement> {
-        let at_ms = now_ms();
-        let item = advertise::build(&self.key, &self.registry, &self.manifest, at_ms)?;
-        self.messenger.post_item(&item).await?;
+    /// Posts the advertisement in flight (signed earlier, kept in the journal until accepted),
+    /// or else signs, journals and posts a new one. Signed once: a failed post is retried with
+    /// the same bytes, so even an RSA worker's heartbeat has one id. True when it was new.
+    async fn advertise_once(&self) -> anyhow::Result<(Advertisement, bool)> {
+        let journal = &self.state.jobs.journal;
+        let (item, fresh) = match journal.pending_advertisement()? {
+            Some(bytes) => (DataItem::parse(&bytes).context("the journaled advertisement is corrupt")?, false),
+            None => {
+                let item = advertise::build(&self.key, &self.registry, &self.manifest, now_ms())?;
+                journal.stash_advertisement(&item.to_bytes())?;
+                (item, true)
+            }
+        };
+        let at_ms = item.tag("Timestamp").and_then(|t| t.parse().ok()).unwrap_or_else(now_ms);
+        match self.messenger.post_item(&item).await {
+            Ok(_) => journal.clear_advertisement()?,
+            Err(NetError::Rejected { status, message, .. }) if (400..500).contains(&status) && status != 429 => {
+                // Refused for good: the next heartbeat signs a new one.
+                journal.clear_advertisement()?;
+                anyhow::bail!("the messenger refused advertisement {} ({status}): {message}", item.id());
+            }
+            Err(e) => return Err(e.into()),
+        }
         let ad = Advertisement { id: item.id(), at_ms, registry: self.registry.clone() };
         let m = &self.state.metrics.daemon;
         m.advertisements.get_or_create(&[("result", "ok")]).inc();
@@ -383,7 +404,7 @@ impl Heartbeat {
             }
         }
         self.state.publish_advertised(ad.clone());
-        Ok(ad)
+        Ok((ad, fresh))
     }
 }
 

@@ -6,7 +6,9 @@
 //! process's progress and the items it must post are committed together or not at all. A
 //! crash at any instant therefore resumes at a message boundary, and items are posted from
 //! the journal until the network confirms them, so nothing is lost or evaluated twice; and
-//! because every posted item is deterministic (same id on a re-post), nothing is duplicated.
+//! because every posted item is signed once and its bytes are what is re-posted (the same id on
+//! every re-post, even for RSA-PSS, whose signatures are randomized), nothing is duplicated.
+//! The capacity advertisement in flight is journaled the same way (signed, stored, then posted).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -37,6 +39,9 @@ const OUTGOING: TableDefinition<&str, &[u8]> = TableDefinition::new("outgoing");
 const PENDING_KEY: TableDefinition<&str, u64> = TableDefinition::new("pending_key");
 /// Counters and cursors.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// [`ADVERTISEMENT`] → the signed bytes of the capacity advertisement not yet accepted.
+const ADVERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("advertisement");
+const ADVERTISEMENT: &str = "pending";
 
 const NEXT_SEQ: &str = "next_pending_seq";
 const REGISTRY_CURSOR: &str = "registry_cursor";
@@ -187,6 +192,7 @@ impl Journal {
         tx.open_table(OUTGOING).map_err(st)?;
         tx.open_table(PENDING_KEY).map_err(st)?;
         tx.open_table(META).map_err(st)?;
+        tx.open_table(ADVERTS).map_err(st)?;
         tx.commit().map_err(st)?;
         Ok(j)
     }
@@ -324,7 +330,7 @@ impl Journal {
             let mut outgoing = tx.open_table(OUTGOING).map_err(st)?;
             for item in c.outgoing {
                 if outgoing.get(item.id.as_str()).map_err(st)?.is_some() {
-                    continue; // the same deterministic item from an earlier evaluation
+                    continue; // the same (ed25519, deterministic) item from an earlier evaluation
                 }
                 let v = serde_json::to_vec(item).map_err(corrupt)?;
                 outgoing.insert(item.id.as_str(), v.as_slice()).map_err(st)?;
@@ -431,6 +437,30 @@ impl Journal {
         let t = tx.open_table(OUTGOING).map_err(st)?;
         let Some(v) = t.get(id).map_err(st)? else { return Ok(None) };
         serde_json::from_slice(v.value()).map(Some).map_err(corrupt)
+    }
+
+    // ---- the capacity advertisement in flight ----
+
+    /// Keeps a signed advertisement until the network accepts it: stored before its first
+    /// post, so a retry (or a restart) re-posts these bytes instead of signing anew.
+    pub fn stash_advertisement(&self, bytes: &[u8]) -> Result<(), JournalError> {
+        let tx = self.db.begin_write().map_err(st)?;
+        tx.open_table(ADVERTS).map_err(st)?.insert(ADVERTISEMENT, bytes).map_err(st)?;
+        tx.commit().map_err(st)
+    }
+
+    /// The signed advertisement not yet accepted, if any.
+    pub fn pending_advertisement(&self) -> Result<Option<Vec<u8>>, JournalError> {
+        let tx = self.db.begin_read().map_err(st)?;
+        let t = tx.open_table(ADVERTS).map_err(st)?;
+        Ok(t.get(ADVERTISEMENT).map_err(st)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Forgets the advertisement in flight (accepted, or refused for good).
+    pub fn clear_advertisement(&self) -> Result<(), JournalError> {
+        let tx = self.db.begin_write().map_err(st)?;
+        tx.open_table(ADVERTS).map_err(st)?.remove(ADVERTISEMENT).map_err(st)?;
+        tx.commit().map_err(st)
     }
 
     fn meta(&self, key: &str) -> Result<Option<u64>, JournalError> {

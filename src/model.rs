@@ -19,7 +19,7 @@
 //! with the tensor's storage bytes (GGUF block layout, see `gpu::dtype`) as data. Items carry no
 //! anchor, and ed25519 signatures are deterministic, so publishing the same file with the same
 //! key gives the same item ids every time; items the gateway already holds are not uploaded
-//! again. Actors name each item by id and sha256 in `ao_gpu` constant loads, so the worker
+//! again. (With an Arweave RSA key each publish signs new ids: RSA-PSS is randomized.) Actors name each item by id and sha256 in `ao_gpu` constant loads, so the worker
 //! fetches, verifies and caches them itself.
 //!
 //! The [`Manifest`] (JSON) lists the hyperparameters and, for each tensor, its chunks as

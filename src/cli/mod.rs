@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::attest::{KeyError, Keypair};
+use crate::attest::{KeyError, KeyType, Keypair};
 use crate::config::{self, Config, ConfigError};
 use crate::daemon::Worker;
 use crate::devnet::{Devnet, DevnetOptions};
@@ -75,12 +75,21 @@ pub enum Command {
         /// Start only the AO units, without a worker.
         #[arg(long, conflicts_with = "once")]
         no_worker: bool,
+        /// Behave as the deployed legacy scheduler unit: it signs with an Arweave RSA-4096 key and
+        /// refuses ed25519 items (HTTP 400); the devnet's authority, worker and demo user use
+        /// Arweave wallets. Needs a data dir created in this mode.
+        #[arg(long)]
+        legacy_strict: bool,
     },
-    /// Create a new ed25519 key file (mode 0600); refuses to overwrite.
+    /// Create a new key file (mode 0600): ed25519, or an Arweave RSA-4096 wallet; refuses to overwrite.
     Keygen {
         /// Where to write the key (a JWK).
         #[arg(long, short)]
         out: PathBuf,
+        /// `ed25519` (ANS-104 type 2) or `arweave` (an RSA-4096 JWK wallet, type 1: what the
+        /// deployed legacy scheduler unit requires).
+        #[arg(long = "type", value_name = "arweave|ed25519", default_value_t = KeyType::Ed25519)]
+        key_type: KeyType,
     },
     /// Validate a configuration file and report every problem at once.
     CheckConfig {
@@ -184,16 +193,17 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Devnet { data_dir, port_base, once, advertise_interval, no_worker } => {
+        Command::Devnet { data_dir, port_base, once, advertise_interval, no_worker, legacy_strict } => {
             crate::logging::init(&config::LogSection { level: "info".into(), format: config::LogFormat::Text });
-            runtime()?.block_on(devnet(&data_dir, port_base, once, advertise_interval, no_worker))
+            let opts = DevnetOptions::new(&data_dir, port_base).legacy_strict(legacy_strict);
+            runtime()?.block_on(devnet(&opts, once, advertise_interval, no_worker))
         }
-        Command::Keygen { out } => {
-            let key = Keypair::generate()?;
+        Command::Keygen { out, key_type } => {
+            let key = Keypair::generate_type(key_type)?;
             key.write_new(&out)?;
             emit!(
                 "{}",
-                serde_json::json!({"key_file": out, "address": key.address(), "public_key": crate::protocol::b64::encode(&key.public_key())})
+                serde_json::json!({"key_file": out, "type": key_type, "address": key.address(), "public_key": crate::protocol::b64::encode(&key.public_key())})
             );
             Ok(())
         }
@@ -297,14 +307,9 @@ async fn wait_for_signal(token: CancellationToken) {
 }
 
 /// The devnet plus a worker: the README's main job.
-async fn devnet(
-    data_dir: &Path,
-    port_base: u16,
-    once: bool,
-    advertise_interval: std::time::Duration,
-    no_worker: bool,
-) -> anyhow::Result<()> {
-    let mut net = Devnet::start(&DevnetOptions::new(data_dir, port_base)).await?;
+async fn devnet(opts: &DevnetOptions, once: bool, advertise_interval: std::time::Duration, no_worker: bool) -> anyhow::Result<()> {
+    let data_dir = opts.data_dir.as_path();
+    let mut net = Devnet::start(opts).await?;
     emit!("{}", serde_json::to_string(&net.urls)?);
     if no_worker {
         wait_for_signal(CancellationToken::new()).await;
@@ -312,7 +317,13 @@ async fn devnet(
         return Ok(());
     }
     let worker_dir = data_dir.join("worker");
-    let key = Keypair::load_or_create(&worker_dir.join("worker.key"))?;
+    let key = Keypair::load_or_create_type(&worker_dir.join("worker.key"), net.client_key_type())?;
+    anyhow::ensure!(
+        !net.legacy_strict || key.key_type() == KeyType::Arweave,
+        "--legacy-strict needs an Arweave RSA worker key, but {} holds an {} key; use a fresh --data-dir",
+        worker_dir.join("worker.key").display(),
+        key.key_type()
+    );
     let config = devnet_worker_config(&worker_dir, &net, advertise_interval)?;
     let worker = Worker::start(config, key, net.worker_listener.take()).await?;
     let result = if once { demo_once(&net, &worker).await } else { serve_demo(&net, &worker).await };

@@ -114,7 +114,7 @@ pub async fn run(net: &Devnet, worker: &Worker, print: &dyn Fn(&Value)) -> anyho
     let mu = MessengerClient::new(&net.urls.messenger, policy.clone());
     let gw = GatewayClient::new(&net.urls.gateway, policy);
     let authority = &net.authority;
-    let user = Keypair::generate()?;
+    let user = Keypair::generate_type(net.client_key_type())?;
 
     let module = module_item(authority)?;
     gw.upload(&module).await.context("cannot publish the counter module")?;

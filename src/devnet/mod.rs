@@ -18,10 +18,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::attest::Keypair;
+use crate::attest::{KeyType, Keypair};
 use crate::net::{GatewayClient, MessengerClient, Policy, SchedulerClient};
 use crate::protocol::ao::{self, ItemType};
-use crate::protocol::{DataItemBuilder, Tag};
+use crate::protocol::{DataItem, DataItemBuilder, Tag};
 
 /// Block height of the devnet's genesis: above 1,440,000, from which compute units verify
 /// hash chains.
@@ -48,11 +48,20 @@ pub struct DevnetOptions {
     /// Scheduler on `port_base`, messenger +1, gateway +2, worker API +3. 0 picks free ports.
     pub port_base: u16,
     pub host: IpAddr,
+    /// Behave as the deployed legacy scheduler unit: its own key and the authority's are
+    /// Arweave RSA-4096 wallets, and it refuses items that are not RSA-signed (type 1).
+    pub legacy_strict: bool,
 }
 
 impl DevnetOptions {
     pub fn new(data_dir: impl Into<PathBuf>, port_base: u16) -> Self {
-        Self { data_dir: data_dir.into(), port_base, host: IpAddr::V4(Ipv4Addr::LOCALHOST) }
+        Self { data_dir: data_dir.into(), port_base, host: IpAddr::V4(Ipv4Addr::LOCALHOST), legacy_strict: false }
+    }
+
+    /// The same, in `--legacy-strict` mode.
+    pub fn legacy_strict(mut self, on: bool) -> Self {
+        self.legacy_strict = on;
+        self
     }
 }
 
@@ -72,6 +81,9 @@ pub struct Devnet {
     /// The registry's authority: it spawned the registry and signs workload assignments.
     pub authority: Keypair,
     pub scheduler_address: String,
+    /// True when the scheduler refuses all but RSA-signed items: clients must sign with
+    /// [`Devnet::client_key_type`].
+    pub legacy_strict: bool,
     /// The listener reserved for the worker API (port base + 3).
     pub worker_listener: Option<TcpListener>,
     shutdown: CancellationToken,
@@ -98,8 +110,19 @@ impl Devnet {
     pub async fn start(opts: &DevnetOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("cannot create data dir {}", opts.data_dir.display()))?;
         let store = store::Store::open(&opts.data_dir.join("devnet.redb")).context("cannot open devnet storage")?;
-        let su_key = Keypair::load_or_create(&opts.data_dir.join("scheduler.key"))?;
-        let authority = Keypair::load_or_create(&opts.data_dir.join("authority.key"))?;
+        let key_type = if opts.legacy_strict { KeyType::Arweave } else { KeyType::Ed25519 };
+        let su_key = Keypair::load_or_create_type(&opts.data_dir.join("scheduler.key"), key_type)?;
+        let authority = Keypair::load_or_create_type(&opts.data_dir.join("authority.key"), key_type)?;
+        if opts.legacy_strict {
+            for (name, key) in [("scheduler.key", &su_key), ("authority.key", &authority)] {
+                anyhow::ensure!(
+                    key.key_type() == KeyType::Arweave,
+                    "--legacy-strict needs Arweave RSA keys, but {} holds an {} key (the data dir was created without --legacy-strict); use a fresh --data-dir",
+                    opts.data_dir.join(name).display(),
+                    key.key_type()
+                );
+            }
+        }
         let genesis_ms = match store.meta("genesis_ms")? {
             Some(v) => v.parse().context("corrupt genesis time")?,
             None => {
@@ -118,7 +141,8 @@ impl Devnet {
             (url_of(&su_listener)?, url_of(&mu_listener)?, url_of(&gw_listener)?, url_of(&worker_listener)?);
 
         let shutdown = CancellationToken::new();
-        let su = scheduler::SchedulerUnit::new(store.clone(), su_key, GatewayClient::new(&gw_url, local_policy()), clock);
+        let su =
+            scheduler::SchedulerUnit::new(store.clone(), su_key, GatewayClient::new(&gw_url, local_policy()), clock, opts.legacy_strict);
         let scheduler_address = su.address().to_owned();
         let mu = messenger::MessengerUnit::new(SchedulerClient::new(&su_url, local_policy()));
         let gw = gateway::GatewayUnit::new(store.clone(), clock);
@@ -131,7 +155,7 @@ impl Devnet {
         let registry = match store.meta("registry")? {
             Some(r) => r,
             None => {
-                let r = create_registry(&authority, &scheduler_address, &gw_url, &mu_url)
+                let r = create_registry(&store, &authority, &scheduler_address, &gw_url, &mu_url)
                     .await
                     .context("cannot create the registry process")?;
                 store.set_meta("registry", &r)?;
@@ -143,10 +167,16 @@ impl Devnet {
             urls: DevnetUrls { scheduler: su_url, messenger: mu_url, gateway: gw_url, worker: worker_url, registry },
             authority,
             scheduler_address,
+            legacy_strict: opts.legacy_strict,
             worker_listener: Some(worker_listener),
             shutdown,
             tasks,
         })
+    }
+
+    /// The key type a client (worker, user) needs for its items to be scheduled here.
+    pub fn client_key_type(&self) -> KeyType {
+        if self.legacy_strict { KeyType::Arweave } else { KeyType::Ed25519 }
     }
 
     /// Stops the units, letting in-flight requests finish.
@@ -161,12 +191,33 @@ impl Devnet {
 /// The registry module: a real JSON-1 actor (examples/actors/registry.wat).
 pub const REGISTRY_WAT: &str = include_str!("../../examples/actors/registry.wat");
 
-/// Publishes the registry module and spawns the registry process. Both items are
-/// deterministic (ed25519 and fixed anchors), so a retry after a crash yields the same ids.
-async fn create_registry(authority: &Keypair, scheduler: &str, gateway_url: &str, messenger_url: &str) -> anyhow::Result<String> {
-    let wasm = wat::parse_str(REGISTRY_WAT).context("registry module does not assemble")?;
-    let module_tags = ao::module_tags("ao-gpu-worker-registry", "1-mb", "1000000");
-    let module = DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(module_tags).data(wasm).sign(authority)?;
+/// Signs an item once: the first call stores its bytes under `meta_key` before anything is
+/// posted, later calls (a retry after a crash) return those bytes, so an RSA authority, whose
+/// signatures are randomized, never creates a second id for the same item.
+fn signed_once(store: &store::Store, meta_key: &str, sign: impl FnOnce() -> anyhow::Result<DataItem>) -> anyhow::Result<DataItem> {
+    if let Some(text) = store.meta(meta_key)? {
+        let bytes = crate::protocol::b64::decode(&text).with_context(|| format!("stored item {meta_key} is not base64url"))?;
+        return DataItem::parse(&bytes).with_context(|| format!("stored item {meta_key} is corrupt"));
+    }
+    let item = sign()?;
+    store.set_meta(meta_key, &crate::protocol::b64::encode(&item.to_bytes()))?;
+    Ok(item)
+}
+
+/// Publishes the registry module and spawns the registry process. Each item is signed once
+/// and kept in the devnet's storage, so a retry after a crash re-posts the same ids.
+async fn create_registry(
+    store: &store::Store,
+    authority: &Keypair,
+    scheduler: &str,
+    gateway_url: &str,
+    messenger_url: &str,
+) -> anyhow::Result<String> {
+    let module = signed_once(store, "registry_module_item", || {
+        let wasm = wat::parse_str(REGISTRY_WAT).context("registry module does not assemble")?;
+        let module_tags = ao::module_tags("ao-gpu-worker-registry", "1-mb", "1000000");
+        Ok(DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(module_tags).data(wasm).sign(authority)?)
+    })?;
     GatewayClient::new(gateway_url, local_policy()).upload(&module).await?;
     let mut tags = ao::base_tags(ItemType::Process);
     tags.extend([
@@ -176,8 +227,9 @@ async fn create_registry(authority: &Keypair, scheduler: &str, gateway_url: &str
         Tag::new("Name", "ao-gpu-worker-registry"),
         Tag::new("Content-Type", "text/plain"),
     ]);
-    let process =
-        DataItemBuilder::new().anchor(ao::numeric_anchor(1)).tags(tags).data(b"ao-gpu-worker registry".to_vec()).sign(authority)?;
+    let process = signed_once(store, "registry_process_item", || {
+        Ok(DataItemBuilder::new().anchor(ao::numeric_anchor(1)).tags(tags).data(b"ao-gpu-worker registry".to_vec()).sign(authority)?)
+    })?;
     MessengerClient::new(messenger_url, local_policy()).post_item(&process).await?;
     Ok(process.id())
 }

@@ -20,7 +20,7 @@ use crate::httpd::{ApiError, MAX_BODY, body, no_route, wrong_method};
 use crate::net::GatewayClient;
 use crate::protocol::ao::{self, ItemType};
 use crate::protocol::su::{Edge, ItemJson, MessageNode, Page, PageInfo, ProcessInfo, SuInfo, SuPosted, SuTimestamp, next_hash_chain};
-use crate::protocol::{DataItem, DataItemBuilder, Tag, b64};
+use crate::protocol::{DataItem, DataItemBuilder, SignatureType, Tag, b64};
 
 /// Default and largest page size.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -37,14 +37,19 @@ struct Inner {
     address: String,
     gateway: GatewayClient,
     clock: Clock,
+    /// Refuse items not signed with an Arweave RSA key, as the deployed SU does.
+    legacy_strict: bool,
     /// One writer at a time: nonces and the hash chain are assigned in commit order.
     write: Mutex<()>,
 }
 
 impl SchedulerUnit {
-    pub fn new(store: Store, key: Keypair, gateway: GatewayClient, clock: Clock) -> Self {
+    /// A scheduler signing with `key`. With `legacy_strict` it accepts only Arweave RSA
+    /// (type 1) items, like the deployed legacy SU (docs/ao-protocol.md §1.9), and answers
+    /// others with HTTP 400.
+    pub fn new(store: Store, key: Keypair, gateway: GatewayClient, clock: Clock, legacy_strict: bool) -> Self {
         let address = key.address();
-        Self { inner: Arc::new(Inner { store, key, address, gateway, clock, write: Mutex::new(()) }) }
+        Self { inner: Arc::new(Inner { store, key, address, gateway, clock, legacy_strict, write: Mutex::new(()) }) }
     }
 
     pub fn address(&self) -> &str {
@@ -68,6 +73,13 @@ impl SchedulerUnit {
     /// Validates and schedules a signed item; idempotent for an item already scheduled.
     pub async fn schedule(&self, raw: &[u8]) -> Result<SuPosted, ApiError> {
         let item = DataItem::parse_verified(raw).map_err(|e| ApiError::bad_request(format!("invalid data item: {e}")))?;
+        if self.inner.legacy_strict && item.signature_type != SignatureType::Arweave {
+            return Err(ApiError::bad_request(format!(
+                "invalid data item: signature type {} ({}) is not accepted; this scheduler (legacy-strict, like the deployed SU) takes Arweave RSA-4096 items (type 1) only: sign with an Arweave wallet (keygen --type arweave)",
+                item.signature_type.code(),
+                item.signature_type.name()
+            )));
+        }
         if !ao::is_ao(&item) {
             return Err(ApiError::bad_request("data item lacks the Data-Protocol=ao tag"));
         }

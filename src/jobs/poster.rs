@@ -1,7 +1,8 @@
 //! Posting from the journal: every pending item goes to the messenger, oldest first, until
 //! the messenger accepts it (then it is confirmed) or refuses it for good (then it is set
-//! aside with the reason). Items are deterministic, so a re-post after a crash has the same
-//! id and cannot duplicate.
+//! aside with the reason). Only the bytes signed once and journaled with the result are ever
+//! posted, so a re-post after a crash has the same id and cannot duplicate, even for an RSA
+//! worker whose signatures are randomized.
 
 use std::sync::Arc;
 use std::time::Duration;

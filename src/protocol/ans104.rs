@@ -132,6 +132,8 @@ pub enum Ans104Error {
     InvalidOwner(&'static str),
     #[error("signature does not verify")]
     BadSignature,
+    #[error("cannot sign: {0}")]
+    Signing(String),
     #[error("signer produced {got} signature bytes, expected {expected}")]
     SignerLength { got: usize, expected: usize },
 }
@@ -142,8 +144,9 @@ pub trait Signer {
     fn signature_type(&self) -> SignatureType;
     /// The raw public key, `owner_len` bytes.
     fn owner(&self) -> Vec<u8>;
-    /// Signs `message` (the 48-byte deep hash for ed25519).
-    fn sign(&self, message: &[u8]) -> Vec<u8>;
+    /// Signs `message` (the 48-byte deep hash). Ed25519 is deterministic; RSA-PSS (type 1) is
+    /// randomized, so a second call gives another signature and the item another id.
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, Ans104Error>;
 }
 
 /// A parsed or freshly signed ANS-104 data item.
@@ -293,6 +296,10 @@ impl DataItem {
         }
         let message = self.signature_data();
         match self.signature_type {
+            SignatureType::Arweave => super::rsa_pss::verify(&self.owner, &self.signature, &message).map_err(|e| match e {
+                super::rsa_pss::RsaVerifyError::Owner => Ans104Error::InvalidOwner("arweave (rsa-4096)"),
+                super::rsa_pss::RsaVerifyError::Signature => Ans104Error::BadSignature,
+            }),
             SignatureType::Ed25519 => verify_ed25519(&self.owner, &self.signature, &message),
             SignatureType::Solana => verify_ed25519(&self.owner, &self.signature, hex::encode(message).as_bytes()),
             other => Err(Ans104Error::UnsupportedSignatureType(other)),
@@ -418,7 +425,8 @@ impl DataItemBuilder {
         self
     }
 
-    /// Signs the item. Deterministic for ed25519: the same inputs give the same id.
+    /// Signs the item. Deterministic for ed25519 (the same inputs give the same id), randomized
+    /// for RSA: keep the signed bytes and re-post those, never sign the same item again.
     pub fn sign(self, signer: &dyn Signer) -> Result<DataItem, Ans104Error> {
         let raw_tags = avro::encode_tags(&self.tags);
         check_limits(&self.tags, raw_tags.len(), true)?;
@@ -428,7 +436,7 @@ impl DataItemBuilder {
             return Err(Ans104Error::InvalidOwner(signature_type.name()));
         }
         let message = signature_data(signature_type, &owner, self.target.as_ref(), self.anchor.as_ref(), &raw_tags, &self.data);
-        let signature = signer.sign(&message);
+        let signature = signer.sign(&message)?;
         if signature.len() != signature_type.signature_len() {
             return Err(Ans104Error::SignerLength { got: signature.len(), expected: signature_type.signature_len() });
         }

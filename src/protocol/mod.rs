@@ -10,6 +10,7 @@ pub mod avro;
 pub mod b64;
 pub mod cu_json;
 pub mod deep_hash;
+pub mod rsa_pss;
 pub mod su;
 
 pub use ans104::{Ans104Error, DataItem, DataItemBuilder, SignatureType, Signer};

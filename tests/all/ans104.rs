@@ -2,6 +2,7 @@
 //! round trips over random items, and a corpus of malformed items that must each be
 //! refused with a specific error and no panic.
 
+use crate::support;
 use ao_gpu_worker::attest::Keypair;
 use ao_gpu_worker::protocol::ans104::{Ans104Error, MAX_TAG_BYTES, MAX_TAGS};
 use ao_gpu_worker::protocol::avro::AvroError;
@@ -177,9 +178,9 @@ fn malformed_corpus_is_refused_with_specific_errors() {
     cases.push(("oversized tags", oversized_tag_item(), Box::new(|e| matches!(e, Ans104Error::TagBytesTooLarge { .. }))));
     cases.push(("too many tags", too_many_tags_item(), Box::new(|e| matches!(e, Ans104Error::TooManyTags { count: 129 }))));
     cases.push((
-        "rsa item cannot be verified",
+        "rsa-shaped junk does not verify",
         rsa_shaped_item(),
-        Box::new(|e| matches!(e, Ans104Error::UnsupportedSignatureType(SignatureType::Arweave))),
+        Box::new(|e| matches!(e, Ans104Error::InvalidOwner(_) | Ans104Error::BadSignature)),
     ));
 
     for (name, raw, expect) in &cases {
@@ -224,13 +225,13 @@ fn rsa_shaped_item() -> Vec<u8> {
 }
 
 #[test]
-fn rsa_items_parse_but_do_not_verify() {
+fn rsa_shaped_junk_parses_but_does_not_verify() {
     let raw = rsa_shaped_item();
     let item = DataItem::parse(&raw).unwrap();
     assert_eq!(item.signature_type, SignatureType::Arweave);
     assert_eq!(item.to_bytes(), raw);
-    let err = item.verify().unwrap_err();
-    assert!(err.to_string().contains("unsupported signature type 1"), "{err}");
+    // An even "modulus" is no RSA key at all.
+    assert_eq!(item.verify(), Err(Ans104Error::InvalidOwner("arweave (rsa-4096)")));
 }
 
 #[test]
@@ -296,7 +297,7 @@ fn rsa_vector(name: &str) -> Vec<u8> {
 }
 
 #[test]
-fn published_rsa_items_parse_with_their_ids_and_cannot_be_verified() {
+fn published_rsa_items_parse_with_their_ids_and_verify() {
     let cases = [
         ("su_rsa_message.b64", 1152, "6oYAxVAnH8yKsZKpMgHSbRv7uVWey68PAqYuSXeZBbg", Some("4QKhXnyl1z3HEPprMKfTeXrWPRuQjK6O99k5SFKGuck")),
         ("su_rsa_assignment.b64", 1303, "P_N-NEMtNRpNXemOHMNu9Gjx4AbNhAl-7_5CGtPC6PM", None),
@@ -312,7 +313,18 @@ fn published_rsa_items_parse_with_their_ids_and_cannot_be_verified() {
             assert_eq!(item.owner_address(), owner, "{file}");
         }
         assert_eq!(item.to_bytes(), raw, "{file} round trip");
-        assert_eq!(item.verify(), Err(Ans104Error::UnsupportedSignatureType(SignatureType::Arweave)));
+        item.verify().unwrap_or_else(|e| panic!("{file}: {e}"));
+        DataItem::parse_verified(&raw).unwrap();
+        // Any flipped bit after the signature type breaks it (signature, owner, tags, data).
+        for at in [2, 2 + 511, 2 + 512 + 7, len - 1] {
+            let mut tampered = raw.clone();
+            tampered[at] ^= 0x10;
+            let err = DataItem::parse_verified(&tampered).err().unwrap_or_else(|| panic!("{file}: byte {at} flipped, still verifies"));
+            assert!(
+                matches!(err, Ans104Error::BadSignature | Ans104Error::InvalidOwner(_) | Ans104Error::Tags(_)),
+                "{file} byte {at}: {err:?}"
+            );
+        }
     }
     let message = DataItem::parse(&rsa_vector("su_rsa_message.b64")).unwrap();
     assert_eq!(message.target_id().as_deref(), Some("-oM8CYgbqsRcpI3tE_cpGM3kgDlamnYjSGA4nptPao0"));
@@ -324,4 +336,31 @@ fn published_rsa_items_parse_with_their_ids_and_cannot_be_verified() {
     for (name, value) in [("Epoch", "0"), ("Nonce", "1"), ("Block-Height", "000001393008"), ("Timestamp", "1711676638471")] {
         assert_eq!(assignment.tag(name), Some(value), "{name}");
     }
+}
+
+// ---- signing with an Arweave RSA-4096 wallet (type 1) -------------------------------------
+
+#[test]
+fn arweave_wallet_signs_type_1_items_that_verify_and_differ_each_time() {
+    let wallet = support::arweave_test_key();
+    let build = || {
+        DataItemBuilder::new()
+            .target([9; 32])
+            .anchor([8; 32])
+            .tags([Tag::new("Data-Protocol", "ao"), Tag::new("Type", "Message")])
+            .data(b"rsa".to_vec())
+            .sign(&wallet)
+            .unwrap()
+    };
+    let (a, b) = (build(), build());
+    for item in [&a, &b] {
+        assert_eq!(item.signature_type, SignatureType::Arweave);
+        assert_eq!((item.owner.len(), item.signature.len()), (512, 512));
+        assert_eq!(item.owner_address(), wallet.address());
+        let raw = item.to_bytes();
+        assert_eq!(&raw[..2], &[1, 0]);
+        assert_eq!(DataItem::parse_verified(&raw).unwrap(), *item);
+    }
+    assert_eq!(a.signature_data(), b.signature_data(), "same content");
+    assert_ne!(a.id(), b.id(), "RSA-PSS is randomized: signing twice gives two ids");
 }

@@ -190,15 +190,46 @@ fn keygen_writes_a_private_key_and_refuses_to_overwrite() {
 }
 
 #[test]
+fn keygen_type_arweave_writes_an_rsa_4096_wallet_with_the_same_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("wallet.json");
+    let out = run(bin().args(["keygen", "--type", "arweave", "--out"]).arg(&key), QUICK);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(mode(&key), 0o600);
+    let printed: serde_json::Value =
+        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", out.stdout));
+    assert_eq!(printed["type"], "arweave", "{printed}");
+    let jwk: serde_json::Value = serde_json::from_slice(&fs::read(&key).unwrap()).unwrap();
+    assert_eq!(jwk["kty"], "RSA");
+    for member in ["n", "e", "d", "p", "q", "dp", "dq", "qi"] {
+        assert!(jwk[member].is_string(), "{member} missing from the wallet");
+    }
+    let n = b64::decode(jwk["n"].as_str().unwrap()).unwrap();
+    assert_eq!(n.len(), 512, "RSA-4096");
+    let loaded = Keypair::load(&key).unwrap();
+    assert_eq!(loaded.address(), printed["address"].as_str().unwrap());
+    use sha2::Digest as _;
+    assert_eq!(loaded.address(), b64::encode(&sha2::Sha256::digest(&n)), "address = base64url(sha256(n))");
+    let again = run(bin().args(["keygen", "--type", "arweave", "--out"]).arg(&key), QUICK);
+    assert!(again.stderr.contains("refusing to overwrite"), "{}", again.stderr);
+    let bad = run(bin().args(["keygen", "--type", "rsa2048", "--out"]).arg(dir.path().join("x")), QUICK);
+    assert_ne!(bad.code, Some(0), "{bad:?}");
+    assert!(bad.stderr.contains("arweave or ed25519"), "{}", bad.stderr);
+}
+
+#[test]
 fn run_refuses_a_key_readable_by_others() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("worker.key");
-    Keypair::generate().unwrap().write_new(&key).unwrap();
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
-    let config = write(dir.path(), "worker.toml", &run_config(dir.path(), &registry_id()));
-    let out = run(bin().arg("run").arg("--config").arg(&config), REFUSAL);
-    assert_eq!(out.code, Some(EXIT_CONFIG), "{out:?}");
-    assert!(out.stderr.contains("chmod 600"), "{}", out.stderr);
+    for (i, pair) in [Keypair::generate().unwrap(), crate::support::arweave_test_key()].into_iter().enumerate() {
+        let _ = fs::remove_file(&key);
+        pair.write_new(&key).unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let config = write(dir.path(), &format!("worker{i}.toml"), &run_config(dir.path(), &registry_id()));
+        let out = run(bin().arg("run").arg("--config").arg(&config), REFUSAL);
+        assert_eq!(out.code, Some(EXIT_CONFIG), "{:?} {out:?}", pair.key_type());
+        assert!(out.stderr.contains("chmod 600"), "{}", out.stderr);
+    }
 }
 
 #[test]

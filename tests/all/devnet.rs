@@ -8,7 +8,7 @@ use ao_gpu_worker::net::scheduler::Range;
 use ao_gpu_worker::net::{GatewayClient, MessengerClient, NetError, Policy, SchedulerClient};
 use ao_gpu_worker::protocol::ao::{self, ItemType};
 use ao_gpu_worker::protocol::su::{MessageNode, next_hash_chain};
-use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, Tag, b64};
+use ao_gpu_worker::protocol::{DataItem, DataItemBuilder, SignatureType, Tag, b64};
 
 struct Net {
     devnet: Devnet,
@@ -416,4 +416,58 @@ async fn following_by_nonce_from_the_start_reads_every_page() {
     let nonces: Vec<_> = all.iter().map(|n| n.assignment.tag("Nonce").unwrap().to_owned()).collect();
     assert_eq!(nonces, ["0", "1", "2", "3", "4", "5", "6", "7"]);
     net.devnet.shutdown().await;
+}
+
+// ---- --legacy-strict: the deployed SU's RSA-only behaviour ---------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_strict_scheduler_signs_with_rsa_and_refuses_ed25519_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let devnet = Devnet::start(&DevnetOptions::new(dir.path(), 0).legacy_strict(true)).await.expect("devnet starts");
+    assert_eq!(devnet.client_key_type(), ao_gpu_worker::attest::KeyType::Arweave);
+    assert_eq!(devnet.authority.key_type(), ao_gpu_worker::attest::KeyType::Arweave);
+    let su = SchedulerClient::new(&devnet.urls.scheduler, quick());
+    let mu = MessengerClient::new(&devnet.urls.messenger, quick());
+    let registry = devnet.urls.registry.clone();
+
+    // An ed25519 item, valid in every other respect: refused with 400, directly and through the MU.
+    let ed = message(&Keypair::generate().unwrap(), &registry, 1, "Ping");
+    ed.verify().unwrap();
+    for (unit, result) in [("scheduler", su.post_item(&ed).await.map(|_| ())), ("messenger", mu.post_item(&ed).await.map(|_| ()))] {
+        match result {
+            Err(NetError::Rejected { status, message, .. }) => {
+                assert_eq!(status, 400, "{unit}: {message}");
+                assert!(message.contains("signature type 2") && message.contains("type 1"), "{unit}: {message}");
+            }
+            other => panic!("{unit} accepted an ed25519 item in legacy-strict mode: {other:?}"),
+        }
+    }
+
+    // An RSA item is scheduled, and the scheduler's assignments are RSA-signed too.
+    let wallet = crate::support::arweave_test_key();
+    let rsa = message(&wallet, &registry, 2, "Ping");
+    assert_eq!(mu.post_item(&rsa).await.unwrap().id, rsa.id());
+    let nodes = su.all(&registry, Range::default()).await.unwrap();
+    assert_eq!(nodes.len(), 2, "the registry's boot entry and the RSA message; the ed25519 one is absent");
+    check_schedule(&registry, &devnet.scheduler_address, &nodes);
+    // The SU's JSON drops the assignments' binary anchors; the gateway has the whole items.
+    let gw = GatewayClient::new(&devnet.urls.gateway, quick());
+    for node in &nodes {
+        for id in [&node.assignment.id, &node.message.as_ref().unwrap().id] {
+            let item = gw.item(id).await.unwrap();
+            assert_eq!(item.signature_type, SignatureType::Arweave, "{id}");
+            DataItem::parse_verified(&item.to_bytes()).unwrap();
+        }
+    }
+    assert_eq!(nodes[1].message.as_ref().unwrap().owner.address, wallet.address());
+    devnet.shutdown().await;
+
+    // The registry was signed once: a restart keeps it, and ed25519 data dirs are refused in this mode.
+    let again = Devnet::start(&DevnetOptions::new(dir.path(), 0).legacy_strict(true)).await.unwrap();
+    assert_eq!(again.urls.registry, registry);
+    again.shutdown().await;
+    let plain = tempfile::tempdir().unwrap();
+    Devnet::start(&DevnetOptions::new(plain.path(), 0)).await.unwrap().shutdown().await;
+    let err = Devnet::start(&DevnetOptions::new(plain.path(), 0).legacy_strict(true)).await.err().expect("ed25519 data dir refused");
+    assert!(err.to_string().contains("fresh --data-dir"), "{err}");
 }

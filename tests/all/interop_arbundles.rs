@@ -1,6 +1,7 @@
 //! Interop with npm `arbundles` 0.11.2 (the verifier the legacy AO MU uses), both ways: items
-//! the worker builds must verify there under the same id, and items arbundles signs with a
-//! fresh ed25519 key must parse and verify here with every field intact.
+//! the worker builds must verify there under the same id, and items arbundles signs must parse
+//! and verify here with every field intact; for both identities: ed25519 (type 2, a fresh key)
+//! and an Arweave RSA-4096 wallet (type 1, arbundles' `ArweaveSigner`, the committed test wallet).
 //!
 //! Needs `node` and `npm ci --ignore-scripts --prefix tests/js`. Without them the tests print a
 //! "skipped" line and pass, unless `CI` is set or `REQUIRE_INTEROP=1`, where they fail.
@@ -88,8 +89,39 @@ fn worker_items(key: &Keypair) -> Vec<(&'static str, DataItem)> {
 #[test]
 fn worker_items_verify_with_arbundles() {
     let Some(js) = interop_dir("worker_items_verify_with_arbundles") else { return };
-    let key = Keypair::generate().unwrap();
-    let items = worker_items(&key);
+    worker_items_verify(&js, &Keypair::generate().unwrap());
+}
+
+#[test]
+fn worker_rsa_items_verify_with_arbundles() {
+    let Some(js) = interop_dir("worker_rsa_items_verify_with_arbundles") else { return };
+    let wallet = crate::support::arweave_test_key();
+    worker_items_verify(&js, &wallet);
+    // Signed twice, the same item has two ids, and arbundles accepts both.
+    let build = || DataItemBuilder::new().tags(ao_tags()).data("twice").sign(&wallet).unwrap();
+    let (a, b) = (build(), build());
+    assert_ne!(a.id(), b.id());
+    let tmp = tempfile::tempdir().unwrap();
+    let files: Vec<String> = [&a, &b]
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let path = tmp.path().join(format!("twice-{i}.bin"));
+            std::fs::write(&path, item.to_bytes()).unwrap();
+            path.to_str().unwrap().to_owned()
+        })
+        .collect();
+    let stdout = run_node(&js, "verify.js", &files);
+    let verdicts: Vec<Verdict> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(verdicts.len(), 2, "{stdout}");
+    for (v, item) in verdicts.iter().zip([&a, &b]) {
+        assert!(v.valid, "{v:?}");
+        assert_eq!(v.id.as_deref(), Some(item.id().as_str()));
+    }
+}
+
+fn worker_items_verify(js: &std::path::Path, key: &Keypair) {
+    let items = worker_items(key);
     let by_name: HashMap<_, _> = items.iter().map(|(name, item)| (*name, item)).collect();
     assert_eq!(by_name["max-tag-count"].tags.len(), MAX_TAGS);
     assert_eq!(by_name["max-tag-count"].raw_tags().len(), MAX_TAG_BYTES);
@@ -119,7 +151,7 @@ fn worker_items_verify_with_arbundles() {
 
     let mut files: Vec<String> = expected.keys().cloned().collect();
     files.sort();
-    let stdout = run_node(&js, "verify.js", &files);
+    let stdout = run_node(js, "verify.js", &files);
     let verdicts: Vec<Verdict> =
         stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad verify.js line {l:?}: {e}"))).collect();
     assert_eq!(verdicts.len(), files.len(), "verify.js output:\n{stdout}");
@@ -135,10 +167,28 @@ fn worker_items_verify_with_arbundles() {
 #[test]
 fn arbundles_items_verify_with_worker() {
     let Some(js) = interop_dir("arbundles_items_verify_with_worker") else { return };
+    arbundles_items_verify(&js, None, SignatureType::Ed25519);
+}
+
+#[test]
+fn arbundles_arweave_signer_items_verify_with_worker() {
+    let Some(js) = interop_dir("arbundles_arweave_signer_items_verify_with_worker") else { return };
+    let wallet = crate::support::arweave_test_wallet_path();
+    let owner = arbundles_items_verify(&js, Some(wallet.to_str().expect("UTF-8 path")), SignatureType::Arweave);
+    let key = crate::support::arweave_test_key();
+    assert_eq!(owner, key.public_key(), "ArweaveSigner's owner is the wallet's modulus n");
+    assert_eq!(ao_gpu_worker::protocol::ans104::address_of(&owner), key.address());
+}
+
+/// Has sign.js make its items (with an Arweave wallet when given), checks them here, and
+/// returns their (common) owner.
+fn arbundles_items_verify(js: &std::path::Path, wallet: Option<&str>, expected_type: SignatureType) -> Vec<u8> {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = tmp.path().to_str().expect("UTF-8 temp path").to_owned();
     let count = 6;
-    let stdout = run_node(&js, "sign.js", &[out_dir, count.to_string()]);
+    let mut args = vec![out_dir, count.to_string()];
+    args.extend(wallet.map(str::to_owned));
+    let stdout = run_node(js, "sign.js", &args);
     let manifests: Vec<Manifest> =
         stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad sign.js line {l:?}: {e}"))).collect();
     assert_eq!(manifests.len(), count, "sign.js output:\n{stdout}");
@@ -147,7 +197,7 @@ fn arbundles_items_verify_with_worker() {
     for m in &manifests {
         let raw = std::fs::read(&m.file).unwrap_or_else(|e| panic!("{}: {e}", m.file));
         let item = DataItem::parse_verified(&raw).unwrap_or_else(|e| panic!("{}: the worker refuses an arbundles item: {e}", m.file));
-        assert_eq!(item.signature_type, SignatureType::Ed25519, "{}", m.file);
+        assert_eq!(item.signature_type, expected_type, "{}", m.file);
         assert_eq!(item.id(), m.id, "id of {}", m.file);
         assert_eq!(b64::encode(&item.owner), m.owner_b64url, "owner of {}", m.file);
         assert_eq!(item.target_id(), m.target, "target of {}", m.file);
@@ -175,4 +225,5 @@ fn arbundles_items_verify_with_worker() {
     covered("with a non-ASCII tag", &|m| m.tags.iter().any(|t| !t.value.is_ascii()));
     covered("with empty data", &|m| m.data_hex.is_empty());
     covered("with binary data", &|m| hex::decode(&m.data_hex).unwrap().iter().any(|&b| b >= 0x80));
+    owners.pop().expect("items were signed")
 }

@@ -28,5 +28,6 @@ mod jobs;
 mod kernels_registered;
 mod net_clients;
 mod run_e2e;
+mod sign_once;
 mod smollm2;
 mod wgpu_matmul;

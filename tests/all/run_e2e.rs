@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use ao_gpu_worker::net::scheduler::Range;
 use ao_gpu_worker::net::{Policy, SchedulerClient};
+use ao_gpu_worker::protocol::{DataItem, SignatureType};
 
 use crate::support;
 use crate::support::binary::{Guard, command, start_devnet};
@@ -151,4 +152,45 @@ async fn devnet_once_runs_the_demo_and_exits_zero() {
     assert_eq!(again[0]["registry"], lines[0]["registry"]);
     assert!(again[1]["nonce"].as_u64().unwrap() > lines[1]["nonce"].as_u64().unwrap());
     assert_eq!(again.last().unwrap()["demo"], "ok");
+}
+
+/// The main job in the deployed scheduler's mode: the scheduler signs with RSA and refuses
+/// ed25519 items, so the authority, the demo user and the worker (its outbox, spawns,
+/// attestations and advertisements) all sign with Arweave wallets, and the demo still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devnet_once_passes_in_legacy_strict_mode_with_an_rsa_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = command().args(["devnet", "--legacy-strict", "--once", "--port-base", "0", "--data-dir"]).arg(tmp.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "devnet --legacy-strict --once failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[1]["signature_verified"], true, "{stdout}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["demo"], "ok", "{stdout}");
+    assert_eq!(last["count"], "count=7");
+    let evaluated: Vec<_> = lines.iter().filter(|l| l.get("action").is_some()).collect();
+    assert_eq!(evaluated.len(), 8, "{stdout}");
+    assert!(evaluated.iter().all(|l| l["attestation"].is_string()), "every message is attested");
+    for name in ["scheduler.key", "authority.key", "worker/worker.key"] {
+        let jwk: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join(name)).unwrap()).unwrap();
+        assert_eq!(jwk["kty"], "RSA", "{name} is an Arweave wallet");
+    }
+    // Everything scheduled (the worker's advertisements, the demo's messages, the Pong the
+    // worker signed) is RSA-signed, and so is every assignment, as the deployed SU requires.
+    let store = ao_gpu_worker::devnet::store::Store::open(&ao_gpu_worker::devnet::storage_path(tmp.path())).unwrap();
+    let demo = lines.iter().find(|l| l.get("processes").is_some()).expect("the demo's process line");
+    let mut processes: Vec<String> = demo["processes"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect();
+    processes.push(lines[0]["registry"].as_str().unwrap().to_owned());
+    let mut checked = 0;
+    for process in &processes {
+        for (_, entry) in store.entries_by_nonce(process, None, None, 10_000).unwrap() {
+            for id in entry.message_id.iter().chain([&entry.assignment]) {
+                let raw = store.su_item(id).unwrap().unwrap_or_else(|| panic!("item {id} missing"));
+                let item = DataItem::parse_verified(&raw).unwrap();
+                assert_eq!(item.signature_type, SignatureType::Arweave, "{id} on {process}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 30, "only {checked} items checked");
 }

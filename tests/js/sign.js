@@ -1,6 +1,7 @@
 // Signs ANS-104 data items with arbundles (npm, pinned in package.json) and a fresh random
-// ed25519 key (signature type 2, via SolanaSigner), for the worker's parser to check.
-// Usage: node sign.js <outdir> <count>
+// ed25519 key (signature type 2, via SolanaSigner), or, given an Arweave JWK wallet file, with
+// arbundles' ArweaveSigner (signature type 1, RSA-PSS), for the worker's parser to check.
+// Usage: node sign.js <outdir> <count> [<arweave-jwk.json>]
 // Writes <outdir>/item-N.bin (N = 0..count-1) and prints one JSON manifest line per item:
 // {"file","id","owner_b64url","target","anchor_hex","tags":[{name,value}],"data_hex"}
 // where target is base64url or null and anchor_hex is null when there is no anchor.
@@ -10,7 +11,7 @@ const crypto = require("crypto");
 const fs = require("fs");
 const path = require("path");
 const bs58 = require("bs58");
-const { DataItem, SolanaSigner, createData } = require("arbundles");
+const { ArweaveSigner, DataItem, SolanaSigner, createData } = require("arbundles");
 
 const AO_TAGS = [
   { name: "Data-Protocol", value: "ao" },
@@ -71,14 +72,14 @@ function shape(n) {
 }
 
 async function main() {
-  const [outdir, countText] = process.argv.slice(2);
+  const [outdir, countText, jwkFile] = process.argv.slice(2);
   const count = Number.parseInt(countText, 10);
   if (!outdir || !Number.isInteger(count) || count < 1) {
-    process.stderr.write("usage: node sign.js <outdir> <count>\n");
+    process.stderr.write("usage: node sign.js <outdir> <count> [<arweave-jwk.json>]\n");
     process.exit(2);
   }
   fs.mkdirSync(outdir, { recursive: true });
-  const signer = freshSigner();
+  const signer = jwkFile ? new ArweaveSigner(JSON.parse(fs.readFileSync(jwkFile, "utf8"))) : freshSigner();
   for (let n = 0; n < count; n++) {
     const { data, opts } = shape(n);
     const item = createData(data, signer, opts);

@@ -11,6 +11,8 @@ pub mod reference;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ao_gpu_worker::attest::Keypair;
+
 const ARBUNDLES_VERSION: &str = "0.11.2";
 const INSTALL_HINT: &str = "run `npm ci --ignore-scripts --prefix tests/js` from the crate root (needs Node 20+)";
 
@@ -67,4 +69,22 @@ pub fn run_node(dir: &Path, script: &str, args: &[String]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "node {script} failed ({}); stderr:\n{stderr}", out.status);
     String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("node {script} wrote non-UTF-8 output: {e}; stderr:\n{stderr}"))
+}
+
+/// The committed throwaway Arweave wallet (tests/keys/README.md): an RSA-4096 identity that
+/// costs no key generation.
+pub fn arweave_test_wallet_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys/arweave-test-wallet.json")
+}
+
+/// The test wallet as a key.
+pub fn arweave_test_key() -> Keypair {
+    let path = arweave_test_wallet_path();
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    Keypair::from_jwk(&path, &text).unwrap()
+}
+
+/// Writes the test wallet as a key file (mode 0600) at `path`.
+pub fn write_arweave_test_key(path: &Path) {
+    arweave_test_key().write_new(path).unwrap();
 }
