@@ -182,7 +182,7 @@ fn rewrite(wasm: &[u8], ty: MeterType, inline: bool) -> Result<Vec<u8>, MeterErr
         MeterType::I64 => i64::MAX as u64,
     };
     let mut out = Vec::with_capacity(wasm.len() + wasm.len() / 4);
-    out.extend_from_slice(&wasm[..8]);
+    out.extend_from_slice(wasm.get(..8).ok_or_else(|| MeterError::Invalid("shorter than the 8-byte header".into()))?);
     let mut buf = Vec::new();
     for s in &sections {
         buf.clear();

@@ -217,6 +217,51 @@ fn refusals_are_clear_errors() {
 }
 
 #[test]
+fn inline_adds_the_sections_it_needs_and_stays_valid() {
+    for text in ["(module)", "(module (type (func)))", "(module (func))", "(module (memory 1) (func (param i64) (result i64) local.get 0))"]
+    {
+        let out = meter_inline(&wat(text), MeterType::I64).unwrap();
+        Validator::new_with_features(features()).validate_all(&out).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let exports: Vec<String> = wasmparser::Parser::new(0)
+            .parse_all(&out)
+            .filter_map(|p| match p.unwrap() {
+                wasmparser::Payload::ExportSection(s) => Some(s.into_iter().map(|e| e.unwrap().name.to_string()).collect::<Vec<_>>()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(exports.ends_with(&[GAS_USED_EXPORT.to_string(), GAS_LIMIT_EXPORT.to_string()]), "{text}: {exports:?}");
+    }
+}
+
+#[test]
+fn no_input_panics_the_pass() {
+    // Every single-byte corruption and every truncation of a small module that uses most
+    // sections: each must give Ok or a MeterError, never a panic.
+    let base = [
+        wat(WORKLOAD),
+        wat(
+            r#"(module (import "env" "g" (global i32)) (global (mut i64) (i64.const 7)) (export "x" (global 1)) (data (i32.const 0) "ab") (memory 1) (@custom "c" "zz"))"#,
+        ),
+    ];
+    let mut metered = 0;
+    for module in &base {
+        for cut in 0..module.len() {
+            let _ = meter(&module[..cut], MeterType::I32);
+        }
+        for at in 0..module.len() {
+            for value in [0x00, 0x01, 0x0b, 0x41, 0x7f, 0x80, 0xff] {
+                let mut m = module.clone();
+                m[at] = value;
+                metered += usize::from(meter(&m, MeterType::I32).is_ok());
+                let _ = meter_inline(&m, MeterType::I64);
+            }
+        }
+    }
+    assert!(metered > 100, "the corruptions should also reach the rewrite ({metered} metered)");
+}
+
+#[test]
 fn a_segment_too_costly_for_an_i32_charge_is_refused_for_i32_only() {
     // 60,000 × (1 + 1 + div_u 36000 + drop 120) = 2,167,320,000 > i32::MAX in one segment.
     let body = "i32.const 1 i32.const 1 i32.div_u drop\n".repeat(60_000);
