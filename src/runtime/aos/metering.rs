@@ -16,7 +16,7 @@
 //!   function exports, element segments, the start function; custom sections, `name` included,
 //!   are copied unchanged, so their function indices are not shifted);
 //! - each body is cut into segments ending after `if loop else end br br_if br_table return
-//!   memory.grow`; a segment of nonzero cost `c` (see [`code::COSTS`]) is preceded by
+//!   memory.grow`; a segment of nonzero cost `c` (the table in `metering/code.rs`) is preceded by
 //!   `<ty>.const c+91; call F` (91 = the charge's own cost);
 //! - the whole module is re-encoded with shortest LEB128 integers (as the reference's JSON
 //!   round-trip does); float constants, data and custom payloads are copied byte for byte; a
