@@ -33,6 +33,7 @@
 //!   is an [`EvalError`]; a host bug that panics anyway is caught and reported as a trap.
 
 mod abi;
+pub mod aos;
 mod cache;
 pub mod host;
 pub mod limits;

@@ -9,6 +9,7 @@
 mod support;
 
 mod actors;
+mod aos;
 mod actors_build;
 mod ans104;
 mod ao_gpu;
