@@ -74,9 +74,9 @@ impl AosEngine {
             Some(m) => (m, false),
             None => (Module::from_binary(&self.engine, wasm).map_err(|e| AosError::Invalid(format!("{e:#}")))?, true),
         };
-        check_exports(&module, profile.glue)?;
         let mut linker = Linker::new(&self.engine);
         imports::link(&mut linker, &module, profile)?;
+        check_exports(&module, profile.glue)?;
         if compiled_from_source && let Some(disk) = &self.disk {
             disk.store(&module, &sha256);
         }
