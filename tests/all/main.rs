@@ -9,10 +9,10 @@
 mod support;
 
 mod actors;
-mod aos;
 mod actors_build;
 mod ans104;
 mod ao_gpu;
+mod aos;
 mod architecture;
 mod backend_selection;
 mod bench;

@@ -95,7 +95,9 @@ pub(super) fn required_exports(glue: Glue) -> Vec<&'static str> {
     let mut names = vec!["handle", "malloc", "free", "emscripten_stack_init", "emscripten_stack_get_end", "__wasm_call_ctors"];
     match glue {
         Glue::E1 | Glue::E2 => names.extend(["stackSave", "stackRestore", "stackAlloc", "main"]),
-        Glue::E3 | Glue::E4 | Glue::W64 => names.extend(["emscripten_stack_get_current", "_emscripten_stack_restore", "_emscripten_stack_alloc"]),
+        Glue::E3 | Glue::E4 | Glue::W64 => {
+            names.extend(["emscripten_stack_get_current", "_emscripten_stack_restore", "_emscripten_stack_alloc"])
+        }
     }
     if matches!(glue, Glue::E4 | Glue::W64) {
         names.extend(["asyncify_start_unwind", "asyncify_stop_unwind", "asyncify_start_rewind", "asyncify_stop_rewind"]);

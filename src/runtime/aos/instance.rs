@@ -120,7 +120,8 @@ impl AosModule {
         let instance = self.pre.instantiate(&mut store).map_err(|e| classify(e, opts.gas_limit))?;
         let ex = exports_of(&mut store, &instance, self.profile.glue)?;
         store.data_mut().exports = Some(ex.clone());
-        let mut inst = AosInstance { store, instance, ex, profile: self.profile, deadline_ticks, gas_limit: opts.gas_limit, poisoned: false };
+        let mut inst =
+            AosInstance { store, instance, ex, profile: self.profile, deadline_ticks, gas_limit: opts.gas_limit, poisoned: false };
         inst.boot()?;
         if let Some(memory) = memory {
             inst.restore(memory)?;

@@ -138,7 +138,12 @@ pub fn env_json(process_id: &str, process_owner: &str, process_tags: &[JsonTag],
     let process = format!("{{\"Id\":{},\"Owner\":{},\"Tags\":{}}}", string(process_id), string(process_owner), tags(process_tags));
     match module {
         Some((id, owner, module_tags)) => {
-            format!("{{\"Process\":{process},\"Module\":{{\"Id\":{},\"Owner\":{},\"Tags\":{}}}}}", string(id), string(owner), tags(module_tags))
+            format!(
+                "{{\"Process\":{process},\"Module\":{{\"Id\":{},\"Owner\":{},\"Tags\":{}}}}}",
+                string(id),
+                string(owner),
+                tags(module_tags)
+            )
         }
         None => format!("{{\"Process\":{process}}}"),
     }
@@ -181,6 +186,9 @@ mod tests {
             r#"{"Id":"i","Data":"say \"hi\"\n","Owner":"o","From":"f","Tags":[{"name":"Action","value":"Eval"}],"Target":"t","Timestamp":5,"Block-Height":7,"Cron":false}"#
         );
         let with_module = env_json("P", "O", &[], Some(("M", "MO", &[JsonTag::new("a", "b")])));
-        assert_eq!(with_module, r#"{"Process":{"Id":"P","Owner":"O","Tags":[]},"Module":{"Id":"M","Owner":"MO","Tags":[{"name":"a","value":"b"}]}}"#);
+        assert_eq!(
+            with_module,
+            r#"{"Process":{"Id":"P","Owner":"O","Tags":[]},"Module":{"Id":"M","Owner":"MO","Tags":[{"name":"a","value":"b"}]}}"#
+        );
     }
 }

@@ -54,7 +54,9 @@ pub enum AosError {
     Unsupported(String),
     #[error("module is not valid wasm: {0}")]
     Invalid(String),
-    #[error("module imports {module}.{name}, which the {format} glue does not provide; rebuild the module against that glue or pick its format")]
+    #[error(
+        "module imports {module}.{name}, which the {format} glue does not provide; rebuild the module against that glue or pick its format"
+    )]
     UnknownImport { module: String, name: String, format: &'static str },
     #[error("module imports {module}.{name} with the wrong shape: {detail}")]
     BadImport { module: String, name: String, detail: String },

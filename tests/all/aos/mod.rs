@@ -5,4 +5,5 @@
 //! absent, fatal under `REQUIRE_AOS=1`).
 
 mod acceptance;
+mod cli;
 mod safety;

@@ -45,7 +45,9 @@ pub fn fixture(test: &str, name: &str) -> Option<Vec<u8>> {
             if aos_required() {
                 panic!("{test}: {problem}; REQUIRE_AOS=1 makes this fatal");
             }
-            eprintln!("\n*** {test} skipped: {problem}; put AO's loader/test fixtures there (see the aos spec §10.1) or set AO_AOS_FIXTURES (set REQUIRE_AOS=1 to make this fail) ***\n");
+            eprintln!(
+                "\n*** {test} skipped: {problem}; put AO's loader/test fixtures there (see the aos spec §10.1) or set AO_AOS_FIXTURES (set REQUIRE_AOS=1 to make this fail) ***\n"
+            );
             None
         }
     }

@@ -42,11 +42,8 @@ pub(super) fn invoke(caller: &mut Caller<'_, Host>, sig: &str, args: &[Val], res
             call_ptr(&mut *caller, &ex.stack_restore, &[sp])?;
             let Some(set_threw) = ex.set_threw else { return trap("module exports no setThrew") };
             let ty = set_threw.ty(&*caller);
-            let threw: Vec<Val> = ty
-                .params()
-                .zip([1i64, 0])
-                .map(|(t, v)| if matches!(t, ValType::I64) { Val::I64(v) } else { Val::I32(v as i32) })
-                .collect();
+            let threw: Vec<Val> =
+                ty.params().zip([1i64, 0]).map(|(t, v)| if matches!(t, ValType::I64) { Val::I64(v) } else { Val::I32(v as i32) }).collect();
             set_threw.call(&mut *caller, &threw, &mut [])?;
             for r in results.iter_mut() {
                 *r = match r {

@@ -71,9 +71,10 @@ fn lookup(glue: Glue, module: &str, name: &str) -> Option<Binding> {
         ("env", "__syscall_ioctl") => b(fs::ioctl, 3, 1),
         ("env", "__syscall_fcntl64") => b(fs::fcntl, 3, 1),
         ("env", "__syscall_getcwd") => b(fs::getcwd, 2, 1),
-        ("env", "__syscall_unlinkat") | ("env", "__syscall_renameat") | ("env", "__syscall_readlinkat") | ("env", "__syscall_newfstatat") => {
-            b(fs::enoent, ANY, 1)
-        }
+        ("env", "__syscall_unlinkat")
+        | ("env", "__syscall_renameat")
+        | ("env", "__syscall_readlinkat")
+        | ("env", "__syscall_newfstatat") => b(fs::enoent, ANY, 1),
         ("env", "__syscall_rmdir")
         | ("env", "__syscall_lstat64")
         | ("env", "__syscall_stat64")
