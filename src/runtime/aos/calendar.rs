@@ -241,9 +241,10 @@ mod tests {
     fn mktime_normalises_like_js_date() {
         let tm = Tm { year: 123, mon: 13, mday: 32, hour: 25, min: 0, sec: 0, ..Tm::default() };
         let (secs, norm) = mktime(&tm).unwrap();
-        // 2024-02-32 25:00 = 2024-03-03 01:00.
-        assert_eq!((norm.year, norm.mon, norm.mday, norm.hour), (124, 2, 3, 1));
-        assert_eq!(secs, days_from_civil(2024, 3, 3) * 86_400 + 3600);
+        // 2024-02-32 25:00 = 2024-03-03 25:00 (a leap year) = 2024-03-04 01:00.
+        assert_eq!((norm.year, norm.mon, norm.mday, norm.hour), (124, 2, 4, 1));
+        assert_eq!(secs, days_from_civil(2024, 3, 4) * 86_400 + 3600);
+        assert_eq!((norm.wday, norm.yday), (1, 63));
         assert_eq!(mktime(&Tm { year: 300_000, ..Tm::default() }), None);
     }
 

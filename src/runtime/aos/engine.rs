@@ -19,11 +19,14 @@ use crate::runtime::cache::DiskCache;
 /// How often the epoch advances (the deadline's resolution).
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// Loaded modules by (sha256 of the wasm, format).
+type ModuleMap = HashMap<([u8; 32], AosFormat), Arc<AosModule>>;
+
 /// Compiles and caches aos modules. Cheap to share; one per worker.
 pub struct AosEngine {
     engine: Engine,
     disk: Option<DiskCache>,
-    modules: Mutex<HashMap<([u8; 32], AosFormat), Arc<AosModule>>>,
+    modules: Mutex<ModuleMap>,
     _ticker: mpsc::Sender<()>,
 }
 
@@ -85,7 +88,7 @@ impl AosEngine {
         Ok(self.lock().entry((sha256, format)).or_insert(loaded).clone())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<([u8; 32], AosFormat), Arc<AosModule>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ModuleMap> {
         crate::sync::lock(&self.modules)
     }
 }
