@@ -6,4 +6,6 @@
 
 mod acceptance;
 mod cli;
+mod parity;
+mod perf;
 mod safety;
