@@ -95,7 +95,7 @@ fn pad(v: i64, width: usize, fill: char) -> String {
 /// ISO 8601 week number and week-based year.
 fn iso_week(tm: &Tm) -> (i64, i64) {
     let year = i64::from(tm.year) + 1900;
-    let wday = i64::from((tm.wday + 6) % 7); // Monday = 0
+    let wday = (i64::from(tm.wday) + 6).rem_euclid(7); // Monday = 0
     let week = (i64::from(tm.yday) - wday + 10) / 7;
     let weeks_in = |y: i64| {
         let jan1 = (days_from_civil(y, 1, 1) + 3).rem_euclid(7); // Monday = 0
@@ -190,10 +190,10 @@ pub fn strftime(format: &str, tm: &Tm) -> String {
             'S' => pad(tm.sec.into(), 2, '0'),
             't' => "\t".to_owned(),
             'u' => (if tm.wday == 0 { 7 } else { tm.wday }).to_string(),
-            'U' => pad(i64::from(tm.yday + 7 - tm.wday).div_euclid(7), 2, '0'),
+            'U' => pad((i64::from(tm.yday) + 7 - i64::from(tm.wday)).div_euclid(7), 2, '0'),
             'V' => pad(iso_week(tm).1, 2, '0'),
             'w' => tm.wday.to_string(),
-            'W' => pad(i64::from(tm.yday + 7 - (tm.wday + 6) % 7).div_euclid(7), 2, '0'),
+            'W' => pad((i64::from(tm.yday) + 7 - (i64::from(tm.wday) + 6) % 7).div_euclid(7), 2, '0'),
             'y' => year.to_string().chars().skip(2).collect(),
             'Y' => year.to_string(),
             'z' => {

@@ -115,7 +115,8 @@ impl AosModule {
         let host = Host::new(self.profile, opts.env_vars, opts.gas_limit, limits.build());
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limits);
-        let deadline_ticks = opts.deadline.map(|d| d.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1).unwrap_or(NO_DEADLINE);
+        let deadline_ticks =
+            opts.deadline.map_or(NO_DEADLINE, |d| (d.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).saturating_add(1).min(NO_DEADLINE));
         store.set_epoch_deadline(deadline_ticks);
         let instance = self.pre.instantiate(&mut store).map_err(|e| classify(e, opts.gas_limit))?;
         let ex = exports_of(&mut store, &instance, self.profile.glue)?;
@@ -236,7 +237,7 @@ impl AosInstance {
             end = 4;
         }
         self.write_mem(end, &0x0213_5467u32.to_le_bytes())?;
-        self.write_mem(end + 4, &0x89BA_CDFEu32.to_le_bytes())?;
+        self.write_mem(end.saturating_add(4), &0x89BA_CDFEu32.to_le_bytes())?;
         self.write_mem(0, &0x6373_6d65u32.to_le_bytes())?;
         let ctors = self.func("__wasm_call_ctors")?;
         self.call(&ctors, &[])?;

@@ -82,6 +82,9 @@ pub enum AosError {
     /// The wall-clock deadline passed: the message could not be computed (not a result).
     #[error("the evaluation did not finish before its deadline; it could not be computed (retry later)")]
     Deadline,
+    /// A bug in the worker (a host function panicked): not a result; the message could not be computed.
+    #[error("worker bug: {0}")]
+    HostBug(String),
     #[error("this instance failed earlier and cannot be used again; instantiate a fresh one")]
     Poisoned,
 }

@@ -38,6 +38,15 @@ fn output_text(output: &serde_json::Value) -> Option<&str> {
     }
 }
 
+/// Runs `f`, turning a panic (a host bug; module input never panics) into an error result.
+fn guarded<T>(f: impl FnOnce() -> Result<T, AosError>) -> Result<T, AosError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let text =
+            panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("(no message)");
+        Err(AosError::HostBug(format!("the host panicked: {text}")))
+    })
+}
+
 impl AosProcess {
     /// A new process with no memory yet (its first message boots it).
     pub fn new(module: Arc<AosModule>, opts: InstanceOptions) -> Self {
@@ -61,13 +70,13 @@ impl AosProcess {
                 saved.extend_from_slice(i.memory());
                 i
             }
-            None => match self.module.instantiate(self.saved.as_deref(), &self.opts) {
+            None => match guarded(|| self.module.instantiate(self.saved.as_deref(), &self.opts)) {
                 Ok(i) => i,
                 Err(e) if e.is_evaluation_error() => return Ok(HandleOutcome::failed(e.to_string(), 0)),
                 Err(e) => return Err(e),
             },
         };
-        match instance.handle(msg_json, env_json) {
+        match guarded(|| instance.handle(msg_json, env_json)) {
             Ok(outcome) if outcome.error.is_none() && !output_text(&outcome.output).is_some_and(|t| t.ends_with(NOT_ENOUGH_MEMORY)) => {
                 self.instance = Some(instance);
                 Ok(outcome)

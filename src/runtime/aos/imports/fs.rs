@@ -38,7 +38,7 @@ pub(super) fn fd_write(caller: &mut Caller<'_, Host>, args: &[Val]) -> HostResul
     for i in 0..count {
         let at = iov.saturating_add(i.saturating_mul(step));
         let _buf = read_ptr(&*caller, &memory, wasm64, at)?;
-        total = total.saturating_add(read_ptr(&*caller, &memory, wasm64, at + half)?);
+        total = total.saturating_add(read_ptr(&*caller, &memory, wasm64, at.saturating_add(half))?);
     }
     if matches!(fd(args), 1 | 2) {
         caller.data_mut().stdout_bytes += total;
@@ -100,10 +100,16 @@ pub(super) fn environ_get(caller: &mut Caller<'_, Host>, args: &[Val]) -> HostRe
     let (environ, buf) = (a(args, 0), a(args, 1));
     let mut offset = 0u64;
     for (i, var) in env_strings(caller).iter().enumerate() {
-        write_ptr(&mut *caller, &memory, wasm64, environ + i as u64 * if wasm64 { 8 } else { 4 }, buf + offset)?;
+        write_ptr(
+            &mut *caller,
+            &memory,
+            wasm64,
+            environ.saturating_add(i as u64 * if wasm64 { 8 } else { 4 }),
+            buf.saturating_add(offset),
+        )?;
         let mut bytes = var.as_bytes().to_vec();
         bytes.push(0);
-        write(&mut *caller, &memory, buf + offset, &bytes)?;
+        write(&mut *caller, &memory, buf.saturating_add(offset), &bytes)?;
         offset += bytes.len() as u64;
     }
     Ok(Ret::Int(0))
@@ -147,7 +153,7 @@ pub(super) fn ioctl(caller: &mut Caller<'_, Host>, args: &[Val]) -> HostResult<R
             termios.resize(17 + 32, 0);
             // The glue writes the four flags and cc[0..32]; the line byte (+16) is left alone.
             write(&mut *caller, &memory, argp, &termios[..16])?;
-            write(&mut *caller, &memory, argp + 17, &termios[17..])?;
+            write(&mut *caller, &memory, argp.saturating_add(17), &termios[17..])?;
             Ok(Ret::Int(0))
         }
         TIOCGWINSZ => {

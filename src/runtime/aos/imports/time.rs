@@ -49,7 +49,7 @@ pub(super) fn tzset(caller: &mut Caller<'_, Host>, args: &[Val]) -> HostResult<R
         write(&mut *caller, &ex.memory, summer, ZONE_NAME_E2)?;
         let size = if wasm64 { 8 } else { 4 };
         write_ptr(&mut *caller, &ex.memory, wasm64, a(2), summer)?;
-        write_ptr(&mut *caller, &ex.memory, wasm64, a(2) + size, winter)?;
+        write_ptr(&mut *caller, &ex.memory, wasm64, a(2).saturating_add(size), winter)?;
     } else {
         write_ptr(&mut *caller, &ex.memory, wasm64, a(0), 0)?;
         write(&mut *caller, &ex.memory, a(1), &0i32.to_le_bytes())?;
@@ -87,9 +87,9 @@ fn write_tm(caller: &mut Caller<'_, Host>, at: u64, tm: &Tm, local: bool) -> Hos
     let bytes: Vec<u8> = fields.iter().flat_map(|f| f.to_le_bytes()).collect();
     write(&mut *caller, &memory, at, &bytes)?;
     if local {
-        write(&mut *caller, &memory, at + 32, &0i32.to_le_bytes())?;
+        write(&mut *caller, &memory, at.saturating_add(32), &0i32.to_le_bytes())?;
         let (gmtoff, _) = tail_offsets(wasm64);
-        write_ptr(&mut *caller, &memory, wasm64, at + gmtoff, 0)?;
+        write_ptr(&mut *caller, &memory, wasm64, at.saturating_add(gmtoff), 0)?;
     }
     Ok(())
 }
@@ -113,11 +113,11 @@ fn read_tm(caller: &mut Caller<'_, Host>, at: u64) -> HostResult<Tm> {
     let f = |i: usize| i32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
     let (gmtoff_at, zone_at) = tail_offsets(wasm64);
     let gmtoff = if wasm64 {
-        read_u64(&*caller, &memory, at + gmtoff_at)? as i64
+        read_u64(&*caller, &memory, at.saturating_add(gmtoff_at))? as i64
     } else {
-        i64::from(read_ptr(&*caller, &memory, false, at + gmtoff_at)? as u32 as i32)
+        i64::from(read_ptr(&*caller, &memory, false, at.saturating_add(gmtoff_at))? as u32 as i32)
     };
-    let zone_ptr = read_ptr(&*caller, &memory, wasm64, at + zone_at)?;
+    let zone_ptr = read_ptr(&*caller, &memory, wasm64, at.saturating_add(zone_at))?;
     let zone = if zone_ptr == 0 { String::new() } else { read_cstr(&*caller, &memory, zone_ptr)? };
     Ok(Tm { sec: f(0), min: f(1), hour: f(2), mday: f(3), mon: f(4), year: f(5), wday: f(6), yday: f(7), gmtoff, zone })
 }
@@ -129,9 +129,9 @@ pub(super) fn mktime(caller: &mut Caller<'_, Host>, args: &[Val]) -> HostResult<
     let tm = read_tm(caller, at)?;
     let memory = exports(caller)?.memory;
     let Some((secs, norm)) = calendar::mktime(&tm) else { return Ok(Ret::Int(-1)) };
-    let isdst = read(&*caller, &memory, at + 32, 4)?;
+    let isdst = read(&*caller, &memory, at.saturating_add(32), 4)?;
     if i32::from_le_bytes([isdst[0], isdst[1], isdst[2], isdst[3]]) < 0 {
-        write(&mut *caller, &memory, at + 32, &0i32.to_le_bytes())?;
+        write(&mut *caller, &memory, at.saturating_add(32), &0i32.to_le_bytes())?;
     }
     write_tm(caller, at, &norm, false)?;
     if matches!(caller.data().profile.glue, Glue::E3 | Glue::E4)

@@ -16,7 +16,7 @@ pub const ASYNCIFY_STACK: u64 = 41_943_040;
 
 fn charge(host: &mut Host, amount: i64) -> HostResult<()> {
     let gas = &mut host.gas;
-    gas.used = gas.used.wrapping_add_signed(amount);
+    gas.used = gas.used.saturating_add_signed(amount);
     if gas.used > gas.limit { Err(wasmtime::Error::new(HostTrap::OutOfGas)) } else { Ok(()) }
 }
 
@@ -67,11 +67,11 @@ fn sleep(caller: &mut Caller<'_, Host>, result: i32) -> HostResult<Ret> {
             }
             let mut head = Vec::with_capacity(header as usize);
             if wasm64 {
-                head.extend_from_slice(&(data + header).to_le_bytes());
-                head.extend_from_slice(&(data + header + ASYNCIFY_STACK).to_le_bytes());
+                head.extend_from_slice(&data.wrapping_add(header).to_le_bytes());
+                head.extend_from_slice(&data.wrapping_add(header + ASYNCIFY_STACK).to_le_bytes());
             } else {
-                head.extend_from_slice(&((data + header) as u32).to_le_bytes());
-                head.extend_from_slice(&((data + header + ASYNCIFY_STACK) as u32).to_le_bytes());
+                head.extend_from_slice(&(data.wrapping_add(header) as u32).to_le_bytes());
+                head.extend_from_slice(&(data.wrapping_add(header + ASYNCIFY_STACK) as u32).to_le_bytes());
             }
             // The id of the export to rewind into: `handle`, the only one that sleeps.
             head.extend_from_slice(&0i32.to_le_bytes());
