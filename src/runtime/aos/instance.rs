@@ -13,6 +13,8 @@ use super::format::{Glue, Profile};
 use super::imports::control::grow_heap;
 use super::imports::weave::current_gas;
 use super::state::{AsyncState, EnvVars, Exports, Host, HostTrap, call_ptr, pval, read_cstr, write};
+use crate::protocol::Tag;
+use crate::runtime::limits::{COMPUTE_LIMIT_TAG, MEMORY_LIMIT_TAG, first_tag, parse_compute_limit, parse_memory_limit};
 
 /// Epoch ticks standing for "no deadline" (the store adds it to the current epoch).
 const NO_DEADLINE: u64 = 1 << 62;
@@ -31,6 +33,24 @@ pub struct InstanceOptions {
     pub deadline: Option<Duration>,
     /// Largest linear memory in bytes (the module's own maximum applies as well).
     pub memory_limit: Option<u64>,
+}
+
+impl InstanceOptions {
+    /// The options of a process: `Compute-Limit` from the process's tags, else the module's, else
+    /// [`DEFAULT_GAS_LIMIT`] (the loader's rule); `Memory-Limit` likewise (the CU only admits by it;
+    /// here it also caps growth).
+    pub fn from_tags(module_tags: &[Tag], process_tags: &[Tag]) -> Result<Self, AosError> {
+        let tag = |name: &'static str| first_tag(process_tags, name).or_else(|| first_tag(module_tags, name));
+        let gas_limit = match tag(COMPUTE_LIMIT_TAG) {
+            Some(v) => parse_compute_limit(v).ok_or_else(|| AosError::BadTag { tag: COMPUTE_LIMIT_TAG, value: v.to_owned() })?,
+            None => DEFAULT_GAS_LIMIT,
+        };
+        let memory_limit = match tag(MEMORY_LIMIT_TAG) {
+            Some(v) => Some(parse_memory_limit(v).ok_or_else(|| AosError::BadTag { tag: MEMORY_LIMIT_TAG, value: v.to_owned() })?),
+            None => None,
+        };
+        Ok(Self { gas_limit, memory_limit, ..Self::default() })
+    }
 }
 
 impl Default for InstanceOptions {
@@ -351,6 +371,40 @@ impl AosInstance {
     /// Bytes the process wrote to stdout/stderr (discarded, as the loader mutes them).
     pub fn stdout_bytes(&self) -> u64 {
         self.store.data().stdout_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(name: &str, value: &str) -> Tag {
+        Tag { name: name.into(), value: value.into() }
+    }
+
+    #[test]
+    fn limits_come_from_the_process_then_the_module() {
+        assert_eq!(InstanceOptions::from_tags(&[], &[]).unwrap(), InstanceOptions::default());
+        let module = [tag("Compute-Limit", "1000"), tag("Memory-Limit", "1-gb")];
+        let o = InstanceOptions::from_tags(&module, &[]).unwrap();
+        assert_eq!((o.gas_limit, o.memory_limit), (1000, Some(1 << 30)));
+        let o = InstanceOptions::from_tags(&module, &[tag("Compute-Limit", "5")]).unwrap();
+        assert_eq!((o.gas_limit, o.memory_limit), (5, Some(1 << 30)));
+        assert!(matches!(InstanceOptions::from_tags(&[tag("Compute-Limit", "lots")], &[]), Err(AosError::BadTag { .. })));
+    }
+
+    #[test]
+    fn results_parse_like_the_loader() {
+        let ok = parse_result(
+            r#"{"ok":true,"response":{"Output":{"data":"2"},"Messages":[{"Target":"X"}],"Spawns":[],"Assignments":[]}}"#.into(),
+            7,
+        )
+        .unwrap();
+        assert_eq!((ok.output["data"].as_str(), ok.messages.len(), ok.error, ok.gas_used), (Some("2"), 1, None, 7));
+        let lua = parse_result(r#"{"ok":true,"response":{"Error":"boom"}}"#.into(), 0).unwrap();
+        assert_eq!((lua.error.as_deref(), lua.output.is_null()), (Some("boom"), true));
+        assert_eq!(parse_result(r#"{"ok":false,"response":"bad"}"#.into(), 0), Err(AosError::Evaluation("bad".into())));
+        assert!(matches!(parse_result("not json".into(), 0), Err(AosError::BadResult(_))));
     }
 }
 

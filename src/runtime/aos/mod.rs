@@ -66,6 +66,8 @@ pub enum AosError {
     Setup(String),
     #[error("module cache: {0}")]
     Cache(String),
+    #[error("{tag} {value:?} is not a valid limit")]
+    BadTag { tag: &'static str, value: String },
     #[error("restore: {0}")]
     Restore(String),
     #[error("{0}")]
