@@ -374,40 +374,6 @@ impl AosInstance {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tag(name: &str, value: &str) -> Tag {
-        Tag { name: name.into(), value: value.into() }
-    }
-
-    #[test]
-    fn limits_come_from_the_process_then_the_module() {
-        assert_eq!(InstanceOptions::from_tags(&[], &[]).unwrap(), InstanceOptions::default());
-        let module = [tag("Compute-Limit", "1000"), tag("Memory-Limit", "1-gb")];
-        let o = InstanceOptions::from_tags(&module, &[]).unwrap();
-        assert_eq!((o.gas_limit, o.memory_limit), (1000, Some(1 << 30)));
-        let o = InstanceOptions::from_tags(&module, &[tag("Compute-Limit", "5")]).unwrap();
-        assert_eq!((o.gas_limit, o.memory_limit), (5, Some(1 << 30)));
-        assert!(matches!(InstanceOptions::from_tags(&[tag("Compute-Limit", "lots")], &[]), Err(AosError::BadTag { .. })));
-    }
-
-    #[test]
-    fn results_parse_like_the_loader() {
-        let ok = parse_result(
-            r#"{"ok":true,"response":{"Output":{"data":"2"},"Messages":[{"Target":"X"}],"Spawns":[],"Assignments":[]}}"#.into(),
-            7,
-        )
-        .unwrap();
-        assert_eq!((ok.output["data"].as_str(), ok.messages.len(), ok.error, ok.gas_used), (Some("2"), 1, None, 7));
-        let lua = parse_result(r#"{"ok":true,"response":{"Error":"boom"}}"#.into(), 0).unwrap();
-        assert_eq!((lua.error.as_deref(), lua.output.is_null()), (Some("boom"), true));
-        assert_eq!(parse_result(r#"{"ok":false,"response":"bad"}"#.into(), 0), Err(AosError::Evaluation("bad".into())));
-        assert!(matches!(parse_result("not json".into(), 0), Err(AosError::BadResult(_))));
-    }
-}
-
 fn list(response: &serde_json::Value, key: &str) -> Vec<serde_json::Value> {
     match response.get(key) {
         Some(serde_json::Value::Array(items)) => items.clone(),
@@ -448,4 +414,38 @@ fn parse_result(raw: String, gas_used: u64) -> Result<HandleOutcome, AosError> {
 fn preview(s: &str) -> String {
     let cut: String = s.chars().take(200).collect();
     if cut.len() < s.len() { format!("{cut}…") } else { cut }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(name: &str, value: &str) -> Tag {
+        Tag { name: name.into(), value: value.into() }
+    }
+
+    #[test]
+    fn limits_come_from_the_process_then_the_module() {
+        assert_eq!(InstanceOptions::from_tags(&[], &[]).unwrap(), InstanceOptions::default());
+        let module = [tag("Compute-Limit", "1000"), tag("Memory-Limit", "1-gb")];
+        let o = InstanceOptions::from_tags(&module, &[]).unwrap();
+        assert_eq!((o.gas_limit, o.memory_limit), (1000, Some(1 << 30)));
+        let o = InstanceOptions::from_tags(&module, &[tag("Compute-Limit", "5")]).unwrap();
+        assert_eq!((o.gas_limit, o.memory_limit), (5, Some(1 << 30)));
+        assert!(matches!(InstanceOptions::from_tags(&[tag("Compute-Limit", "lots")], &[]), Err(AosError::BadTag { .. })));
+    }
+
+    #[test]
+    fn results_parse_like_the_loader() {
+        let ok = parse_result(
+            r#"{"ok":true,"response":{"Output":{"data":"2"},"Messages":[{"Target":"X"}],"Spawns":[],"Assignments":[]}}"#.into(),
+            7,
+        )
+        .unwrap();
+        assert_eq!((ok.output["data"].as_str(), ok.messages.len(), ok.error, ok.gas_used), (Some("2"), 1, None, 7));
+        let lua = parse_result(r#"{"ok":true,"response":{"Error":"boom"}}"#.into(), 0).unwrap();
+        assert_eq!((lua.error.as_deref(), lua.output.is_null()), (Some("boom"), true));
+        assert_eq!(parse_result(r#"{"ok":false,"response":"bad"}"#.into(), 0), Err(AosError::Evaluation("bad".into())));
+        assert!(matches!(parse_result("not json".into(), 0), Err(AosError::BadResult(_))));
+    }
 }
