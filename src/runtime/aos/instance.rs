@@ -12,7 +12,7 @@ use super::engine::EPOCH_TICK;
 use super::format::{Glue, Profile};
 use super::imports::control::grow_heap;
 use super::imports::weave::current_gas;
-use super::state::{AsyncState, EnvVars, Exports, Host, HostTrap, call_ptr, pval, read_cstr, write};
+use super::state::{AsyncState, EnvVars, Exports, GAS_LIMIT_GLOBAL, GAS_USED_GLOBAL, Host, HostTrap, call_ptr, pval, read_cstr, write};
 use crate::protocol::Tag;
 use crate::runtime::limits::{COMPUTE_LIMIT_TAG, MEMORY_LIMIT_TAG, first_tag, parse_compute_limit, parse_memory_limit};
 
@@ -141,6 +141,17 @@ impl AosModule {
         let instance = self.pre.instantiate(&mut store).map_err(|e| classify(e, opts.gas_limit))?;
         let ex = exports_of(&mut store, &instance, self.profile.glue)?;
         store.data_mut().exports = Some(ex.clone());
+        if let Some(counter) = instance.get_global(&mut store, GAS_USED_GLOBAL) {
+            store.data_mut().gas.counter = Some(counter);
+            if let Some(limit) = instance.get_global(&mut store, GAS_LIMIT_GLOBAL) {
+                let value = Val::I64(i64::try_from(opts.gas_limit).unwrap_or(i64::MAX));
+                limit.set(&mut store, value).map_err(|e| AosError::BadImport {
+                    module: "(export)".into(),
+                    name: GAS_LIMIT_GLOBAL.into(),
+                    detail: format!("must be a mutable i64 global: {e}"),
+                })?;
+            }
+        }
         let mut inst =
             AosInstance { store, instance, ex, profile: self.profile, deadline_ticks, gas_limit: opts.gas_limit, poisoned: false };
         inst.boot()?;

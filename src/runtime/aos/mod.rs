@@ -38,12 +38,15 @@ pub mod json;
 mod process;
 mod state;
 
+#[cfg(test)]
+mod tests;
+
 pub use engine::AosEngine;
 pub use format::{AosFormat, DateMode, Glue, MeterType, Profile, StackAllocRule};
 pub use imports::control::heap_growth_candidates;
 pub use instance::{AosInstance, AosModule, DEFAULT_GAS_LIMIT, HandleOutcome, InstanceOptions};
 pub use process::{AosProcess, NOT_ENOUGH_MEMORY};
-pub use state::{DATE_COUNTER_START, DEFAULT_ENV, EnvVars};
+pub use state::{DATE_COUNTER_START, DEFAULT_ENV, EnvVars, GAS_LIMIT_GLOBAL, GAS_USED_GLOBAL};
 
 /// Why a module cannot be loaded or a message could not be evaluated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

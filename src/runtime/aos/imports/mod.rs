@@ -92,6 +92,7 @@ fn lookup(glue: Glue, module: &str, name: &str) -> Option<Binding> {
         ("env", "_dlopen_js") | ("env", "_dlsym_js") => b(control::dl_abort, ANY, 1),
         ("env", "_dlinit") => b(fs::nothing, 1, 0),
         ("env", "_mmap_js") | ("env", "_munmap_js") => b(fs::enosys, ANY, 1),
+        ("metering", "out_of_gas") => b(weave::out_of_gas, 0, 0),
         ("env", "metering_gasUsed") => b(weave::gas_used, 0, 1),
         ("env", "__asyncjs__weavedrive_open") if !e2 => b(weave::open, 2, 1),
         ("env", "__asyncjs__weavedrive_read") if !e2 => b(weave::read, 3, 1),

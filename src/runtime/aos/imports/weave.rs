@@ -34,6 +34,11 @@ pub(super) fn link_usegas(linker: &mut Linker<Host>, ty: &FuncType) -> Result<()
     linked.map(|_| ()).map_err(|_| "cannot be linked")
 }
 
+/// `metering.out_of_gas()`: the inline counter passed its limit.
+pub(super) fn out_of_gas(_: &mut Caller<'_, Host>, _: &[Val]) -> HostResult<Ret> {
+    Err(wasmtime::Error::new(HostTrap::OutOfGas))
+}
+
 /// `metering_gasUsed()`: the gas so far, as JS `ToInt32`.
 pub(super) fn gas_used(caller: &mut Caller<'_, Host>, _: &[Val]) -> HostResult<Ret> {
     Ok(Ret::Int(i64::from(current_gas(caller) as u32 as i32)))
