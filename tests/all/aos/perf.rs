@@ -20,14 +20,22 @@ fn message(i: usize) -> String {
 
 #[test]
 #[ignore = "a measurement: run with --ignored --nocapture"]
-fn e4_throughput() {
-    let Some(wasm) = fixture("aos::perf::e4_throughput", "emscripten4.wasm") else { return };
+fn throughput() {
+    for (name, format) in
+        [("emscripten4.wasm", AosFormat::Emscripten4), ("wasm64-emscripten.wasm", AosFormat::Wasm64), ("aos.wasm", AosFormat::Emscripten2)]
+    {
+        measure(name, format);
+    }
+}
+
+fn measure(name: &str, format: AosFormat) {
+    let Some(wasm) = fixture("aos::perf::throughput", name) else { return };
     let dir = std::env::temp_dir().join(format!("aos-perf-cache-{}", std::process::id()));
     let t = Instant::now();
-    let module = AosEngine::new(Some(dir.clone())).unwrap().load(&wasm, AosFormat::Emscripten4).unwrap();
+    let module = AosEngine::new(Some(dir.clone())).unwrap().load(&wasm, format).unwrap();
     let compile = t.elapsed();
     let t = Instant::now();
-    let cached = AosEngine::new(Some(dir.clone())).unwrap().load(&wasm, AosFormat::Emscripten4).unwrap();
+    let cached = AosEngine::new(Some(dir.clone())).unwrap().load(&wasm, format).unwrap();
     let from_disk = t.elapsed();
     assert!(module.compiled_from_source() && !cached.compiled_from_source());
     let env = test_env_json();
@@ -54,9 +62,10 @@ fn e4_throughput() {
     }
     let with_snapshot = 200.0 / t.elapsed().as_secs_f64();
     eprintln!(
-        "aos E4 ({}): compile {compile:?}, from disk cache {from_disk:?}; boot {boot:?}, boot + first message {first:?}; \
-         200 msgs: {kept:.0} msg/s state kept in the instance, {with_snapshot:.0} msg/s with the rollback snapshot copy",
-        if cfg!(debug_assertions) { "debug build" } else { "release build" }
+        "aos {name} as {format} ({}): compile {compile:?}, from disk cache {from_disk:?}; boot {boot:?}, boot + first message {first:?}; \
+         200 msgs: {kept:.0} msg/s state kept in the instance, {with_snapshot:.0} msg/s with the rollback snapshot copy ({} MB memory)",
+        if cfg!(debug_assertions) { "debug build" } else { "release build" },
+        process.memory().len() / 1_000_000
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
