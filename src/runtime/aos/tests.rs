@@ -112,3 +112,14 @@ fn process_rolls_back_on_errors() {
     assert_eq!(p.memory()[4096], b'W', "the fresh instance was restored from the saved memory");
     assert_eq!(p.handle("f", "{}").unwrap().error.as_deref(), Some("thrown"));
 }
+
+#[test]
+fn types_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<AosEngine>();
+    send_sync::<AosModule>();
+    send::<AosInstance>();
+    send::<AosProcess>();
+    send_sync::<AosError>();
+}
