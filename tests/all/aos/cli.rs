@@ -56,3 +56,46 @@ fn eval_prints_one_line_per_message_with_cu_semantics() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown aos module format"), "{}", String::from_utf8_lossy(&bad.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The worker's own format goes through the actor runtime: state carries from message to message.
+#[test]
+fn eval_runs_the_workers_own_format() {
+    let wat = r#"(module
+      (memory (export "memory") 1)
+      (global $heap (mut i32) (i32.const 8192))
+      (func (export "malloc") (param i32) (result i32) (local $p i32)
+        (local.set $p (global.get $heap))
+        (global.set $heap (i32.add (global.get $heap) (local.get 0)))
+        (local.get $p))
+      (func (export "handle") (param i32 i32) (result i32)
+        (i32.store8 (i32.const 4096) (i32.add (i32.load8_u (i32.const 4096)) (i32.const 1)))
+        (i32.const 1024))
+      (data (i32.const 1024) "{\"ok\":true,\"response\":{\"Output\":\"ok\",\"Messages\":[]}}\00"))"#;
+    let dir = std::env::temp_dir().join(format!("aos-cli-own-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = dir.join("actor.wasm");
+    std::fs::write(&module, wat::parse_str(wat).unwrap()).unwrap();
+    let messages = dir.join("msgs.jsonl");
+    std::fs::write(&messages, "{\"Id\":\"A\",\"Timestamp\":\"5\"}\n{\"Id\":\"B\",\"Timestamp\":6}\n").unwrap();
+    let out = command()
+        .args(["eval", "--format", "wasm32-unknown-ao-gpu-worker", "--module"])
+        .arg(&module)
+        .arg("--messages")
+        .arg(&messages)
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .output()
+        .expect("eval runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "eval failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let results: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(results.len(), 2, "{stdout}");
+    for r in &results {
+        assert_eq!(r["output"], "ok");
+        assert_eq!(r["error"], Value::Null);
+        assert_eq!(r["memory_len"], 65536);
+        assert!(r["gas_used"].as_u64().unwrap() > 0);
+    }
+    assert_ne!(results[0]["memory_sha256"], results[1]["memory_sha256"], "the state carried over");
+    let _ = std::fs::remove_dir_all(&dir);
+}
