@@ -127,8 +127,11 @@ fn read_lines(args: &EvalArgs) -> anyhow::Result<Vec<String>> {
     }
 }
 
-/// The non-blank lines, numbered from 1, each checked to be a JSON object (returned parsed too).
-fn messages(lines: &[String]) -> anyhow::Result<Vec<(usize, &str, serde_json::Map<String, serde_json::Value>)>> {
+/// One message line: its number (from 1), its text and its parsed object.
+type MessageLine<'a> = (usize, &'a str, serde_json::Map<String, serde_json::Value>);
+
+/// The non-blank lines, each checked to be a JSON object.
+fn messages(lines: &[String]) -> anyhow::Result<Vec<MessageLine<'_>>> {
     let mut out = Vec::new();
     for (number, line) in lines.iter().enumerate().map(|(i, l)| (i + 1, l.trim_end_matches('\r'))) {
         if line.trim().is_empty() {
