@@ -60,8 +60,8 @@ impl AosEngine {
     /// there.
     pub fn load(&self, wasm: &[u8], format: AosFormat) -> Result<Arc<AosModule>, AosError> {
         let profile = format.profile();
-        if profile.glue == Glue::E1 || profile.glue == Glue::E3 {
-            return Err(AosError::Unsupported(format!("{format}: its glue is not implemented yet (E2, E4 and wasm64 are)")));
+        if profile.glue == Glue::E3 {
+            return Err(AosError::Unsupported(format!("{format}: its glue is not implemented yet (E1, E2, E4 and wasm64 are)")));
         }
         let sha256: [u8; 32] = Sha256::digest(wasm).into();
         if let Some(m) = self.lock().get(&(sha256, format)) {
@@ -78,6 +78,7 @@ impl AosEngine {
             None => (Module::from_binary(&self.engine, wasm).map_err(|e| AosError::Invalid(format!("{e:#}")))?, true),
         };
         let mut linker = Linker::new(&self.engine);
+        linker.allow_shadowing(true);
         imports::link(&mut linker, &module, profile)?;
         check_exports(&module, profile.glue)?;
         if compiled_from_source && let Some(disk) = &self.disk {
@@ -93,9 +94,34 @@ impl AosEngine {
     }
 }
 
-/// The exports the glue of `glue` calls.
+/// The name under which a module built for `glue` exports `name`: the E1 glue's builds are
+/// minified (`E` memory, `F` constructors, `G` handle, …; spec §5.6).
+pub(super) fn export_name(glue: Glue, name: &'static str) -> &'static str {
+    if glue != Glue::E1 {
+        return name;
+    }
+    match name {
+        "memory" => "E",
+        "__wasm_call_ctors" => "F",
+        "handle" => "G",
+        "main" => "H",
+        "__indirect_function_table" => "I",
+        "malloc" => "J",
+        "__errno_location" => "K",
+        "setThrew" => "L",
+        "stackSave" => "M",
+        "stackRestore" => "N",
+        "stackAlloc" => "O",
+        other => other,
+    }
+}
+
+/// The exports the glue of `glue` calls (by their unminified names).
 pub(super) fn required_exports(glue: Glue) -> Vec<&'static str> {
-    let mut names = vec!["handle", "malloc", "free", "emscripten_stack_init", "emscripten_stack_get_end", "__wasm_call_ctors"];
+    let mut names = vec!["handle", "malloc", "__wasm_call_ctors"];
+    if glue != Glue::E1 {
+        names.extend(["free", "emscripten_stack_init", "emscripten_stack_get_end"]);
+    }
     match glue {
         Glue::E1 | Glue::E2 => names.extend(["stackSave", "stackRestore", "stackAlloc", "main"]),
         Glue::E3 | Glue::E4 | Glue::W64 => {
@@ -109,11 +135,12 @@ pub(super) fn required_exports(glue: Glue) -> Vec<&'static str> {
 }
 
 fn check_exports(module: &Module, glue: Glue) -> Result<(), AosError> {
-    match module.get_export("memory") {
+    match module.get_export(export_name(glue, "memory")) {
         Some(ExternType::Memory(_)) => {}
-        _ => return Err(AosError::MissingExport("memory")),
+        _ => return Err(AosError::MissingExport(export_name(glue, "memory"))),
     }
     for name in required_exports(glue) {
+        let name = export_name(glue, name);
         if !matches!(module.get_export(name), Some(ExternType::Func(_))) {
             return Err(AosError::MissingExport(name));
         }

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::{Engine, Func, Instance, InstancePre, Store, StoreLimitsBuilder, Trap, Val};
 
 use super::AosError;
-use super::engine::EPOCH_TICK;
+use super::engine::{EPOCH_TICK, export_name};
 use super::format::{Glue, Profile};
 use super::imports::control::grow_heap;
 use super::imports::weave::current_gas;
@@ -163,8 +163,13 @@ impl AosModule {
 }
 
 fn exports_of(store: &mut Store<Host>, instance: &Instance, glue: Glue) -> Result<Exports, AosError> {
-    let func = |store: &mut Store<Host>, name: &'static str| instance.get_func(&mut *store, name).ok_or(AosError::MissingExport(name));
-    let memory = instance.get_memory(&mut *store, "memory").ok_or(AosError::MissingExport("memory"))?;
+    let func = |store: &mut Store<Host>, name: &'static str| {
+        let name = export_name(glue, name);
+        instance.get_func(&mut *store, name).ok_or(AosError::MissingExport(name))
+    };
+    let optional = |store: &mut Store<Host>, name: &'static str| instance.get_func(&mut *store, export_name(glue, name));
+    let memory =
+        instance.get_memory(&mut *store, export_name(glue, "memory")).ok_or(AosError::MissingExport(export_name(glue, "memory")))?;
     let e1e2 = matches!(glue, Glue::E1 | Glue::E2);
     let (save, restore, alloc) = if e1e2 {
         ("stackSave", "stackRestore", "stackAlloc")
@@ -192,14 +197,14 @@ fn exports_of(store: &mut Store<Host>, instance: &Instance, glue: Glue) -> Resul
         memory,
         handle: func(store, "handle")?,
         malloc: func(store, "malloc")?,
-        free: func(store, "free")?,
+        free: optional(store, "free"),
         stack_save: func(store, save)?,
         stack_restore: func(store, restore)?,
         stack_alloc: func(store, alloc)?,
-        set_threw: instance.get_func(&mut *store, "setThrew"),
-        tempret_set: instance.get_func(&mut *store, "_emscripten_tempret_set"),
-        errno_location: instance.get_func(&mut *store, "__errno_location"),
-        table: instance.get_table(&mut *store, "__indirect_function_table"),
+        set_threw: optional(store, "setThrew"),
+        tempret_set: optional(store, "_emscripten_tempret_set"),
+        errno_location: optional(store, "__errno_location"),
+        table: instance.get_table(&mut *store, export_name(glue, "__indirect_function_table")),
         asyncify,
         dyncalls,
     })
@@ -250,6 +255,7 @@ impl AosInstance {
     }
 
     fn func(&mut self, name: &'static str) -> Result<Func, AosError> {
+        let name = export_name(self.profile.glue, name);
         self.instance.get_func(&mut self.store, name).ok_or(AosError::MissingExport(name))
     }
 
@@ -258,8 +264,15 @@ impl AosInstance {
     }
 
     /// The glue's start-up: stack init, stack cookie and address-0 magic, constructors, and `main`
-    /// for E1/E2/E3 (argv = `["./this.program"]`).
+    /// for E2/E3 (argv = `["./this.program"]`); E1: constructors and `main(0, 0)` only.
     fn boot(&mut self) -> Result<(), AosError> {
+        if self.profile.glue == Glue::E1 {
+            let ctors = self.func("__wasm_call_ctors")?;
+            self.call(&ctors, &[])?;
+            let main = self.func("main")?;
+            self.call(&main, &[0, 0])?;
+            return Ok(());
+        }
         let init = self.func("emscripten_stack_init")?;
         self.call(&init, &[])?;
         let get_end = self.func("emscripten_stack_get_end")?;

@@ -13,9 +13,10 @@
 //!
 //! - Formats: the seven `Module-Format`s of the CU allow-list parse ([`AosFormat`]); E2
 //!   (`wasm32-unknown-emscripten2`), E4 (`…emscripten4`) and W64
-//!   (`wasm64-unknown-emscripten-draft_2024_02_15`) run. E1/E3 answer [`AosError::Unsupported`],
-//!   and so do the two `…-metering` formats until the metering pass lands (one marked place in
-//!   [`AosEngine::load`]).
+//!   (`wasm64-unknown-emscripten-draft_2024_02_15`) run bit-exactly; E1
+//!   (`wasm32-unknown-emscripten`, minified names) runs with the loader tests' outputs (its memory
+//!   hashes have no golden yet). E3 answers [`AosError::Unsupported`], and so do the two
+//!   `…-metering` formats until the metering pass lands (one marked place in [`AosEngine::load`]).
 //! - Exactness rests on the host replaying the JS glue: the stack cookie, strings placed on the
 //!   wasm stack as `ccall` does, a per-instance `Date.now` counter (10004, +1 per call), real
 //!   Asyncify unwind/rewind (with the glue's 40 MiB buffer) for every WeaveDrive `open`, `invoke_*`

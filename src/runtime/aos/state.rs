@@ -60,7 +60,8 @@ pub struct Exports {
     pub memory: Memory,
     pub handle: Func,
     pub malloc: Func,
-    pub free: Func,
+    /// Absent from E1 builds (their glue never frees).
+    pub free: Option<Func>,
     pub stack_save: Func,
     pub stack_restore: Func,
     pub stack_alloc: Func,

@@ -48,3 +48,22 @@ return s"#;
     assert_eq!(out.error, None, "{}", out.output);
     assert_eq!(output_text(&out.output).as_deref(), Some("1: Hello Lua\n2: Hello Sqlite3\n3: Hello ao!!!\n"), "{}", out.output);
 }
+
+/// E1 (`wasm32-unknown-emscripten`, minified imports and exports): the loader's index tests —
+/// echo, a counter carried across a restore, the disabled clock.
+#[test]
+fn e1_test_actor_echoes_counts_and_restores() {
+    let Some(m) = module("aos::parity::e1_test_actor_echoes_counts_and_restores", "emscripten.wasm", AosFormat::Emscripten) else { return };
+    let env = r#"{"Process":{"Id":"ctr-id-456","Tags":[]}}"#;
+    let msg = |action: &str, data: &str| {
+        format!(r#"{{"Owner":"tom","Target":"1","Tags":[{{"name":"Action","value":"{action}"}}],"Data":"{data}"}}"#)
+    };
+    let mut p = AosProcess::new(m.clone(), InstanceOptions::default());
+    let out = p.handle(&msg("echo", "Hello World"), env).unwrap();
+    assert_eq!((out.output.as_str(), out.error.as_deref()), (Some("Hello World"), None));
+    assert!(out.gas_used > 0, "the E1 actor is pre-metered");
+    assert_eq!(p.handle(&msg("inc", ""), env).unwrap().output, serde_json::json!(1));
+    let mut restored = AosProcess::with_memory(m, p.memory().to_vec(), InstanceOptions::default());
+    assert_eq!(restored.handle(&msg("inc", ""), env).unwrap().output, serde_json::json!(2));
+    assert_eq!(restored.handle(&msg("Date", ""), env).unwrap().output, serde_json::json!("1970-01-01"));
+}

@@ -106,4 +106,5 @@ fn unknown_import_fails_the_load() {
     }
     assert!(matches!(engine().load(b"not wasm", AosFormat::Emscripten4), Err(AosError::Invalid(_))));
     assert!(matches!(engine().load(&wasm, AosFormat::EmscriptenMetering), Err(AosError::Unsupported(_))));
+    assert!(matches!(engine().load(&wasm, AosFormat::Emscripten3), Err(AosError::Unsupported(_))));
 }

@@ -209,3 +209,17 @@ pub(super) fn system(caller: &mut Caller<'_, Host>, args: &[Val]) -> HostResult<
         _ => Ok(Ret::Int(-ENOSYS)),
     }
 }
+
+/// E1 glue stubs: `fd_close`/`fd_read` answer ENOSYS (52) as positive WASI errnos, `fd_seek` ESPIPE
+/// (70), and the syscalls it leaves unimplemented return `undefined`, i.e. 0.
+pub(super) fn e1_enosys(_: &mut Caller<'_, Host>, _: &[Val]) -> HostResult<Ret> {
+    Ok(Ret::Int(ENOSYS))
+}
+
+pub(super) fn e1_espipe(_: &mut Caller<'_, Host>, _: &[Val]) -> HostResult<Ret> {
+    Ok(Ret::Int(ESPIPE))
+}
+
+pub(super) fn e1_undefined(_: &mut Caller<'_, Host>, _: &[Val]) -> HostResult<Ret> {
+    Ok(Ret::Int(0))
+}

@@ -101,6 +101,43 @@ fn lookup(glue: Glue, module: &str, name: &str) -> Option<Binding> {
     }
 }
 
+/// E1 (`wasm32-unknown-emscripten`): minified imports `a.a`…`a.D` (spec §5.6).
+fn lookup_e1(name: &str) -> Option<Binding> {
+    let b = |f: Imp, p, r| Some(Binding(f, p, r));
+    match name {
+        "a" => b(time::date_zero, 0, 1),
+        "b" => b(control::set_temp_ret0, 1, 0),
+        "c" => b(fs::e1_enosys, 1, 1),
+        "d" => b(fs::e1_undefined, 3, 1),
+        "e" => b(fs::e1_undefined, 3, 1),
+        "f" => b(fs::fd_write, 4, 1),
+        "g" => b(fs::e1_undefined, 4, 1),
+        "h" => b(control::get_temp_ret0, 0, 1),
+        "i" => b(time::mktime, 1, 1),
+        "j" => b(time::tzset, 3, 0),
+        "k" => b(control::memcpy, 3, 0),
+        "l" => b(control::exit, 1, 0),
+        "m" => b(fs::system, 1, 1),
+        "n" => b(time::strftime, 4, 1),
+        "o" => b(fs::e1_espipe, 5, 1),
+        "p" => b(control::throw_longjmp, 0, 0),
+        "q" => b(control::resize_heap, 1, 1),
+        "r" => b(fs::e1_undefined, 2, 1),
+        "s" => b(fs::e1_undefined, 4, 1),
+        "t" => b(fs::e1_undefined, 1, 1),
+        "u" => b(fs::environ_get, 2, 1),
+        "v" => b(fs::environ_sizes_get, 2, 1),
+        "w" => b(fs::e1_undefined, 3, 1),
+        "y" => b(fs::e1_enosys, 4, 1),
+        "z" => b(fs::e1_undefined, 3, 1),
+        "A" => b(time::is_monotonic, 0, 1),
+        "B" => b(time::gmtime, 2, 0),
+        "C" => b(time::localtime, 2, 0),
+        "D" => b(control::abort, 0, 0),
+        _ => None,
+    }
+}
+
 /// Arity not checked for the rarely used syscalls whose parameter count varies between builds.
 const ANY: usize = usize::MAX;
 
@@ -117,17 +154,19 @@ pub(super) fn link(linker: &mut Linker<Host>, module: &Module, profile: Profile)
             weave::link_usegas(linker, &ty).map_err(|d| bad(d.to_owned()))?;
             continue;
         }
-        if m == "env" && n.starts_with("invoke_") {
+        let e1_invoke = profile.glue == Glue::E1 && m == "a" && n == "x";
+        if (m == "env" && n.starts_with("invoke_")) || e1_invoke {
             if ty.results().len() > 1 || ty.params().len() == 0 {
                 return Err(bad(format!("{ty:?} is not an invoke signature")));
             }
-            let sig = n["invoke_".len()..].to_owned();
+            let sig = if e1_invoke { "vii".to_owned() } else { n["invoke_".len()..].to_owned() };
             linker
                 .func_new(&m, &n, ty.clone(), move |mut caller, args, results| control::invoke(&mut caller, &sig, args, results))
                 .map_err(defined)?;
             continue;
         }
-        let Some(Binding(imp, params, results)) = lookup(profile.glue, &m, &n) else {
+        let binding = if profile.glue == Glue::E1 { if m == "a" { lookup_e1(&n) } else { None } } else { lookup(profile.glue, &m, &n) };
+        let Some(Binding(imp, params, results)) = binding else {
             return Err(AosError::UnknownImport { module: m, name: n, format: profile.format.name() });
         };
         if (params != ANY && ty.params().len() != params) || ty.results().len() != results {

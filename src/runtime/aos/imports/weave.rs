@@ -91,7 +91,8 @@ fn sleep(caller: &mut Caller<'_, Host>, result: i32) -> HostResult<Ret> {
         AsyncState::Rewinding => {
             call_ptr(&mut *caller, &stop_rewind, &[])?;
             let data = caller.data().async_data;
-            call_ptr(&mut *caller, &ex.free, &[data])?;
+            let Some(free) = ex.free else { return trap("module exports no free") };
+            call_ptr(&mut *caller, &free, &[data])?;
             let host = caller.data_mut();
             host.async_state = AsyncState::Normal;
             host.async_data = 0;
