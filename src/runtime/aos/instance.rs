@@ -59,6 +59,14 @@ impl Default for InstanceOptions {
     }
 }
 
+/// See [`AosInstance::host_snapshot`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct HostSnapshot {
+    now: f64,
+    tz_done: bool,
+    temp_ret0: i32,
+}
+
 /// A compiled, linked aos module. Cheap to share between threads.
 pub struct AosModule {
     engine: Engine,
@@ -310,6 +318,34 @@ impl AosInstance {
                 classify(e, self.gas_limit)
             })?;
         }
+        Ok(())
+    }
+
+    /// The host state a warm instance carries between messages (the clock counter, the timezone
+    /// flag, tempRet0): with the memory, everything that distinguishes it from a fresh instance.
+    pub(super) fn host_snapshot(&self) -> HostSnapshot {
+        let h = self.store.data();
+        HostSnapshot { now: h.now, tz_done: h.tz_done, temp_ret0: h.temp_ret0 }
+    }
+
+    /// Makes this freshly booted instance equal to the warm one `memory` and `host` were taken
+    /// from: memory grown to exactly the same size (not by the glue's rule), copied, host state set.
+    pub(super) fn become_snapshot(&mut self, memory: &[u8], host: &HostSnapshot) -> Result<(), AosError> {
+        let mem = self.ex.memory;
+        let current = mem.data_size(&self.store);
+        if current > memory.len() {
+            return Err(AosError::Restore(format!(
+                "the snapshot ({} bytes) is smaller than a fresh instance ({current} bytes)",
+                memory.len()
+            )));
+        }
+        let pages = (memory.len() - current).div_ceil(65536) as u64;
+        if pages > 0 && mem.grow(&mut self.store, pages).is_err() {
+            return Err(AosError::Restore(format!("cannot grow memory to the {} bytes of the snapshot", memory.len())));
+        }
+        mem.data_mut(&mut self.store)[..memory.len()].copy_from_slice(memory);
+        let h = self.store.data_mut();
+        (h.now, h.tz_done, h.temp_ret0) = (host.now, host.tz_done, host.temp_ret0);
         Ok(())
     }
 

@@ -46,7 +46,7 @@ pub use engine::AosEngine;
 pub use format::{AosFormat, DateMode, Glue, MeterType, Profile, StackAllocRule};
 pub use imports::control::heap_growth_candidates;
 pub use instance::{AosInstance, AosModule, DEFAULT_GAS_LIMIT, HandleOutcome, InstanceOptions};
-pub use process::{AosProcess, NOT_ENOUGH_MEMORY};
+pub use process::{AosProcess, NOT_ENOUGH_MEMORY, Rollback};
 pub use state::{DATE_COUNTER_START, DEFAULT_ENV, EnvVars, GAS_LIMIT_GLOBAL, GAS_USED_GLOBAL};
 
 /// Why a module cannot be loaded or a message could not be evaluated.

@@ -1,7 +1,7 @@
 //! §10.3: eleven Eval messages per format with CU error semantics, every figure compared.
 
 use ao_gpu_worker::runtime::aos::json::{TestMessage, test_env_json};
-use ao_gpu_worker::runtime::aos::{AosFormat, AosProcess, InstanceOptions};
+use ao_gpu_worker::runtime::aos::{AosFormat, AosProcess, InstanceOptions, Rollback};
 use serde_json::Value;
 
 use crate::support::aos::module;
@@ -26,12 +26,16 @@ pub fn output_text(output: &Value) -> Option<String> {
 /// Runs the sequence of `format`; with `restore_after = Some(n)` the process is rebuilt from a
 /// copy of its memory after message `n` (a CU cold start).
 fn run(test: &str, format: &str, restore_after: Option<usize>) {
+    run_with(test, format, restore_after, Rollback::default());
+}
+
+fn run_with(test: &str, format: &str, restore_after: Option<usize>, rollback: Rollback) {
     let doc = acceptance();
     let case = doc["formats"].as_array().unwrap().iter().find(|f| f["format"] == format).expect("format in acceptance.json");
     let format: AosFormat = format.parse().unwrap();
     let Some(module) = module(test, case["fixture"].as_str().unwrap(), format) else { return };
     let opts = InstanceOptions::default();
-    let mut process = AosProcess::new(module.clone(), opts.clone());
+    let mut process = AosProcess::new(module.clone(), opts.clone()).with_rollback(rollback);
     let env = test_env_json();
     let mut previous_sha = String::new();
     for (i, exp) in case["messages"].as_array().unwrap().iter().enumerate() {
@@ -73,7 +77,7 @@ fn run(test: &str, format: &str, restore_after: Option<usize>) {
         previous_sha = sha;
         if restore_after == Some(n) {
             let memory = process.memory().to_vec();
-            process = AosProcess::with_memory(module.clone(), memory, opts.clone());
+            process = AosProcess::with_memory(module.clone(), memory, opts.clone()).with_rollback(rollback);
         }
     }
 }
@@ -91,6 +95,22 @@ fn w64_sequence_is_bit_exact() {
 #[test]
 fn e2_sequence_is_bit_exact_with_gas() {
     run("aos::acceptance::e2_sequence_is_bit_exact_with_gas", "wasm32-unknown-emscripten2", None);
+}
+
+/// The same results whichever way the rollback is made: a copy before every message, or replay
+/// with the base moved every 2 messages (so message 8's error replays from a warm snapshot).
+#[test]
+fn e4_rollback_strategies_agree() {
+    let test = "aos::acceptance::e4_rollback_strategies_agree";
+    run_with(test, "wasm32-unknown-emscripten4", None, Rollback::Copy);
+    run_with(test, "wasm32-unknown-emscripten4", None, Rollback::Replay { rebase_every: 2 });
+}
+
+#[test]
+fn e2_rollback_strategies_agree() {
+    let test = "aos::acceptance::e2_rollback_strategies_agree";
+    run_with(test, "wasm32-unknown-emscripten2", None, Rollback::Copy);
+    run_with(test, "wasm32-unknown-emscripten2", None, Rollback::Replay { rebase_every: 3 });
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use ao_gpu_worker::runtime::aos::json::{TestMessage, test_env_json};
-use ao_gpu_worker::runtime::aos::{AosEngine, AosFormat, AosProcess, InstanceOptions};
+use ao_gpu_worker::runtime::aos::{AosEngine, AosFormat, AosProcess, InstanceOptions, Rollback};
 
 use crate::support::aos::fixture;
 
@@ -53,7 +53,7 @@ fn measure(name: &str, format: AosFormat) {
     }
     let kept = 200.0 / t.elapsed().as_secs_f64();
 
-    let mut process = AosProcess::new(module.clone(), opts);
+    let mut process = AosProcess::new(module.clone(), opts.clone());
     process.handle(&TestMessage::eval("MSG0", "count = 0").to_json(), &env).unwrap();
     let t = Instant::now();
     for i in 1..=200 {
@@ -61,9 +61,18 @@ fn measure(name: &str, format: AosFormat) {
         assert_eq!(out.error, None);
     }
     let with_snapshot = 200.0 / t.elapsed().as_secs_f64();
+
+    let mut process = AosProcess::new(module.clone(), InstanceOptions::default()).with_rollback(Rollback::Copy);
+    process.handle(&TestMessage::eval("MSG0", "count = 0").to_json(), &env).unwrap();
+    let t = Instant::now();
+    for i in 1..=200 {
+        let out = process.handle(&message(i), &env).unwrap();
+        assert_eq!(out.error, None);
+    }
+    let with_copy = 200.0 / t.elapsed().as_secs_f64();
     eprintln!(
         "aos {name} as {format} ({}): compile {compile:?}, from disk cache {from_disk:?}; boot {boot:?}, boot + first message {first:?}; \
-         200 msgs: {kept:.0} msg/s state kept in the instance, {with_snapshot:.0} msg/s with the rollback snapshot copy ({} MB memory)",
+         200 msgs: {kept:.0} msg/s state kept in the instance, {with_snapshot:.0} msg/s as AosProcess (replay rollback, base every 32), {with_copy:.0} msg/s copying the memory before each message ({} MB memory)",
         if cfg!(debug_assertions) { "debug build" } else { "release build" },
         process.memory().len() / 1_000_000
     );
