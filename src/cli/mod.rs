@@ -4,6 +4,7 @@
 //!
 //! The top of the crate: it parses, calls the library and prints; no library module imports it.
 
+pub mod eval;
 pub mod model;
 
 use std::path::{Path, PathBuf};
@@ -104,6 +105,10 @@ pub enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Evaluate messages against an aos module (AO's emscripten Lua processes) locally, with the
+    /// compute unit's error semantics and no network; prints one JSON line per message (output,
+    /// error, messages, spawns, assignments, gas_used, memory_len, memory_sha256).
+    Eval(eval::EvalArgs),
     /// Model weights for actors: inspect a GGUF file, publish its tensors to a gateway.
     Model {
         #[command(subcommand)]
@@ -227,6 +232,10 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let manifest = crate::capacity::detect(&crate::capacity::DetectOptions { data_dir, worker_address: address });
             emit!("{}", serde_json::to_string_pretty(&manifest)?);
             Ok(())
+        }
+        Command::Eval(args) => {
+            crate::logging::init(&config::LogSection { level: "warn".into(), format: config::LogFormat::Text });
+            eval::run_cli(args)
         }
         Command::Model { command } => {
             crate::logging::init(&config::LogSection { level: "warn".into(), format: config::LogFormat::Text });

@@ -12,6 +12,7 @@ mod actors;
 mod actors_build;
 mod ans104;
 mod ao_gpu;
+mod aos;
 mod architecture;
 mod backend_selection;
 mod bench;

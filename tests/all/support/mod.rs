@@ -3,6 +3,7 @@
 //! serving a counter process), and the f64 references and tolerances of the tensor suites
 //! (`reference`).
 
+pub mod aos;
 pub mod binary;
 pub mod counter;
 pub mod inproc;

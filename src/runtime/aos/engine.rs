@@ -1,0 +1,167 @@
+//! The aos engine: its own wasmtime `Engine` (memory64 on, NaN canonicalization off so `0/0`
+//! prints `-nan` as on V8/x86-64, no fuel: gas is instrumented; epoch interruption for the
+//! wall-clock deadline), the compiled-module cache (memory and disk), and `load`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::{Config, Engine, ExternType, Linker, Module};
+
+use super::format::{AosFormat, Glue};
+use super::instance::AosModule;
+use super::{AosError, imports};
+use crate::runtime::cache::DiskCache;
+
+/// How often the epoch advances (the deadline's resolution).
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Loaded modules by (sha256 of the wasm, format).
+type ModuleMap = HashMap<([u8; 32], AosFormat), Arc<AosModule>>;
+
+/// Compiles and caches aos modules. Cheap to share; one per worker.
+pub struct AosEngine {
+    engine: Engine,
+    disk: Option<DiskCache>,
+    modules: Mutex<ModuleMap>,
+    _ticker: mpsc::Sender<()>,
+}
+
+impl std::fmt::Debug for AosEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AosEngine").field("disk_cache", &self.disk.is_some()).finish()
+    }
+}
+
+impl AosEngine {
+    /// A new engine; `cache_dir` keeps compiled modules across restarts (created when missing).
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, AosError> {
+        let mut config = Config::new();
+        config
+            .wasm_memory64(true)
+            .cranelift_nan_canonicalization(false)
+            .consume_fuel(false)
+            .epoch_interruption(true)
+            .wasm_multi_memory(false);
+        let engine = Engine::new(&config).map_err(|e| AosError::Setup(format!("engine: {e:#}")))?;
+        let disk = match cache_dir {
+            Some(dir) => Some(DiskCache::open(&dir, &engine).map_err(|e| AosError::Cache(e.to_string()))?),
+            None => None,
+        };
+        let ticker = start_ticker(&engine)?;
+        Ok(Self { engine, disk, modules: Mutex::new(HashMap::new()), _ticker: ticker })
+    }
+
+    /// Compiles (or takes from the memory or disk cache) a module of `format`, checks that every
+    /// import is a host function of the format's profile and that the exports the glue calls are
+    /// there.
+    pub fn load(&self, wasm: &[u8], format: AosFormat) -> Result<Arc<AosModule>, AosError> {
+        let profile = format.profile();
+        if profile.glue == Glue::E3 {
+            return Err(AosError::Unsupported(format!("{format}: its glue is not implemented yet (E1, E2, E4 and wasm64 are)")));
+        }
+        let sha256: [u8; 32] = Sha256::digest(wasm).into();
+        if let Some(m) = self.lock().get(&(sha256, format)) {
+            return Ok(m.clone());
+        }
+        // ---- The metering pass goes here: for `…-metering` formats, `wasm` is replaced by its
+        // ---- instrumented form (`metering::meter(wasm, ty)`) before compiling; the cache key
+        // ---- stays the sha256 of the original bytes plus the format.
+        if let Some(ty) = profile.needs_metering {
+            return Err(AosError::Unsupported(format!("{format}: the metering pass ({ty:?} gas) is not yet available")));
+        }
+        let (module, compiled_from_source) = match self.disk.as_ref().and_then(|d| d.load(&self.engine, &sha256)) {
+            Some(m) => (m, false),
+            None => (Module::from_binary(&self.engine, wasm).map_err(|e| AosError::Invalid(format!("{e:#}")))?, true),
+        };
+        let mut linker = Linker::new(&self.engine);
+        linker.allow_shadowing(true);
+        imports::link(&mut linker, &module, profile)?;
+        check_exports(&module, profile.glue)?;
+        if compiled_from_source && let Some(disk) = &self.disk {
+            disk.store(&module, &sha256);
+        }
+        let pre = linker.instantiate_pre(&module).map_err(|e| AosError::Invalid(format!("link: {e:#}")))?;
+        let loaded = Arc::new(AosModule::new(self.engine.clone(), pre, profile, sha256, compiled_from_source));
+        Ok(self.lock().entry((sha256, format)).or_insert(loaded).clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ModuleMap> {
+        crate::sync::lock(&self.modules)
+    }
+}
+
+/// The name under which a module built for `glue` exports `name`: the E1 glue's builds are
+/// minified (`E` memory, `F` constructors, `G` handle, …; spec §5.6).
+pub(super) fn export_name(glue: Glue, name: &'static str) -> &'static str {
+    if glue != Glue::E1 {
+        return name;
+    }
+    match name {
+        "memory" => "E",
+        "__wasm_call_ctors" => "F",
+        "handle" => "G",
+        "main" => "H",
+        "__indirect_function_table" => "I",
+        "malloc" => "J",
+        "__errno_location" => "K",
+        "setThrew" => "L",
+        "stackSave" => "M",
+        "stackRestore" => "N",
+        "stackAlloc" => "O",
+        other => other,
+    }
+}
+
+/// The exports the glue of `glue` calls (by their unminified names).
+pub(super) fn required_exports(glue: Glue) -> Vec<&'static str> {
+    let mut names = vec!["handle", "malloc", "__wasm_call_ctors"];
+    if glue != Glue::E1 {
+        names.extend(["free", "emscripten_stack_init", "emscripten_stack_get_end"]);
+    }
+    match glue {
+        Glue::E1 | Glue::E2 => names.extend(["stackSave", "stackRestore", "stackAlloc", "main"]),
+        Glue::E3 | Glue::E4 | Glue::W64 => {
+            names.extend(["emscripten_stack_get_current", "_emscripten_stack_restore", "_emscripten_stack_alloc"])
+        }
+    }
+    if matches!(glue, Glue::E4 | Glue::W64) {
+        names.extend(["asyncify_start_unwind", "asyncify_stop_unwind", "asyncify_start_rewind", "asyncify_stop_rewind"]);
+    }
+    names
+}
+
+fn check_exports(module: &Module, glue: Glue) -> Result<(), AosError> {
+    match module.get_export(export_name(glue, "memory")) {
+        Some(ExternType::Memory(_)) => {}
+        _ => return Err(AosError::MissingExport(export_name(glue, "memory"))),
+    }
+    for name in required_exports(glue) {
+        let name = export_name(glue, name);
+        if !matches!(module.get_export(name), Some(ExternType::Func(_))) {
+            return Err(AosError::MissingExport(name));
+        }
+    }
+    Ok(())
+}
+
+/// A thread that advances the engine's epoch every [`EPOCH_TICK`] until the sender is dropped.
+fn start_ticker(engine: &Engine) -> Result<mpsc::Sender<()>, AosError> {
+    let (tx, rx) = mpsc::channel::<()>();
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("aos-epoch".to_owned())
+        .spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(EPOCH_TICK) {
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })
+        .map_err(|e| AosError::Setup(format!("cannot start the epoch thread: {e}")))?;
+    Ok(tx)
+}
