@@ -300,7 +300,7 @@ pub fn detect(opts: &DetectOptions) -> CapacityManifest {
         worker: WorkerInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             address: opts.worker_address.clone(),
-            module_formats: vec![crate::protocol::ao::MODULE_FORMAT.to_owned()],
+            module_formats: crate::runtime::supported_formats().into_iter().map(str::to_owned).collect(),
         },
         host,
         gpus: GpuInfo { wgpu, cuda },
@@ -441,7 +441,10 @@ mod tests {
         assert!(m.generated_at_ms > 1_600_000_000_000);
         assert_eq!(m.worker.version, env!("CARGO_PKG_VERSION"));
         assert_eq!(m.worker.address.as_deref(), Some("test-address"));
-        assert_eq!(m.worker.module_formats, vec![crate::protocol::ao::MODULE_FORMAT.to_owned()]);
+        assert_eq!(m.worker.module_formats[0], crate::protocol::ao::MODULE_FORMAT);
+        for aos in ["wasm32-unknown-emscripten2", "wasm32-unknown-emscripten4", "wasm64-unknown-emscripten-draft_2024_02_15"] {
+            assert!(m.worker.module_formats.iter().any(|f| f == aos), "{aos} advertised: {:?}", m.worker.module_formats);
+        }
         assert!(m.host.cpu.logical_cores >= 1);
         assert!(!m.host.arch.is_empty());
         assert!(m.host.memory.total_bytes > 0);

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::attest::{KeyError, KeyType, Keypair};
 use crate::config::{self, Config, ConfigError};
 use crate::daemon::Worker;
+use crate::demo::aos::AosDemo;
 use crate::devnet::{Devnet, DevnetOptions};
 use crate::net::{Policy, SchedulerClient};
 use crate::protocol::su::ItemJson;
@@ -81,6 +82,13 @@ pub enum Command {
         /// Arweave wallets. Needs a data dir created in this mode.
         #[arg(long)]
         legacy_strict: bool,
+        /// Also run an aos process pair in the demo on this module (an AO emscripten wasm such as
+        /// aos 2.0); scripts/devnet passes the aos fixture when it is present.
+        #[arg(long, requires = "aos_format")]
+        aos_module: Option<PathBuf>,
+        /// The aos module's Module-Format (e.g. wasm32-unknown-emscripten4).
+        #[arg(long, requires = "aos_module")]
+        aos_format: Option<String>,
     },
     /// Create a new key file (mode 0600): ed25519, or an Arweave RSA-4096 wallet; refuses to overwrite.
     Keygen {
@@ -198,10 +206,11 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Devnet { data_dir, port_base, once, advertise_interval, no_worker, legacy_strict } => {
+        Command::Devnet { data_dir, port_base, once, advertise_interval, no_worker, legacy_strict, aos_module, aos_format } => {
             crate::logging::init(&config::LogSection { level: "info".into(), format: config::LogFormat::Text });
             let opts = DevnetOptions::new(&data_dir, port_base).legacy_strict(legacy_strict);
-            runtime()?.block_on(devnet(&opts, once, advertise_interval, no_worker))
+            let aos = aos_module.zip(aos_format).map(|(module, format)| AosDemo { module, format });
+            runtime()?.block_on(devnet(&opts, once, advertise_interval, no_worker, aos.as_ref()))
         }
         Command::Keygen { out, key_type } => {
             let key = Keypair::generate_type(key_type)?;
@@ -316,7 +325,13 @@ async fn wait_for_signal(token: CancellationToken) {
 }
 
 /// The devnet plus a worker: the README's main job.
-async fn devnet(opts: &DevnetOptions, once: bool, advertise_interval: std::time::Duration, no_worker: bool) -> anyhow::Result<()> {
+async fn devnet(
+    opts: &DevnetOptions,
+    once: bool,
+    advertise_interval: std::time::Duration,
+    no_worker: bool,
+    aos: Option<&AosDemo>,
+) -> anyhow::Result<()> {
     let data_dir = opts.data_dir.as_path();
     let mut net = Devnet::start(opts).await?;
     emit!("{}", serde_json::to_string(&net.urls)?);
@@ -335,7 +350,7 @@ async fn devnet(opts: &DevnetOptions, once: bool, advertise_interval: std::time:
     );
     let config = devnet_worker_config(&worker_dir, &net, advertise_interval)?;
     let worker = Worker::start(config, key, net.worker_listener.take()).await?;
-    let result = if once { demo_once(&net, &worker).await } else { serve_demo(&net, &worker).await };
+    let result = if once { demo_once(&net, &worker, aos).await } else { serve_demo(&net, &worker, aos).await };
     worker.shutdown().await;
     net.shutdown().await;
     result
@@ -385,21 +400,25 @@ async fn read_back(net: &Devnet, id: &str) -> anyhow::Result<serde_json::Value> 
     }))
 }
 
-async fn demo_once(net: &Devnet, worker: &Worker) -> anyhow::Result<()> {
+async fn demo_once(net: &Devnet, worker: &Worker, aos: Option<&AosDemo>) -> anyhow::Result<()> {
     let ad = tokio::time::timeout(std::time::Duration::from_secs(120), worker.advertised())
         .await
         .context("the worker did not advertise its capacity within 120 s")?;
     let summary = read_back(net, &ad.id).await?;
     emit!("{}", serde_json::to_string(&summary)?);
-    crate::demo::run(net, worker, &|v| {
+    let print = |v: &serde_json::Value| {
         let _ = print_line(&v.to_string());
-    })
-    .await
+    };
+    crate::demo::run(net, worker, &print).await?;
+    match aos {
+        Some(aos) => crate::demo::aos::run(net, worker, aos, &print).await,
+        None => Ok(()),
+    }
 }
 
-async fn serve_demo(net: &Devnet, worker: &Worker) -> anyhow::Result<()> {
+async fn serve_demo(net: &Devnet, worker: &Worker, aos: Option<&AosDemo>) -> anyhow::Result<()> {
     let token = worker.shutdown_token();
-    demo_once(net, worker).await?;
+    demo_once(net, worker, aos).await?;
     let printer = async {
         let mut last = None;
         loop {

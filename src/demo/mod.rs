@@ -7,6 +7,7 @@
 //! Demos report what they find as JSON values to their caller (the command line prints them);
 //! nothing here knows the command line.
 
+pub mod aos;
 pub mod smollm2;
 
 use std::time::{Duration, Instant};
@@ -94,7 +95,24 @@ pub fn message(key: &Keypair, target: &str, anchor: u64, tags: &[(&str, &str)], 
         .sign(key)?)
 }
 
-async fn wait_result(worker: &Worker, id: &str) -> anyhow::Result<ResultRecord> {
+/// Spawns process `p` through the messenger and assigns it to `worker` through the registry,
+/// signed by the devnet's authority.
+pub async fn spawn_and_assign(mu: &MessengerClient, net: &Devnet, worker: &Worker, p: &DataItem, anchor: u64) -> anyhow::Result<()> {
+    let authority = &net.authority;
+    mu.post_item(p).await.context("cannot spawn a demo process")?;
+    let mut tags = ao::base_tags(ItemType::Message);
+    tags.extend([Tag::new("Action", "Assign-Workload"), Tag::new("Worker", &worker.state.address), Tag::new("Process", p.id())]);
+    let assign = DataItemBuilder::new()
+        .target(b64::decode_id(&net.urls.registry)?)
+        .anchor(ao::numeric_anchor(anchor))
+        .tags(tags)
+        .data(b" ".to_vec())
+        .sign(authority)?;
+    mu.post_item(&assign).await.context("cannot assign a demo process")?;
+    Ok(())
+}
+
+pub(crate) async fn wait_result(worker: &Worker, id: &str) -> anyhow::Result<ResultRecord> {
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(r) = worker.state.jobs.journal.result_by_message(id)? {
@@ -124,17 +142,7 @@ pub async fn run(net: &Devnet, worker: &Worker, print: &dyn Fn(&Value)) -> anyho
     let spawn = |module: &str, n: u64, name: &str| process_item(authority, module, &net.scheduler_address, run_id * 10 + n, name);
     let (a, b, c) = (spawn(&module.id(), 1, "counter-a")?, spawn(&module.id(), 2, "counter-b")?, spawn(&mlp_module.id(), 3, "mlp")?);
     for (n, p) in [&a, &b, &c].into_iter().enumerate() {
-        mu.post_item(p).await.context("cannot spawn a demo process")?;
-        let assign = message(authority, &net.urls.registry, run_id * 10 + 4 + n as u64, &[], "")?;
-        let mut tags = assign.tags.clone();
-        tags.extend([Tag::new("Action", "Assign-Workload"), Tag::new("Worker", &worker.state.address), Tag::new("Process", p.id())]);
-        let assign = DataItemBuilder::new()
-            .target(assign.target.unwrap())
-            .anchor(assign.anchor.unwrap())
-            .tags(tags)
-            .data(b" ".to_vec())
-            .sign(authority)?;
-        mu.post_item(&assign).await.context("cannot assign a demo process")?;
+        spawn_and_assign(&mu, net, worker, p, run_id * 10 + 4 + n as u64).await?;
     }
     print(
         &json!({"module": module.id(), "mlp_module": mlp_module.id(), "processes": [a.id(), b.id(), c.id()], "assigned_to": worker.state.address}),

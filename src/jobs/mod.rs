@@ -32,7 +32,7 @@ use crate::net::scheduler::Range;
 use crate::net::{GatewayClient, MessengerClient, NetError, SchedulerClient};
 use crate::protocol::su::{ItemJson, MessageNode, next_hash_chain};
 use crate::protocol::{DataItem, b64};
-use crate::runtime::{ActorModule, EvalError, EvalInput, Limits, Runtime};
+use crate::runtime::{ActorModule, EvalError, EvalInput, Limits, Runtime, StateRef};
 
 use eval::{DryRunBase, DryRunRequest, Slot};
 
@@ -97,6 +97,17 @@ pub struct Context {
     halted: Mutex<HashMap<String, String>>,
     /// Wakes the work loop before its next poll (someone waits on a result).
     wake: Notify,
+}
+
+impl ProcessSetup {
+    /// The message JSON the module gets: the compute unit's for aos modules, docs/abi.md's for
+    /// the worker's own format.
+    pub fn message_json(&self, message: &ItemJson, slot: &Slot, read_only: bool) -> String {
+        match self.module.aos_format() {
+            Some(_) => eval::cu_message_json(message, slot, &self.process.id, read_only),
+            None => eval::message_json(message, slot, &self.module_item.id(), read_only),
+        }
+    }
 }
 
 /// A served process with its verified module, loaded once.
@@ -211,7 +222,7 @@ impl Context {
             None => (DryRunBase { process: process.to_owned(), timestamp: crate::clock::now_ms(), ..DryRunBase::default() }, None),
         };
         let (message, slot) = eval::dry_run_message(request, &base);
-        let msg_json = eval::message_json(&message, &slot, &setup.module_item.id(), true);
+        let msg_json = setup.message_json(&message, &slot, true);
         let (runtime, module, env_json, limits) = (self.runtime.clone(), setup.module.clone(), setup.env_json.clone(), setup.limits);
         let (message_id, timestamp) = (message.id.clone(), slot.timestamp);
         let evaluation = tokio::task::spawn_blocking(move || {
@@ -263,7 +274,10 @@ impl Context {
             .map_err(|e| halt(format!("module load task failed: {e}")))?
             .map_err(|e| halt(format!("module {module_id}: {e}")))?;
         let limits = self.runtime.limits(&module_item.tags, &process_item.tags).map_err(|e| halt(e.to_string()))?;
-        let env_json = eval::env_json(&process_item, &module_item);
+        let env_json = match module.aos_format() {
+            Some(_) => eval::cu_env_json(&process_item, &module_item),
+            None => eval::env_json(&process_item, &module_item),
+        };
         let setup = Arc::new(ProcessSetup { process: process_item, module_item, module, limits, env_json });
         crate::sync::lock(&self.processes).insert(process.to_owned(), setup.clone());
         Ok(setup)
@@ -311,22 +325,25 @@ impl Context {
             }
         };
         let module_id = setup.module_item.id();
-        let msg_json = eval::message_json(&message, slot, &module_id, false);
-        let state = match prev.and_then(|p| p.state_hash.clone()) {
-            Some(h) => Some(
-                self.journal
-                    .state(&h)?
-                    .ok_or_else(|| JobError::Halted { process: process.clone(), reason: format!("state {h} missing from the journal") })?,
-            ),
-            None => None,
-        };
+        let msg_json = setup.message_json(&message, slot, false);
+        let state_hash = prev.and_then(|p| p.state_hash.clone());
         let runtime = self.runtime.clone();
         let module = setup.module.clone();
         let (env_json, limits, message_id, msg) = (setup.env_json.clone(), setup.limits, message.id.clone(), msg_json.clone());
         let timestamp = slot.timestamp;
+        let (journal, pid) = (self.journal.clone(), process.clone());
         let evaluation = tokio::task::spawn_blocking(move || {
+            // Read only when the runtime holds no live instance in that state (aos), off the
+            // async threads: an aos state is ~110 MB.
+            let load = || match &state_hash {
+                Some(h) => {
+                    journal.state(h).map_err(|e| e.to_string())?.map(Some).ok_or_else(|| format!("state {h} missing from the journal"))
+                }
+                None => Ok(None),
+            };
+            let state = StateRef { hash: state_hash.as_deref(), load: &load };
             let input = EvalInput { msg_json: &msg, env_json: &env_json, timestamp_ms: timestamp, message_id: &message_id, limits };
-            runtime.evaluate(&module, state.as_deref(), &input)
+            runtime.evaluate_process(&pid, &module, &state, &input)
         })
         .await
         .map_err(|e| JobError::Halted { process: process.clone(), reason: format!("evaluation task failed: {e}") })?;
@@ -342,7 +359,11 @@ impl Context {
             Err(e) => Err(e.to_string()),
         };
         let mut response = eval::result_object(&outcome, evaluation.gas_used);
-        let new_state_hash = evaluation.memory.as_deref().map(sha256_hex).or_else(|| prev.and_then(|p| p.state_hash.clone()));
+        let new_state_hash = match (&evaluation.state_hash, evaluation.memory.as_deref()) {
+            (Some(h), Some(_)) => Some(h.clone()),
+            (None, Some(memory)) => Some(sha256_hex(memory)),
+            (_, None) => prev.and_then(|p| p.state_hash.clone()),
+        };
         let mut outgoing = Vec::new();
         if outcome.is_ok() {
             // Spawns name the scheduler; look its address up only when there are any.

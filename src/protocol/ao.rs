@@ -39,9 +39,15 @@ pub fn base_tags(item_type: ItemType) -> Vec<Tag> {
 /// The tags of a Module item in the worker's format (§2.3): protocol tags, format, JSON-1
 /// encodings, content type, the module's limits and a name.
 pub fn module_tags(name: &str, memory_limit: &str, compute_limit: &str) -> Vec<Tag> {
+    format_module_tags(MODULE_FORMAT, name, memory_limit, compute_limit)
+}
+
+/// The tags of a Module item of `format` (an aos format such as `wasm32-unknown-emscripten4`, or
+/// the worker's own), with JSON-1 encodings, the limits and a name.
+pub fn format_module_tags(format: &str, name: &str, memory_limit: &str, compute_limit: &str) -> Vec<Tag> {
     let mut tags = base_tags(ItemType::Module);
     tags.extend([
-        Tag::new("Module-Format", MODULE_FORMAT),
+        Tag::new("Module-Format", format),
         Tag::new("Input-Encoding", "JSON-1"),
         Tag::new("Output-Encoding", "JSON-1"),
         Tag::new("Content-Type", "application/wasm"),

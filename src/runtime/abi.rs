@@ -135,12 +135,15 @@ fn run(
     input: &EvalInput<'_>,
     limits: Limits,
 ) -> Result<(Value, Vec<u8>), Stop> {
-    let instance = module.pre.instantiate(&mut *store)?;
+    let super::ModuleKind::Own { pre, has_initialize } = &module.kind else {
+        return Err(EvalError::Trap("worker bug: an aos module reached the JSON-1 ABI".to_owned()).into());
+    };
+    let instance = pre.instantiate(&mut *store)?;
     let memory = instance.get_memory(&mut *store, "memory").ok_or_else(|| EvalError::Trap("module has no memory export".to_owned()))?;
     match state {
         Some(saved) => restore(store, memory, saved, limits)?,
         None => {
-            if module.has_initialize {
+            if *has_initialize {
                 instance.get_typed_func::<(), ()>(&mut *store, "_initialize")?.call(&mut *store, ())?;
             }
         }

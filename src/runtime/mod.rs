@@ -37,6 +37,7 @@ pub mod aos;
 mod cache;
 pub mod host;
 pub mod limits;
+mod live;
 
 #[cfg(test)]
 mod tests;
@@ -59,6 +60,7 @@ pub use host::gpu::{
 };
 pub use host::wasi::LOG_CAP;
 pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
+pub use live::{LIVE_PROCESSES, StateRef};
 
 pub use crate::gpu::pool::{DeviceInfo, DeviceLoad, DevicePool, SharedDevice};
 use crate::gpu::{Backend, BackendKind, Determinism};
@@ -110,16 +112,28 @@ pub enum RuntimeError {
     BadLimit { tag: &'static str, value: String },
     #[error("module cache: {0}")]
     Cache(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     #[error("runtime setup: {0}")]
     Setup(String),
 }
 
 fn unsupported_format(format: &str) -> String {
+    let formats = supported_formats().join(", ");
     if format.is_empty() {
-        format!("module has no Module-Format tag; the worker runs {MODULE_FORMAT}")
+        format!("module has no Module-Format tag; the worker runs {formats}")
     } else {
-        format!("unsupported module format {format:?}; the worker runs {MODULE_FORMAT}")
+        format!("unsupported module format {format:?}; the worker runs {formats}")
     }
+}
+
+/// Every `Module-Format` the worker runs: its own and the aos formats it implements.
+pub fn supported_formats() -> Vec<&'static str> {
+    let mut formats = vec![MODULE_FORMAT];
+    // E3 has no glue yet; the `…-metering` formats need the metering pass wired into the engine.
+    let runs = |f: &aos::AosFormat| f.profile().glue != aos::Glue::E3 && f.profile().needs_metering.is_none();
+    formats.extend(aos::AosFormat::ALL.iter().filter(|f| runs(f)).map(|f| f.name()));
+    formats
 }
 
 /// Why one evaluation failed. The process state rolls back in every case.
@@ -148,9 +162,14 @@ pub enum EvalError {
 /// A loaded module, ready to instantiate. Cheap to share between evaluations and threads.
 pub struct ActorModule {
     sha256: [u8; 32],
-    pre: InstancePre<HostState>,
-    has_initialize: bool,
+    kind: ModuleKind,
     compiled_from_source: bool,
+}
+
+/// What runs a module: the worker's own ABI, or the aos runtime (AO's emscripten formats).
+enum ModuleKind {
+    Own { pre: InstancePre<HostState>, has_initialize: bool },
+    Aos(Arc<aos::AosModule>),
 }
 
 impl ActorModule {
@@ -166,7 +185,22 @@ impl ActorModule {
 
     /// Whether the module exports `_initialize` (called before a process's first message).
     pub fn has_initialize(&self) -> bool {
-        self.has_initialize
+        matches!(self.kind, ModuleKind::Own { has_initialize: true, .. })
+    }
+
+    /// The aos format when the module is one of AO's emscripten modules (its messages and
+    /// environment are then the compute unit's JSON, `protocol::cu_json`), `None` for the worker's
+    /// own format.
+    pub fn aos_format(&self) -> Option<aos::AosFormat> {
+        match &self.kind {
+            ModuleKind::Aos(m) => Some(m.profile().format),
+            ModuleKind::Own { .. } => None,
+        }
+    }
+
+    /// The `Module-Format` the module runs as.
+    pub fn format(&self) -> &'static str {
+        self.aos_format().map_or(MODULE_FORMAT, aos::AosFormat::name)
     }
 }
 
@@ -174,7 +208,8 @@ impl std::fmt::Debug for ActorModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ActorModule")
             .field("sha256", &hex::encode(self.sha256))
-            .field("has_initialize", &self.has_initialize)
+            .field("format", &self.format())
+            .field("has_initialize", &self.has_initialize())
             .field("compiled_from_source", &self.compiled_from_source)
             .finish()
     }
@@ -202,6 +237,9 @@ pub struct Evaluation {
     pub outcome: Result<serde_json::Value, EvalError>,
     /// The new state (the whole linear memory), only on success.
     pub memory: Option<Vec<u8>>,
+    /// The sha256 (hex) of `memory` when the runtime computed it (aos modules); callers hash
+    /// `memory` themselves otherwise.
+    pub state_hash: Option<String>,
     /// Fuel consumed, the same for the same message in the same state.
     pub gas_used: u64,
     /// Captured stdout and stderr, at most [`LOG_CAP`] bytes plus a truncation note.
@@ -261,6 +299,9 @@ impl std::fmt::Debug for PoolConfig {
     }
 }
 
+/// Loaded modules by (sha256 of the wasm, `Module-Format`).
+type ModuleMap = HashMap<([u8; 32], &'static str), Arc<ActorModule>>;
+
 /// The engine, the linker's pre-instantiated modules and the caches. Share it behind an `Arc`.
 pub struct Runtime {
     engine: Engine,
@@ -273,7 +314,10 @@ pub struct Runtime {
     constant_metrics: Option<ConstantMetrics>,
     backend_info: TensorBackendInfo,
     disk: DiskCache,
-    modules: Mutex<HashMap<[u8; 32], Arc<ActorModule>>>,
+    modules: Mutex<ModuleMap>,
+    /// The engine of aos modules, made on the first one loaded.
+    aos: std::sync::OnceLock<Result<aos::AosEngine, String>>,
+    live: live::LiveProcesses,
     deadline_ticks: u64,
     /// Dropping it stops the epoch ticker.
     _ticker: mpsc::Sender<()>,
@@ -391,6 +435,8 @@ impl Runtime {
             backend_info,
             disk,
             modules: Mutex::new(HashMap::new()),
+            aos: std::sync::OnceLock::new(),
+            live: live::LiveProcesses::default(),
             deadline_ticks,
             _ticker: ticker,
         })
@@ -432,13 +478,24 @@ impl Runtime {
     }
 
     /// Validates `Module-Format` / `Input-Encoding` / `Output-Encoding`, then compiles the module
-    /// (or loads it from memory or the disk cache) and checks its exports and imports.
+    /// (or loads it from memory or the disk cache) and checks its exports and imports. The worker's
+    /// own format runs on the JSON-1 ABI (docs/abi.md); AO's emscripten formats run on the aos
+    /// runtime ([`aos`]).
     pub fn load(&self, module_bytes: &[u8], module_tags: &[Tag]) -> Result<Arc<ActorModule>, RuntimeError> {
-        check_tags(module_tags)?;
+        let format = check_tags(module_tags)?;
         let sha256: [u8; 32] = Sha256::digest(module_bytes).into();
-        if let Some(m) = self.lock_modules().get(&sha256) {
+        let key = (sha256, format.map_or(MODULE_FORMAT, aos::AosFormat::name));
+        if let Some(m) = self.lock_modules().get(&key) {
             return Ok(m.clone());
         }
+        let loaded = match format {
+            Some(format) => self.load_aos(module_bytes, format, sha256)?,
+            None => self.load_own(module_bytes, sha256)?,
+        };
+        Ok(self.lock_modules().entry(key).or_insert(Arc::new(loaded)).clone())
+    }
+
+    fn load_own(&self, module_bytes: &[u8], sha256: [u8; 32]) -> Result<ActorModule, RuntimeError> {
         let (module, compiled_from_source) = match self.disk.load(&self.engine, &sha256) {
             Some(m) => (m, false),
             None => (Module::from_binary(&self.engine, module_bytes).map_err(|e| RuntimeError::Invalid(format!("{e:#}")))?, true),
@@ -449,8 +506,23 @@ impl Runtime {
             self.disk.store(&module, &sha256);
         }
         let pre = self.linker.instantiate_pre(&module).map_err(|e| RuntimeError::Invalid(format!("link: {e:#}")))?;
-        let loaded = Arc::new(ActorModule { sha256, pre, has_initialize, compiled_from_source });
-        Ok(self.lock_modules().entry(sha256).or_insert(loaded).clone())
+        Ok(ActorModule { sha256, kind: ModuleKind::Own { pre, has_initialize }, compiled_from_source })
+    }
+
+    fn load_aos(&self, module_bytes: &[u8], format: aos::AosFormat, sha256: [u8; 32]) -> Result<ActorModule, RuntimeError> {
+        let engine = self
+            .aos
+            .get_or_init(|| aos::AosEngine::new(Some(self.cfg.cache_dir.clone())).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| RuntimeError::Setup(format!("aos engine: {e}")))?;
+        let module = engine.load(module_bytes, format).map_err(|e| match e {
+            aos::AosError::Unsupported(why) => RuntimeError::Unsupported(why),
+            aos::AosError::Cache(why) => RuntimeError::Cache(why),
+            aos::AosError::Setup(why) => RuntimeError::Setup(why),
+            other => RuntimeError::Invalid(other.to_string()),
+        })?;
+        let compiled_from_source = module.compiled_from_source();
+        Ok(ActorModule { sha256, kind: ModuleKind::Aos(module), compiled_from_source })
     }
 
     /// `Memory-Limit` / `Compute-Limit` from the module's tags, overridden by the process's (which
@@ -461,6 +533,9 @@ impl Runtime {
 
     /// One evaluation of one message against `state` (`None`: the process's first message).
     pub fn evaluate(&self, module: &ActorModule, state: Option<&[u8]>, input: &EvalInput<'_>) -> Evaluation {
+        if let ModuleKind::Aos(aos_module) = &module.kind {
+            return live::evaluate_once(aos_module, state, input, self.cfg.deadline);
+        }
         let max = self.max_limits();
         let limits =
             Limits { memory_bytes: input.limits.memory_bytes.min(max.memory_bytes), compute: input.limits.compute.min(max.compute) };
@@ -471,7 +546,7 @@ impl Runtime {
         let Some(env) = self.gpu.get(device) else {
             // `build` made one environment per device: unreachable, but never a panic.
             let e = EvalError::Trap(format!("worker bug: tensor device {device} has no environment"));
-            return Evaluation { outcome: Err(e), memory: None, gas_used: 0, log: String::new(), device };
+            return Evaluation { outcome: Err(e), memory: None, state_hash: None, gas_used: 0, log: String::new(), device };
         };
         tracing::debug!(device, kind = %self.backend_info.kind, msg = input.message_id, "evaluation placed");
         let mut store = Store::new(
@@ -504,26 +579,53 @@ impl Runtime {
         drop(store);
         drop(lease);
         match outcome {
-            Ok((response, memory)) => Evaluation { outcome: Ok(response), memory: Some(memory), gas_used, log, device },
-            Err(e) => Evaluation { outcome: Err(e), memory: None, gas_used, log, device },
+            Ok((response, memory)) => Evaluation { outcome: Ok(response), memory: Some(memory), state_hash: None, gas_used, log, device },
+            Err(e) => Evaluation { outcome: Err(e), memory: None, state_hash: None, gas_used, log, device },
         }
+    }
+
+    /// One evaluation of a message of the served process `process`. aos processes keep a live
+    /// instance between messages (see [`live`]): the state image is read through `state.load`
+    /// only when no live instance holds `state.hash`. The worker's own format reads it every time.
+    pub fn evaluate_process(&self, process: &str, module: &ActorModule, state: &StateRef<'_>, input: &EvalInput<'_>) -> Evaluation {
+        match &module.kind {
+            ModuleKind::Aos(aos_module) => self.live.evaluate(process, aos_module, state, input, self.cfg.deadline),
+            ModuleKind::Own { .. } => match (state.load)() {
+                Ok(image) => self.evaluate(module, image.as_deref(), input),
+                Err(e) => Evaluation {
+                    outcome: Err(EvalError::Unavailable(format!("cannot read the state: {e}"))),
+                    memory: None,
+                    state_hash: None,
+                    gas_used: 0,
+                    log: String::new(),
+                    device: 0,
+                },
+            },
+        }
+    }
+
+    /// How many aos processes hold a live instance.
+    pub fn live_processes(&self) -> usize {
+        self.live.len()
     }
 
     fn max_limits(&self) -> Limits {
         Limits { memory_bytes: self.cfg.max_memory, compute: self.cfg.max_compute }
     }
 
-    fn lock_modules(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<ActorModule>>> {
+    fn lock_modules(&self) -> std::sync::MutexGuard<'_, ModuleMap> {
         // The map holds no invariant a panicking holder could break.
         crate::sync::lock(&self.modules)
     }
 }
 
-fn check_tags(tags: &[Tag]) -> Result<(), RuntimeError> {
+/// The module's format: `None` for the worker's own, else the aos format.
+fn check_tags(tags: &[Tag]) -> Result<Option<aos::AosFormat>, RuntimeError> {
     let format = limits::first_tag(tags, "Module-Format").unwrap_or("");
-    if format != MODULE_FORMAT {
-        return Err(RuntimeError::UnsupportedFormat(format.to_owned()));
-    }
+    let aos_format = match format {
+        MODULE_FORMAT => None,
+        other => Some(other.parse::<aos::AosFormat>().map_err(|_| RuntimeError::UnsupportedFormat(other.to_owned()))?),
+    };
     for tag in ["Input-Encoding", "Output-Encoding"] {
         if let Some(value) = limits::first_tag(tags, tag)
             && value != JSON_1
@@ -531,7 +633,7 @@ fn check_tags(tags: &[Tag]) -> Result<(), RuntimeError> {
             return Err(RuntimeError::UnsupportedEncoding { tag, value: value.to_owned() });
         }
     }
-    Ok(())
+    Ok(aos_format)
 }
 
 /// A thread that advances the engine's epoch every [`EPOCH_TICK`] until the returned sender is

@@ -13,6 +13,7 @@ mod actors_build;
 mod ans104;
 mod ao_gpu;
 mod aos;
+mod aos_devnet;
 mod architecture;
 mod backend_selection;
 mod bench;
