@@ -207,6 +207,7 @@ fn prepare(key: &Keypair, process: &str, nonce: u64, image: Vec<u8>) -> Prepared
         assignment: b64::encode(&[5; 32]),
         state_hash: Some(state_hash.clone()),
         timestamp: 1_700_000_000_000 + nonce,
+        checkpoint: None,
     };
     let result = ResultRecord {
         process: process.to_owned(),
@@ -220,6 +221,7 @@ fn prepare(key: &Keypair, process: &str, nonce: u64, image: Vec<u8>) -> Prepared
         state_hash: Some(state_hash),
         gas_used: 123_456,
         posted: outgoing.iter().map(|o| o.id.clone()).collect(),
+        replay: None,
     };
     Prepared { progress, result, state: image, outgoing }
 }

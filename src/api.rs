@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::httpd::{ApiError, no_route, wrong_method};
 use crate::jobs::JobError;
 use crate::jobs::eval::DryRunRequest;
-use crate::journal::{LatestState, ResultRecord};
+use crate::journal::ResultRecord;
 use crate::net::NetError;
 use crate::protocol::b64;
 use crate::state::WorkerState;
@@ -271,14 +271,7 @@ async fn read_state(
     let q = params(q)?;
     let process = path_id(process, "process")?;
     no_to(&q)?;
-    let jobs = s.jobs.clone();
-    let p = process.clone();
-    let latest = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
-        let Some(LatestState { progress, image }) = jobs.journal.latest_state(&p).map_err(internal)? else { return Ok(None) };
-        let last = jobs.journal.results(&p, None, Some(progress.nonce), 1, true).map_err(internal)?;
-        Ok(Some((progress, image, last.first().map_or(0, |r| r.block_height))))
-    })
-    .await??;
+    let latest = s.jobs.latest_image(&process).await.map_err(job_error)?;
     let Some((progress, image, block_height)) = latest else {
         return Err(ApiError::not_found(format!("no state for process {process}: nothing evaluated here")));
     };

@@ -80,9 +80,44 @@ pub struct Progress {
     /// `Hash-Chain` and id of that message's assignment: the next one must chain from them.
     pub hash_chain: String,
     pub assignment: String,
-    /// sha256 hex of the memory after it; `None` before the first successful evaluation.
+    /// The state after it: the sha256 hex of the memory, or for a checkpointed process (below)
+    /// between checkpoints a commitment chained from the checkpoint's (see `runtime::live`);
+    /// `None` before the first successful evaluation.
     pub state_hash: Option<String>,
     pub timestamp: u64,
+    /// For processes whose state is checkpointed (aos: ~110 MB of memory, not stored per
+    /// message): the latest state whose image the journal holds. The messages after it are
+    /// replayed to rebuild `state_hash`. `None`: the image of every state is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A stored state of a checkpointed process: the image after message `after` (`None`: a fresh
+/// boot, before the process's first message), whose memory hashes to `state_hash` (`None` with a
+/// fresh boot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub after: Option<u64>,
+    pub state_hash: Option<String>,
+}
+
+impl Progress {
+    /// The hash of the image the journal holds for this progress.
+    fn stored_hash(&self) -> Option<&str> {
+        match &self.checkpoint {
+            Some(c) => c.state_hash.as_deref(),
+            None => self.state_hash.as_deref(),
+        }
+    }
+}
+
+/// What rebuilds a process's state: the stored image (`None`: a fresh boot) with its hash, and the
+/// message JSON of every message evaluated since, in order (empty unless checkpointed).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StateSource {
+    pub image: Option<Vec<u8>>,
+    pub image_hash: Option<String>,
+    pub replay: Vec<String>,
 }
 
 /// The result of one evaluated message, as the compute-unit API serves it.
@@ -102,6 +137,9 @@ pub struct ResultRecord {
     pub gas_used: u64,
     /// Ids of the items posted for this message (outbox, spawns, attestation).
     pub posted: Vec<String>,
+    /// For a checkpointed process: the message JSON exactly as evaluated, to replay it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<String>,
 }
 
 /// What kind of item the worker posts.
@@ -141,12 +179,13 @@ mod b64_bytes {
     }
 }
 
-/// Where a process stands: its progress and the memory image that goes with it.
+/// Where a process stands: its progress and what rebuilds the state that goes with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LatestState {
     pub progress: Progress,
-    /// `None` before the first successful evaluation.
-    pub image: Option<Vec<u8>>,
+    /// The stored image (`None` before the first successful evaluation) and, for a checkpointed
+    /// process, the messages to replay on it.
+    pub source: StateSource,
 }
 
 /// Everything one evaluated message changes, committed atomically.
@@ -264,19 +303,50 @@ impl Journal {
         decode_state(hash, v.value()).map(Some)
     }
 
-    /// The process's progress and the memory image it points at, read in one transaction so
-    /// that a commit in between cannot drop the image. The image is `None` before the first
-    /// successful evaluation.
+    /// The process's progress and what rebuilds its state (the stored image and, for a
+    /// checkpointed process, the messages since it), read in one transaction so that a commit in
+    /// between cannot drop the image.
     pub fn latest_state(&self, process: &str) -> Result<Option<LatestState>, JournalError> {
         let tx = self.db.begin_read().map_err(st)?;
         let t = tx.open_table(PROGRESS).map_err(st)?;
         let Some(v) = t.get(process).map_err(st)? else { return Ok(None) };
         let progress: Progress = serde_json::from_slice(v.value()).map_err(corrupt)?;
-        let Some(hash) = progress.state_hash.clone() else { return Ok(Some(LatestState { progress, image: None })) };
-        let states = tx.open_table(STATES).map_err(st)?;
-        let stored = states.get(hash.as_str()).map_err(st)?.ok_or_else(|| corrupt(format!("state {hash} missing for {process}")))?;
-        let image = decode_state(&hash, stored.value())?;
-        Ok(Some(LatestState { progress, image: Some(image) }))
+        let source = Self::source_in(&tx, process, &progress)?;
+        Ok(Some(LatestState { progress, source }))
+    }
+
+    /// What rebuilds the state after `progress` of `process` (see [`StateSource`]).
+    pub fn state_source(&self, process: &str, progress: &Progress) -> Result<StateSource, JournalError> {
+        let tx = self.db.begin_read().map_err(st)?;
+        Self::source_in(&tx, process, progress)
+    }
+
+    fn source_in(tx: &redb::ReadTransaction, process: &str, progress: &Progress) -> Result<StateSource, JournalError> {
+        let image_hash = progress.stored_hash().map(str::to_owned);
+        let image = match &image_hash {
+            Some(hash) => {
+                let states = tx.open_table(STATES).map_err(st)?;
+                let stored =
+                    states.get(hash.as_str()).map_err(st)?.ok_or_else(|| corrupt(format!("state {hash} missing for {process}")))?;
+                Some(decode_state(hash, stored.value())?)
+            }
+            None => None,
+        };
+        let mut replay = Vec::new();
+        if let Some(c) = &progress.checkpoint {
+            let results = tx.open_table(RESULTS).map_err(st)?;
+            let from = c.after.map_or(0, |n| n + 1);
+            if from <= progress.nonce {
+                for row in results.range((process, from)..=(process, progress.nonce)).map_err(st)? {
+                    let (key, value) = row.map_err(st)?;
+                    let record: ResultRecord = serde_json::from_slice(value.value()).map_err(corrupt)?;
+                    let msg =
+                        record.replay.ok_or_else(|| corrupt(format!("result {} of {process} has no message to replay", key.value().1)))?;
+                    replay.push(msg);
+                }
+            }
+        }
+        Ok(StateSource { image, image_hash, replay })
     }
 
     /// Commits one evaluated message. Refuses a commit that does not follow the recorded
@@ -293,8 +363,8 @@ impl Journal {
             }
             // Content-addressed state with reference counts: identical images are stored once,
             // and an image no process points at any more is dropped.
-            let old_hash = previous.as_ref().and_then(|p| p.state_hash.clone());
-            let new_hash = c.progress.state_hash.clone();
+            let old_hash = previous.as_ref().and_then(|p| p.stored_hash().map(str::to_owned));
+            let new_hash = c.progress.stored_hash().map(str::to_owned);
             if old_hash != new_hash {
                 let mut refs = tx.open_table(STATE_REFS).map_err(st)?;
                 let mut states = tx.open_table(STATES).map_err(st)?;
@@ -493,6 +563,7 @@ mod tests {
             state_hash,
             gas_used: nonce * 10,
             posted,
+            replay: None,
         }
     }
 
@@ -516,6 +587,7 @@ mod tests {
             assignment: format!("a{nonce}"),
             state_hash: state_hash.clone(),
             timestamp: nonce,
+            checkpoint: None,
         };
         let result = record(process, nonce, state_hash, items.iter().map(|i| i.id.clone()).collect());
         j.commit(&Commit { progress: &progress, result: &result, state: image, outgoing: items }).unwrap();
@@ -530,7 +602,14 @@ mod tests {
             commit(&j, "p", 0, Some(&[1u8; 4096]), &[out("a", "p", 0), out("b", "p", 0)]);
             commit(&j, "p", 1, Some(&[2u8; 4096]), &[out("c", "p", 1)]);
             let err = j.commit(&Commit {
-                progress: &Progress { nonce: 1, hash_chain: String::new(), assignment: String::new(), state_hash: None, timestamp: 0 },
+                progress: &Progress {
+                    nonce: 1,
+                    hash_chain: String::new(),
+                    assignment: String::new(),
+                    state_hash: None,
+                    timestamp: 0,
+                    checkpoint: None,
+                },
                 result: &record("p", 1, None, vec![]),
                 state: None,
                 outgoing: &[],
@@ -562,12 +641,61 @@ mod tests {
         let j = Journal::open(&dir.path().join("j.redb")).unwrap();
         assert_eq!(j.latest_state("p").unwrap(), None);
         commit(&j, "p", 0, None, &[]);
-        let LatestState { progress, image } = j.latest_state("p").unwrap().unwrap();
-        assert_eq!((progress.nonce, image), (0, None), "no successful evaluation yet");
+        let LatestState { progress, source } = j.latest_state("p").unwrap().unwrap();
+        assert_eq!((progress.nonce, source), (0, StateSource::default()), "no successful evaluation yet");
         commit(&j, "p", 1, Some(&[4u8; 100]), &[]);
         commit(&j, "p", 2, None, &[]);
-        let LatestState { progress, image } = j.latest_state("p").unwrap().unwrap();
-        assert_eq!((progress.nonce, image), (2, Some(vec![4u8; 100])), "a failed evaluation keeps the state");
+        let LatestState { progress, source } = j.latest_state("p").unwrap().unwrap();
+        assert_eq!((progress.nonce, source.image), (2, Some(vec![4u8; 100])), "a failed evaluation keeps the state");
+        assert!(source.replay.is_empty());
+    }
+
+    /// A checkpointed process stores an image only at its checkpoints; its state source is the
+    /// last checkpoint's image plus the messages since, in order, failed ones included.
+    #[test]
+    fn checkpointed_processes_keep_the_last_image_and_the_messages_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb")).unwrap();
+        let step = |nonce: u64, state: &str, image: Option<&[u8]>, checkpoint: Checkpoint| {
+            let progress = Progress {
+                nonce,
+                hash_chain: format!("hc{nonce}"),
+                assignment: format!("a{nonce}"),
+                state_hash: Some(state.to_owned()),
+                timestamp: nonce,
+                checkpoint: Some(checkpoint),
+            };
+            let result = ResultRecord { replay: Some(format!("msg{nonce}")), ..record("p", nonce, Some(state.to_owned()), vec![]) };
+            j.commit(&Commit { progress: &progress, result: &result, state: image, outgoing: &[] }).unwrap();
+            progress
+        };
+        let fresh = Checkpoint { after: None, state_hash: None };
+        let p0 = step(0, "chain0", None, fresh.clone());
+        let p1 = step(1, "chain1", None, fresh.clone());
+        assert_eq!(j.state_source("p", &p0).unwrap(), StateSource { image: None, image_hash: None, replay: vec!["msg0".into()] });
+        assert_eq!(j.state_source("p", &p1).unwrap().replay, ["msg0", "msg1"], "from a fresh boot, every message");
+        let image = vec![5u8; 1000];
+        let h = sha256_hex(&image);
+        let cp = Checkpoint { after: Some(2), state_hash: Some(h.clone()) };
+        let p2 = step(2, &h, Some(&image), cp.clone());
+        assert_eq!(
+            j.state_source("p", &p2).unwrap(),
+            StateSource { image: Some(image.clone()), image_hash: Some(h.clone()), replay: vec![] }
+        );
+        step(3, "chain3", None, cp.clone());
+        let p4 = step(4, "chain3", None, cp.clone());
+        let source = j.state_source("p", &p4).unwrap();
+        assert_eq!((source.image.as_deref(), source.replay), (Some(image.as_slice()), vec!["msg3".to_owned(), "msg4".to_owned()]));
+        // A new checkpoint replaces the image; the old one is dropped.
+        let next = vec![6u8; 1000];
+        let h2 = sha256_hex(&next);
+        step(5, &h2, Some(&next), Checkpoint { after: Some(5), state_hash: Some(h2.clone()) });
+        assert_eq!(j.state(&h).unwrap(), None);
+        assert_eq!(j.latest_state("p").unwrap().unwrap().source.image, Some(next));
+        // A checkpoint without its image is refused.
+        let progress = Progress { nonce: 6, checkpoint: Some(Checkpoint { after: Some(6), state_hash: Some("x".into()) }), ..p4 };
+        let result = record("p", 6, None, vec![]);
+        assert!(j.commit(&Commit { progress: &progress, result: &result, state: None, outgoing: &[] }).is_err());
     }
 
     #[test]

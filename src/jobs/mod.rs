@@ -27,12 +27,12 @@ use tokio_util::sync::CancellationToken;
 use crate::advertise::Advertisement;
 use crate::attest::Keypair;
 use crate::attest::attestation::Attestation;
-use crate::journal::{Commit, Journal, OutKind, Outgoing, Progress, ResultRecord, sha256_hex};
+use crate::journal::{Checkpoint, Commit, Journal, OutKind, Outgoing, Progress, ResultRecord, StateSource, sha256_hex};
 use crate::net::scheduler::Range;
 use crate::net::{GatewayClient, MessengerClient, NetError, SchedulerClient};
 use crate::protocol::su::{ItemJson, MessageNode, next_hash_chain};
 use crate::protocol::{DataItem, b64};
-use crate::runtime::{ActorModule, EvalError, EvalInput, Limits, Runtime, StateRef};
+use crate::runtime::{ActorModule, EvalError, EvalInput, Limits, Restore, Runtime, StateRef};
 
 use eval::{DryRunBase, DryRunRequest, Slot};
 
@@ -108,6 +108,15 @@ impl ProcessSetup {
             None => eval::message_json(message, slot, &self.module_item.id(), read_only),
         }
     }
+}
+
+/// How many messages of an aos process may follow its last stored memory image: at most this
+/// many are replayed to rebuild its state after a restart or an eviction of its live instance.
+pub const CHECKPOINT_EVERY: u64 = 32;
+
+/// The runtime's view of what the journal holds for a state.
+pub fn restore(source: StateSource) -> Restore {
+    Restore { image: source.image, image_hash: source.image_hash, replay: source.replay }
 }
 
 /// A served process with its verified module, loaded once.
@@ -207,7 +216,7 @@ impl Context {
         }
         let setup = self.setup(process).await?;
         let (base, state) = match self.journal.latest_state(process)? {
-            Some(crate::journal::LatestState { progress: p, image }) => {
+            Some(crate::journal::LatestState { progress: p, source }) => {
                 let last = self.journal.results(process, None, Some(p.nonce), 1, true)?;
                 let block_height = last.first().map_or(0, |r| r.block_height);
                 let base = DryRunBase {
@@ -217,9 +226,11 @@ impl Context {
                     timestamp: p.timestamp,
                     block_height,
                 };
-                (base, image)
+                (base, restore(source))
             }
-            None => (DryRunBase { process: process.to_owned(), timestamp: crate::clock::now_ms(), ..DryRunBase::default() }, None),
+            None => {
+                (DryRunBase { process: process.to_owned(), timestamp: crate::clock::now_ms(), ..DryRunBase::default() }, Restore::default())
+            }
         };
         let (message, slot) = eval::dry_run_message(request, &base);
         let msg_json = setup.message_json(&message, &slot, true);
@@ -227,7 +238,7 @@ impl Context {
         let (message_id, timestamp) = (message.id.clone(), slot.timestamp);
         let evaluation = tokio::task::spawn_blocking(move || {
             let input = EvalInput { msg_json: &msg_json, env_json: &env_json, timestamp_ms: timestamp, message_id: &message_id, limits };
-            runtime.evaluate(&module, state.as_deref(), &input)
+            runtime.evaluate_restored(&module, state, &input)
         })
         .await
         .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("dry-run task failed: {e}") })?;
@@ -236,6 +247,38 @@ impl Context {
         }
         let outcome = evaluation.outcome.map_err(|e| e.to_string());
         Ok(eval::result_object(&outcome, evaluation.gas_used))
+    }
+
+    /// The memory after the latest evaluation of `process` (`GET /state`), with that progress and
+    /// the message's block height; `None` when nothing was evaluated here. The image is `None`
+    /// before the first successful evaluation. A checkpointed (aos) process's memory is rebuilt
+    /// from its last checkpoint by replaying the messages since, checked against the journal.
+    pub async fn latest_image(&self, process: &str) -> Result<Option<(Progress, Option<Vec<u8>>, u64)>, JobError> {
+        let journal = self.journal.clone();
+        let p = process.to_owned();
+        let latest = tokio::task::spawn_blocking(move || -> Result<_, JobError> {
+            let Some(crate::journal::LatestState { progress, source }) = journal.latest_state(&p)? else { return Ok(None) };
+            let last = journal.results(&p, None, Some(progress.nonce), 1, true)?;
+            Ok(Some((progress, source, last.first().map_or(0, |r| r.block_height))))
+        })
+        .await
+        .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("state read task failed: {e}") })??;
+        let Some((progress, source, block_height)) = latest else { return Ok(None) };
+        if progress.checkpoint.is_none() {
+            return Ok(Some((progress, source.image, block_height)));
+        }
+        let setup = self.setup(process).await?;
+        let (runtime, expected) = (self.runtime.clone(), progress.state_hash.clone());
+        let image = tokio::task::spawn_blocking(move || {
+            runtime.state_image(&setup.module, restore(source), expected.as_deref(), &setup.env_json, setup.limits)
+        })
+        .await
+        .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("state rebuild task failed: {e}") })?;
+        match image {
+            Ok(image) => Ok(Some((progress, image, block_height))),
+            Err(EvalError::Unavailable(reason)) => Err(self.unavailable(&reason)),
+            Err(e) => Err(self.unavailable(&e.to_string())),
+        }
     }
 
     /// Processes that stopped on an error that retrying cannot fix, with the reason.
@@ -327,6 +370,11 @@ impl Context {
         let module_id = setup.module_item.id();
         let msg_json = setup.message_json(&message, slot, false);
         let state_hash = prev.and_then(|p| p.state_hash.clone());
+        let aos = setup.module.aos_format().is_some();
+        // aos memories (~110 MB) are stored every CHECKPOINT_EVERY messages, not after each one.
+        let last_checkpoint = prev.and_then(|p| p.checkpoint.as_ref()).and_then(|c| c.after);
+        let checkpoint = aos && last_checkpoint.is_none_or(|n| slot.nonce >= n + CHECKPOINT_EVERY);
+        let prev_progress = prev.cloned();
         let runtime = self.runtime.clone();
         let module = setup.module.clone();
         let (env_json, limits, message_id, msg) = (setup.env_json.clone(), setup.limits, message.id.clone(), msg_json.clone());
@@ -335,15 +383,13 @@ impl Context {
         let evaluation = tokio::task::spawn_blocking(move || {
             // Read only when the runtime holds no live instance in that state (aos), off the
             // async threads: an aos state is ~110 MB.
-            let load = || match &state_hash {
-                Some(h) => {
-                    journal.state(h).map_err(|e| e.to_string())?.map(Some).ok_or_else(|| format!("state {h} missing from the journal"))
-                }
-                None => Ok(None),
+            let load = || match &prev_progress {
+                Some(p) => journal.state_source(&pid, p).map(restore).map_err(|e| e.to_string()),
+                None => Ok(Restore::default()),
             };
             let state = StateRef { hash: state_hash.as_deref(), load: &load };
             let input = EvalInput { msg_json: &msg, env_json: &env_json, timestamp_ms: timestamp, message_id: &message_id, limits };
-            runtime.evaluate_process(&pid, &module, &state, &input)
+            runtime.evaluate_process(&pid, &module, &state, &input, checkpoint)
         })
         .await
         .map_err(|e| JobError::Halted { process: process.clone(), reason: format!("evaluation task failed: {e}") })?;
@@ -360,9 +406,9 @@ impl Context {
         };
         let mut response = eval::result_object(&outcome, evaluation.gas_used);
         let new_state_hash = match (&evaluation.state_hash, evaluation.memory.as_deref()) {
-            (Some(h), Some(_)) => Some(h.clone()),
+            (Some(h), _) => Some(h.clone()),
             (None, Some(memory)) => Some(sha256_hex(memory)),
-            (_, None) => prev.and_then(|p| p.state_hash.clone()),
+            (None, None) => prev.and_then(|p| p.state_hash.clone()),
         };
         let mut outgoing = Vec::new();
         if outcome.is_ok() {
@@ -413,12 +459,18 @@ impl Context {
             response.as_object_mut().expect("result is an object").insert("Log".into(), serde_json::json!(evaluation.log));
         }
 
+        let checkpoint = match (aos, &evaluation.memory) {
+            (false, _) => None,
+            (true, Some(_)) => Some(Checkpoint { after: Some(slot.nonce), state_hash: new_state_hash.clone() }),
+            (true, None) => Some(prev.and_then(|p| p.checkpoint.clone()).unwrap_or(Checkpoint { after: None, state_hash: None })),
+        };
         let progress = Progress {
             nonce: slot.nonce,
             hash_chain: slot.hash_chain.clone(),
             assignment: slot.assignment.clone(),
             state_hash: new_state_hash.clone(),
             timestamp: slot.timestamp,
+            checkpoint,
         };
         let record = ResultRecord {
             process: process.clone(),
@@ -432,6 +484,7 @@ impl Context {
             state_hash: new_state_hash,
             gas_used: evaluation.gas_used,
             posted: outgoing.iter().map(|o| o.id.clone()).collect(),
+            replay: aos.then(|| msg_json.clone()),
         };
         let journal = self.journal.clone();
         let memory = evaluation.memory;
@@ -578,7 +631,7 @@ mod tests {
         let hc0 = b64::encode(&next_hash_chain(&pid, None));
         let a0 = b64::encode(&[6; 32]);
         check_chain(&p, &pid, None, &slot(0, hc0.clone(), &a0)).unwrap();
-        let prev = Progress { nonce: 0, hash_chain: hc0.clone(), assignment: a0.clone(), state_hash: None, timestamp: 1 };
+        let prev = Progress { nonce: 0, hash_chain: hc0.clone(), assignment: a0.clone(), state_hash: None, timestamp: 1, checkpoint: None };
         let hc1 = b64::encode(&next_hash_chain(&pid, Some((&[6; 32], &b64::decode_id(&hc0).unwrap()))));
         check_chain(&p, &pid, Some(&prev), &slot(1, hc1.clone(), "x")).unwrap();
         let wrong = check_chain(&p, &pid, Some(&prev), &slot(1, hc0.clone(), "x")).unwrap_err();

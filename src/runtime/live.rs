@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::aos::{AosError, AosModule, AosProcess, HandleOutcome, InstanceOptions};
-use super::{EvalError, EvalInput, Evaluation};
+use super::{EvalError, EvalInput, Evaluation, Limits};
 
 /// How many aos processes keep a live instance at once.
 pub const LIVE_PROCESSES: usize = 4;
@@ -48,27 +48,51 @@ impl std::fmt::Debug for LiveProcesses {
     }
 }
 
-/// The state an evaluation of a served process starts from: its hash, and how to read its image
-/// when no live instance holds it.
+/// The state an evaluation of a served process starts from: its hash, and how to rebuild it when
+/// no live instance holds it.
 pub struct StateRef<'a> {
     pub hash: Option<&'a str>,
-    pub load: &'a dyn Fn() -> Result<Option<Vec<u8>>, String>,
+    pub load: &'a dyn Fn() -> Result<Restore, String>,
+}
+
+/// What rebuilds a state: a stored image (`None`: a fresh boot) with its hash, and the messages
+/// evaluated since (aos processes are checkpointed; see the module doc).
+#[derive(Debug, Clone, Default)]
+pub struct Restore {
+    pub image: Option<Vec<u8>>,
+    pub image_hash: Option<String>,
+    pub replay: Vec<String>,
+}
+
+/// The state commitment after a successful message that is not a checkpoint: a hash chained from
+/// the previous one over the message JSON and the module's answer, so that replaying the messages
+/// since a checkpoint proves (or refutes) that it rebuilt the same state.
+pub fn chained_state(prev: Option<&str>, msg_json: &str, raw_result: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"ao-gpu-worker aos state chain v1\n");
+    h.update(prev.unwrap_or("").as_bytes());
+    h.update(b"\n");
+    h.update(Sha256::digest(msg_json.as_bytes()));
+    h.update(Sha256::digest(raw_result.as_bytes()));
+    hex::encode(h.finalize())
 }
 
 fn options(input: &EvalInput<'_>, deadline: Duration) -> InstanceOptions {
+    limits_options(input.limits, deadline)
+}
+
+/// The instance options of a process with `limits` (gas: `Compute-Limit`).
+fn limits_options(limits: Limits, deadline: Duration) -> InstanceOptions {
     InstanceOptions {
-        gas_limit: input.limits.compute,
-        memory_limit: Some(input.limits.memory_bytes),
+        gas_limit: limits.compute,
+        memory_limit: Some(limits.memory_bytes),
         deadline: Some(deadline),
         ..InstanceOptions::default()
     }
 }
 
-fn new_process(module: &Arc<AosModule>, state: Option<Vec<u8>>, opts: InstanceOptions) -> AosProcess {
-    match state {
-        Some(memory) => AosProcess::with_memory(module.clone(), memory, opts),
-        None => AosProcess::new(module.clone(), opts),
-    }
+fn failure(e: EvalError) -> Evaluation {
+    Evaluation { outcome: Err(e), memory: None, state_hash: None, gas_used: 0, log: String::new(), device: 0 }
 }
 
 /// The response object the job loop records, as the loader returns it to the CU.
@@ -82,48 +106,110 @@ fn response(outcome: &HandleOutcome) -> Value {
     })
 }
 
-fn unavailable(e: &AosError) -> EvalError {
-    EvalError::Unavailable(format!("aos: {e}"))
+/// A process rebuilt from `restore`: the image restored on a fresh instance (as the CU after a
+/// cold start), then every message since replayed with the same semantics. With `expected`, the
+/// replayed chain must arrive at that state: anything else means evaluation was not
+/// deterministic (or the journal is damaged), and nothing is evaluated on it.
+fn rebuild(
+    module: &Arc<AosModule>,
+    restore: Restore,
+    expected: Option<&str>,
+    env_json: &str,
+    opts: InstanceOptions,
+) -> Result<AosProcess, EvalError> {
+    let mut process = match restore.image {
+        Some(memory) => AosProcess::with_memory(module.clone(), memory, opts),
+        None => AosProcess::new(module.clone(), opts),
+    };
+    let mut state = restore.image_hash;
+    let count = restore.replay.len();
+    for (i, msg) in restore.replay.iter().enumerate() {
+        match process.handle(msg, env_json) {
+            Ok(outcome) if outcome.error.is_none() => state = Some(chained_state(state.as_deref(), msg, &outcome.raw_json)),
+            Ok(_) => {}
+            Err(e) => return Err(EvalError::Unavailable(format!("aos: replaying message {} of {count} since the checkpoint: {e}", i + 1))),
+        }
+    }
+    if let Some(expected) = expected
+        && state.as_deref() != Some(expected)
+    {
+        return Err(EvalError::Unavailable(format!(
+            "aos: replaying the {count} messages since the checkpoint gave state {}, the journal says {expected}: evaluation was not deterministic or the journal is damaged",
+            state.as_deref().unwrap_or("(fresh)")
+        )));
+    }
+    if count > 0 {
+        tracing::debug!(messages = count, "aos state rebuilt by replay");
+    }
+    Ok(process)
 }
 
-/// The evaluation of one handled message; on success the memory and its hash.
-fn evaluation(result: Result<HandleOutcome, AosError>, process: &AosProcess) -> (Evaluation, bool) {
-    let base = Evaluation { outcome: Ok(Value::Null), memory: None, state_hash: None, gas_used: 0, log: String::new(), device: 0 };
-    match result {
+/// Evaluates one message on `process` whose state is `prev`. On success at a `checkpoint` the
+/// memory comes back (and the process continues from it on a fresh instance, exactly as a
+/// replay from that image will); otherwise the state is a chained commitment. The flag says
+/// whether the process still holds a known state.
+fn evaluate_on(process: &mut AosProcess, prev: Option<&str>, input: &EvalInput<'_>, checkpoint: bool) -> (Evaluation, bool) {
+    match process.handle(input.msg_json, input.env_json) {
         Ok(outcome) => match &outcome.error {
-            None => {
+            None if checkpoint => {
                 let memory = process.memory().to_vec();
                 let hash = hex::encode(Sha256::digest(&memory));
+                process.evict();
                 let e = Evaluation {
                     outcome: Ok(response(&outcome)),
                     memory: Some(memory),
                     state_hash: Some(hash),
                     gas_used: outcome.gas_used,
-                    ..base
+                    ..failure(EvalError::Actor(String::new()))
                 };
                 (e, true)
             }
-            Some(error) => (Evaluation { outcome: Err(EvalError::Actor(error.clone())), gas_used: outcome.gas_used, ..base }, true),
+            None => {
+                let hash = chained_state(prev, input.msg_json, &outcome.raw_json);
+                let e = Evaluation {
+                    outcome: Ok(response(&outcome)),
+                    state_hash: Some(hash),
+                    gas_used: outcome.gas_used,
+                    ..failure(EvalError::Actor(String::new()))
+                };
+                (e, true)
+            }
+            // CU semantics: the memory from before the message, on a fresh instance.
+            Some(error) => (Evaluation { gas_used: outcome.gas_used, ..failure(EvalError::Actor(error.clone())) }, true),
         },
-        // Could not compute: not a result. The process still holds the state from before the
-        // message unless the failure was in the host itself.
-        Err(e) => {
-            let keep = matches!(e, AosError::Deadline);
-            (Evaluation { outcome: Err(unavailable(&e)), ..base }, keep)
-        }
+        // Could not compute: not a result. After a deadline the process rebuilt the state from
+        // before the message; after host trouble it is not trusted.
+        Err(e) => (failure(EvalError::Unavailable(format!("aos: {e}"))), matches!(e, AosError::Deadline)),
     }
 }
 
-/// One evaluation on a fresh instance restored from `state` (dry-runs and one-off callers).
-pub(super) fn evaluate_once(module: &Arc<AosModule>, state: Option<&[u8]>, input: &EvalInput<'_>, deadline: Duration) -> Evaluation {
-    let mut process = new_process(module, state.map(<[u8]>::to_vec), options(input, deadline));
-    let result = process.handle(input.msg_json, input.env_json);
-    evaluation(result, &process).0
+/// One evaluation on a state rebuilt from `restore` (dry-runs and one-off callers): nothing is
+/// kept.
+pub(super) fn evaluate_once(module: &Arc<AosModule>, restore: Restore, input: &EvalInput<'_>, deadline: Duration) -> Evaluation {
+    let prev = restore.image_hash.clone();
+    match rebuild(module, restore, None, input.env_json, options(input, deadline)) {
+        Ok(mut process) => evaluate_on(&mut process, prev.as_deref(), input, false).0,
+        Err(e) => failure(e),
+    }
+}
+
+/// The memory of the state `restore` rebuilds (`GET /state`).
+pub(super) fn state_image(
+    module: &Arc<AosModule>,
+    restore: Restore,
+    expected: Option<&str>,
+    env_json: &str,
+    limits: Limits,
+    deadline: Duration,
+) -> Result<Vec<u8>, EvalError> {
+    let process = rebuild(module, restore, expected, env_json, limits_options(limits, deadline))?;
+    Ok(process.memory().to_vec())
 }
 
 impl LiveProcesses {
     /// Evaluates a message of `process` against `state`, on the live instance when it holds that
-    /// state.
+    /// state, else on one rebuilt from the journal. `checkpoint`: return the memory image (and
+    /// continue from it as a replay would).
     pub(super) fn evaluate(
         &self,
         process_id: &str,
@@ -131,6 +217,7 @@ impl LiveProcesses {
         state: &StateRef<'_>,
         input: &EvalInput<'_>,
         deadline: Duration,
+        checkpoint: bool,
     ) -> Evaluation {
         let tick = self.tick.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let taken = crate::sync::lock(&self.map).remove(process_id);
@@ -138,21 +225,19 @@ impl LiveProcesses {
             Some(live) if live.module == module.sha256() && live.state_hash.as_deref() == state.hash => live,
             stale => {
                 if stale.is_some() {
-                    tracing::debug!(process = process_id, "live aos instance holds another state; restoring from the journal");
+                    tracing::debug!(process = process_id, "live aos instance holds another state; rebuilding from the journal");
                 }
-                let image = match (state.load)() {
-                    Ok(image) => image,
-                    Err(e) => {
-                        let e = EvalError::Unavailable(format!("cannot read the state to restore: {e}"));
-                        return Evaluation { outcome: Err(e), memory: None, state_hash: None, gas_used: 0, log: String::new(), device: 0 };
-                    }
+                let restore = match (state.load)() {
+                    Ok(restore) => restore,
+                    Err(e) => return failure(EvalError::Unavailable(format!("cannot read the state to restore: {e}"))),
                 };
-                let process = new_process(module, image, options(input, deadline));
-                Live { module: module.sha256(), state_hash: state.hash.map(str::to_owned), process, last_used: tick }
+                match rebuild(module, restore, state.hash, input.env_json, options(input, deadline)) {
+                    Ok(process) => Live { module: module.sha256(), state_hash: state.hash.map(str::to_owned), process, last_used: tick },
+                    Err(e) => return failure(e),
+                }
             }
         };
-        let result = live.process.handle(input.msg_json, input.env_json);
-        let (evaluation, keep) = evaluation(result, &live.process);
+        let (evaluation, keep) = evaluate_on(&mut live.process, state.hash, input, checkpoint);
         if keep {
             if evaluation.state_hash.is_some() {
                 live.state_hash = evaluation.state_hash.clone();

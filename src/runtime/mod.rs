@@ -60,7 +60,7 @@ pub use host::gpu::{
 };
 pub use host::wasi::LOG_CAP;
 pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
-pub use live::{LIVE_PROCESSES, StateRef};
+pub use live::{LIVE_PROCESSES, Restore, StateRef, chained_state};
 
 pub use crate::gpu::pool::{DeviceInfo, DeviceLoad, DevicePool, SharedDevice};
 use crate::gpu::{Backend, BackendKind, Determinism};
@@ -534,7 +534,8 @@ impl Runtime {
     /// One evaluation of one message against `state` (`None`: the process's first message).
     pub fn evaluate(&self, module: &ActorModule, state: Option<&[u8]>, input: &EvalInput<'_>) -> Evaluation {
         if let ModuleKind::Aos(aos_module) = &module.kind {
-            return live::evaluate_once(aos_module, state, input, self.cfg.deadline);
+            let restore = Restore { image: state.map(<[u8]>::to_vec), image_hash: None, replay: Vec::new() };
+            return live::evaluate_once(aos_module, restore, input, self.cfg.deadline);
         }
         let max = self.max_limits();
         let limits =
@@ -585,22 +586,53 @@ impl Runtime {
     }
 
     /// One evaluation of a message of the served process `process`. aos processes keep a live
-    /// instance between messages (see [`live`]): the state image is read through `state.load`
-    /// only when no live instance holds `state.hash`. The worker's own format reads it every time.
-    pub fn evaluate_process(&self, process: &str, module: &ActorModule, state: &StateRef<'_>, input: &EvalInput<'_>) -> Evaluation {
+    /// instance between messages (see [`live`]): the state is rebuilt through `state.load` only
+    /// when no live instance holds `state.hash`; at a `checkpoint` the memory image comes back
+    /// (between checkpoints the state is a chained commitment and `memory` is `None`). The
+    /// worker's own format reads its state image every time and returns it on every success.
+    pub fn evaluate_process(
+        &self,
+        process: &str,
+        module: &ActorModule,
+        state: &StateRef<'_>,
+        input: &EvalInput<'_>,
+        checkpoint: bool,
+    ) -> Evaluation {
         match &module.kind {
-            ModuleKind::Aos(aos_module) => self.live.evaluate(process, aos_module, state, input, self.cfg.deadline),
+            ModuleKind::Aos(aos_module) => self.live.evaluate(process, aos_module, state, input, self.cfg.deadline, checkpoint),
             ModuleKind::Own { .. } => match (state.load)() {
-                Ok(image) => self.evaluate(module, image.as_deref(), input),
-                Err(e) => Evaluation {
-                    outcome: Err(EvalError::Unavailable(format!("cannot read the state: {e}"))),
-                    memory: None,
-                    state_hash: None,
-                    gas_used: 0,
-                    log: String::new(),
-                    device: 0,
-                },
+                Ok(restore) => self.evaluate_restored(module, restore, input),
+                Err(e) => unavailable(format!("cannot read the state: {e}")),
             },
+        }
+    }
+
+    /// One evaluation against a rebuilt state, nothing kept (dry-runs).
+    pub fn evaluate_restored(&self, module: &ActorModule, restore: Restore, input: &EvalInput<'_>) -> Evaluation {
+        match &module.kind {
+            ModuleKind::Aos(aos_module) => live::evaluate_once(aos_module, restore, input, self.cfg.deadline),
+            ModuleKind::Own { .. } if !restore.replay.is_empty() => {
+                unavailable(format!("worker bug: {} messages to replay for a module in the worker's own format", restore.replay.len()))
+            }
+            ModuleKind::Own { .. } => self.evaluate(module, restore.image.as_deref(), input),
+        }
+    }
+
+    /// The memory of the state `restore` rebuilds (the stored image for the worker's own format;
+    /// for aos the checkpoint with the messages since replayed, checked against `expected`).
+    pub fn state_image(
+        &self,
+        module: &ActorModule,
+        restore: Restore,
+        expected: Option<&str>,
+        env_json: &str,
+        limits: Limits,
+    ) -> Result<Option<Vec<u8>>, EvalError> {
+        match &module.kind {
+            ModuleKind::Aos(m) if restore.image.is_some() || !restore.replay.is_empty() => {
+                live::state_image(m, restore, expected, env_json, limits, self.cfg.deadline).map(Some)
+            }
+            _ => Ok(restore.image),
         }
     }
 
@@ -653,6 +685,10 @@ fn start_ticker(engine: &Engine) -> Result<mpsc::Sender<()>, RuntimeError> {
         })
         .map_err(|e| RuntimeError::Setup(format!("cannot start the epoch thread: {e}")))?;
     Ok(tx)
+}
+
+fn unavailable(reason: String) -> Evaluation {
+    Evaluation { outcome: Err(EvalError::Unavailable(reason)), memory: None, state_hash: None, gas_used: 0, log: String::new(), device: 0 }
 }
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {

@@ -43,6 +43,17 @@ async fn aos_processes_run_on_the_devnet_and_aoconnect_reads_their_results() {
     let processes = &lines[0]["aos_processes"];
     let a = processes[0].as_str().unwrap().to_owned();
 
+    // GET /state rebuilds the memory after the latest message (from the last checkpoint, the
+    // messages since replayed and checked against the journal's state commitment).
+    let r = reqwest::get(format!("{}/state/{a}", worker.api_url)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let progress = worker.state.jobs.journal.progress(&a).unwrap().unwrap();
+    assert_eq!(r.headers()["last-ordinate"].to_str().unwrap(), progress.nonce.to_string());
+    let checkpoint = progress.checkpoint.clone().expect("aos processes are checkpointed");
+    assert!(checkpoint.after.unwrap() < progress.nonce, "messages since the checkpoint were replayed: {progress:?}");
+    let memory = r.bytes().await.unwrap();
+    assert!(memory.len() > 100_000_000, "aos 2.0's whole memory: {} bytes", memory.len());
+
     // The capacity manifest advertises the aos formats.
     let formats = ao_gpu_worker::runtime::supported_formats();
     assert!(formats.contains(&"wasm32-unknown-emscripten4"), "{formats:?}");
@@ -66,6 +77,54 @@ async fn aos_processes_run_on_the_devnet_and_aoconnect_reads_their_results() {
         assert_eq!(dryrun["GasUsed"], json!(0), "unmetered format: {out}");
         assert_eq!(worker.state.jobs.journal.progress(&a).unwrap(), progress_before, "the dry-run left no trace");
     }
+    worker.shutdown().await;
+    net.shutdown().await;
+}
+
+/// A measurement, not a check (run with `--ignored --nocapture`): end-to-end messages per second
+/// of one aos 2.0 process on the devnet (post through the messenger, schedule, pull, evaluate on
+/// the live instance, hash and journal the state, sign and post the attestation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_aos_messages_per_second_end_to_end() {
+    use ao_gpu_worker::demo::{message, spawn_and_assign};
+    use ao_gpu_worker::net::{GatewayClient, MessengerClient, Policy};
+    use ao_gpu_worker::protocol::ao::{self, ItemType};
+    use ao_gpu_worker::protocol::{DataItemBuilder, Tag};
+    let Some(wasm) = fixture("measure", "emscripten4.wasm") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (net, worker) = devnet_and_worker(dir.path(), "").await;
+    let mu = MessengerClient::new(&net.urls.messenger, Policy::default());
+    let tags = ao::format_module_tags("wasm32-unknown-emscripten4", "aos", "1-gb", "9000000000000");
+    let module = DataItemBuilder::new().anchor(ao::numeric_anchor(0)).tags(tags).data(wasm).sign(&net.authority).unwrap();
+    GatewayClient::new(&net.urls.gateway, Policy::default()).upload(&module).await.unwrap();
+    let mut tags = ao::base_tags(ItemType::Process);
+    tags.extend([
+        Tag::new("Module", module.id()),
+        Tag::new("Scheduler", &net.scheduler_address),
+        Tag::new("Authority", &worker.state.address),
+    ]);
+    let p = DataItemBuilder::new().anchor(ao::numeric_anchor(1)).tags(tags).data(b" ".to_vec()).sign(&net.authority).unwrap();
+    spawn_and_assign(&mu, &net, &worker, &p, 2).await.unwrap();
+    let n = 40u64;
+    let mut last = String::new();
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        let code = if i % 2 == 0 {
+            "count = (count or 0) + 1\nreturn count".to_owned()
+        } else {
+            format!("Send({{Target = 'X', Data = 'hi {i}', Action = 'Ping'}})")
+        };
+        let m = message(&net.authority, &p.id(), 10 + i, &[("Action", "Eval")], &code).unwrap();
+        mu.post_item(&m).await.unwrap();
+        last = m.id();
+    }
+    let journal = &worker.state.jobs.journal;
+    while journal.result_by_message(&last).unwrap().is_none() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("aos E4 end to end: {n} messages in {secs:.2} s = {:.1} msg/s", n as f64 / secs);
     worker.shutdown().await;
     net.shutdown().await;
 }

@@ -21,7 +21,7 @@ fn snapshot(c: &CounterNet) -> Snapshot {
     let j = &c.worker.state.jobs.journal;
     let results = j.results(&c.process, None, None, 10_000, false).unwrap().into_iter().map(|r| (r.nonce, r.result_hash)).collect();
     let progress = j.progress(&c.process).unwrap();
-    let state = j.latest_state(&c.process).unwrap().and_then(|l| l.image).map(|i| sha256_hex(&i));
+    let state = j.latest_state(&c.process).unwrap().and_then(|l| l.source.image).map(|i| sha256_hex(&i));
     Snapshot { results, progress, pending: j.pending_count().unwrap(), state }
 }
 

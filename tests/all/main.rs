@@ -14,6 +14,7 @@ mod ans104;
 mod ao_gpu;
 mod aos;
 mod aos_devnet;
+mod aos_live;
 mod architecture;
 mod backend_selection;
 mod bench;
