@@ -160,12 +160,24 @@ async fn devnet_once_runs_the_demo_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devnet_once_passes_in_legacy_strict_mode_with_an_rsa_worker() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = command().args(["devnet", "--legacy-strict", "--once", "--port-base", "0", "--data-dir"]).arg(tmp.path()).output().unwrap();
+    let mut cmd = command();
+    cmd.args(["devnet", "--legacy-strict", "--once", "--port-base", "0", "--data-dir"]).arg(tmp.path());
+    // With the aos fixture, the aos pair runs too (every item RSA-signed as well).
+    let aos = crate::support::aos::fixture("devnet_once_passes_in_legacy_strict_mode_with_an_rsa_worker", "emscripten4.wasm").is_some();
+    if aos {
+        let module = crate::support::aos::fixtures_dir().join("emscripten4.wasm");
+        cmd.arg("--aos-module").arg(module).args(["--aos-format", "wasm32-unknown-emscripten4"]);
+    }
+    let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "devnet --legacy-strict --once failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines[1]["signature_verified"], true, "{stdout}");
-    let last = lines.last().unwrap();
+    if aos {
+        let done = lines.iter().find(|l| l.get("aos_demo").is_some()).unwrap_or_else(|| panic!("no aos demo line: {stdout}"));
+        assert_eq!(done["inbox"], "hello from aos-a (Ping)", "{stdout}");
+    }
+    let last = lines.iter().rev().find(|l| l.get("demo").is_some()).unwrap();
     assert_eq!(last["demo"], "ok", "{stdout}");
     assert_eq!(last["count"], "count=7");
     let evaluated: Vec<_> = lines.iter().filter(|l| l.get("action").is_some()).collect();
@@ -181,6 +193,9 @@ async fn devnet_once_passes_in_legacy_strict_mode_with_an_rsa_worker() {
     let demo = lines.iter().find(|l| l.get("processes").is_some()).expect("the demo's process line");
     let mut processes: Vec<String> = demo["processes"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect();
     processes.push(lines[0]["registry"].as_str().unwrap().to_owned());
+    if let Some(aos) = lines.iter().find(|l| l.get("aos_processes").is_some()) {
+        processes.extend(aos["aos_processes"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()));
+    }
     let mut checked = 0;
     for process in &processes {
         for (_, entry) in store.entries_by_nonce(process, None, None, 10_000).unwrap() {
