@@ -12,11 +12,10 @@ use std::path::PathBuf;
 use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
 
-use super::{message, spawn_and_assign, wait_result};
+use super::{message, posted, spawn_and_assign, wait_result};
 use crate::clock::now_ms;
 use crate::daemon::Worker;
 use crate::devnet::Devnet;
-use crate::journal::OutKind;
 use crate::net::{GatewayClient, MessengerClient, Policy};
 use crate::protocol::ao::{self, ItemType};
 use crate::protocol::{DataItem, DataItemBuilder, Tag};
@@ -85,16 +84,7 @@ pub async fn run(net: &Devnet, worker: &Worker, demo: &AosDemo, print: &dyn Fn(&
         let m = eval(target, run_id * 10 + 5 + i as u64, code)?;
         mu.post_item(&m).await.context("cannot send an Eval")?;
         let r = wait_result(worker, &m.id()).await?;
-        let journal = &worker.state.jobs.journal;
-        let mut outbox = Vec::new();
-        let mut attestation = None;
-        for pid in &r.posted {
-            match journal.outgoing(pid)?.map(|o| o.kind) {
-                Some(OutKind::Attestation) => attestation = Some(pid.clone()),
-                Some(_) => outbox.push(pid.clone()),
-                None => {}
-            }
-        }
+        let (outbox, attestation) = posted(worker, &r)?;
         if code.starts_with("Send(") {
             ping = outbox.first().cloned();
         }

@@ -95,6 +95,21 @@ pub fn message(key: &Keypair, target: &str, anchor: u64, tags: &[(&str, &str)], 
         .sign(key)?)
 }
 
+/// What the worker posted for a result: the outbox items (messages, spawns) and the attestation.
+pub(crate) fn posted(worker: &Worker, r: &ResultRecord) -> anyhow::Result<(Vec<String>, Option<String>)> {
+    let journal = &worker.state.jobs.journal;
+    let mut outbox = Vec::new();
+    let mut attestation = None;
+    for pid in &r.posted {
+        match journal.outgoing(pid)?.map(|o| o.kind) {
+            Some(OutKind::Attestation) => attestation = Some(pid.clone()),
+            Some(_) => outbox.push(pid.clone()),
+            None => {}
+        }
+    }
+    Ok((outbox, attestation))
+}
+
 /// Spawns process `p` through the messenger and assigns it to `worker` through the registry,
 /// signed by the devnet's authority.
 pub async fn spawn_and_assign(mu: &MessengerClient, net: &Devnet, worker: &Worker, p: &DataItem, anchor: u64) -> anyhow::Result<()> {
@@ -174,16 +189,7 @@ pub async fn run(net: &Devnet, worker: &Worker, print: &dyn Fn(&Value)) -> anyho
     let mut pong = None;
     for (action, id) in &results {
         let r = wait_result(worker, id).await?;
-        let journal = &worker.state.jobs.journal;
-        let mut outbox = Vec::new();
-        let mut attestation = None;
-        for pid in &r.posted {
-            match journal.outgoing(pid)?.map(|o| o.kind) {
-                Some(OutKind::Attestation) => attestation = Some(pid.clone()),
-                Some(_) => outbox.push(pid.clone()),
-                None => {}
-            }
-        }
+        let (outbox, attestation) = posted(worker, &r)?;
         if action == "Get" {
             count_after_get = r.response["Output"].as_str().map(str::to_owned);
         }
@@ -216,13 +222,7 @@ pub async fn run(net: &Devnet, worker: &Worker, print: &dyn Fn(&Value)) -> anyho
     ensure!(probs.len() == reference.len(), "Infer returned {} values, expected {}", probs.len(), reference.len());
     let max_diff = probs.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     let bitwise = probs.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
-    let journal = &worker.state.jobs.journal;
-    let mut attestation = None;
-    for pid in &r.posted {
-        if let Some(OutKind::Attestation) = journal.outgoing(pid)?.map(|o| o.kind) {
-            attestation = Some(pid.clone());
-        }
-    }
+    let (_, attestation) = posted(worker, &r)?;
     // In reproducible mode (the default) every op here is bitwise across backends, gelu included;
     // in fast mode devices may differ in the last bits, so the check allows 1e-6.
     ensure!(max_diff <= 1e-6, "the worker's MLP output {probs:?} differs from the CPU backend's {reference:?}");
