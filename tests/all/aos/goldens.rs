@@ -123,21 +123,14 @@ pub fn replay(name: &str) {
 
         // Set up the instance as the loader's was.
         let fresh = line["fresh"].as_bool().unwrap();
-        let result = if fresh || instance.is_none() {
-            instance = None;
-            match module.instantiate(input.as_deref(), &opts) {
-                Ok(i) => {
-                    instance = Some(i);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            let inst = instance.as_mut().unwrap();
-            match (&input, from) {
+        let result = match instance.as_mut() {
+            Some(inst) if !fresh => match (&input, from) {
                 (Some(memory), Some(k)) if k + 1 != n || !prev_ok => inst.restore(memory),
                 _ => Ok(()),
-            }
+            },
+            _ => module.instantiate(input.as_deref(), &opts).map(|i| {
+                instance = Some(i);
+            }),
         };
         let result = result.and_then(|()| instance.as_mut().unwrap().handle(line["msg"].as_str().unwrap(), line["env"].as_str().unwrap()));
 
