@@ -8,9 +8,11 @@
 //! * [`hostcall`]: WAT actors that time host calls through the production runtime
 //!   ([`HostCallBench`]);
 //! * [`report`]: [`BenchReport`], [`Hardware`] and the text table;
+//! * [`aos`]: aos processes per second (the aos spec's §10.4 sequence) when AO's fixtures are found;
 //! * [`scores`]: `<data_dir>/bench.json` on disk and [`ScoreSlot`], the measured scores the daemon
 //!   advertises (the only part of `bench` the daemon uses).
 
+pub mod aos;
 pub mod hostcall;
 pub mod report;
 pub mod scores;
@@ -102,6 +104,8 @@ struct Plan {
     empty_calls: u64,
     tiny_ops: u64,
     ops100: u64,
+    /// Messages of the aos sequence per module.
+    aos_messages: usize,
 }
 
 impl Plan {
@@ -116,6 +120,7 @@ impl Plan {
                 empty_calls: 100_000,
                 tiny_ops: 500,
                 ops100: 3,
+                aos_messages: 50,
             }
         } else {
             Plan {
@@ -127,6 +132,7 @@ impl Plan {
                 empty_calls: 1_000_000,
                 tiny_ops: 2_000,
                 ops100: 20,
+                aos_messages: 200,
             }
         }
     }
@@ -155,7 +161,8 @@ fn device_of(backend: &Backend, manifest: &CapacityManifest) -> (String, Option<
 }
 
 /// Runs the suite: for each backend of `opts`, f32 GEMM (growing to 1024^3 while one run stays
-/// short), quantized matrix-vector products, upload and read bandwidth, and host calls from Wasm.
+/// short), quantized matrix-vector products, upload and read bandwidth, and host calls from Wasm;
+/// then aos msg/s ([`aos`]) when the fixtures are found.
 /// Never fails: what cannot be measured is noted in the report. `progress` gets a line per step;
 /// `cancelled` is checked between figures (the report then holds what was measured).
 pub fn run(opts: &Options, manifest: &CapacityManifest, progress: &dyn Fn(&str), cancelled: &dyn Fn() -> bool) -> BenchReport {
@@ -171,6 +178,8 @@ pub fn run(opts: &Options, manifest: &CapacityManifest, progress: &dyn Fn(&str),
         ao_gpu_call_ns: None,
         backends: Vec::new(),
         unavailable: Vec::new(),
+        aos: Vec::new(),
+        aos_notes: Vec::new(),
     };
     for &kind in &opts.backends {
         if cancelled() {
@@ -188,6 +197,14 @@ pub fn run(opts: &Options, manifest: &CapacityManifest, progress: &dyn Fn(&str),
         let shared: SharedDevice = Arc::new(Mutex::new(backend));
         let r = measure_backend(&shared, manifest, &plan, &mut report, progress, cancelled);
         report.backends.push(r);
+    }
+    if !cancelled() {
+        match aos::fixtures_dir() {
+            Some(dir) => (report.aos, report.aos_notes) = aos::measure(&dir, plan.aos_messages, progress),
+            None => report
+                .aos_notes
+                .push("aos: no fixtures found (set AO_AOS_FIXTURES to AO's loader test modules to measure aos msg/s)".to_owned()),
+        }
     }
     report
 }

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::aos::AosFigure;
 use crate::capacity::{BackendScore, CapacityManifest, MeasuredScores};
 use crate::gpu::{BackendKind, DType, Determinism};
 
@@ -111,6 +112,12 @@ pub struct BenchReport {
     /// Backends asked for that could not start, with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unavailable: Vec<String>,
+    /// aos processes (AO's Lua modules) per second, when the fixtures were found.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aos: Vec<AosFigure>,
+    /// Why aos figures are missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aos_notes: Vec<String>,
 }
 
 impl BenchReport {
@@ -221,6 +228,22 @@ impl BenchReport {
         line(&mut out, String::new());
         line(&mut out, format!("host call from wasm (empty): {}", fmt_opt(self.host_call_ns, "ns")));
         line(&mut out, format!("ao_gpu call path (no op):    {}", fmt_opt(self.ao_gpu_call_ns, "ns")));
+        for a in &self.aos {
+            line(
+                &mut out,
+                format!(
+                    "aos {} as {}: {} msg/s (first message {} ms, {} MB memory)",
+                    a.fixture,
+                    a.format,
+                    a.msgs_per_s,
+                    a.first_message_ms,
+                    a.memory_bytes / 1_000_000
+                ),
+            );
+        }
+        for n in &self.aos_notes {
+            line(&mut out, format!("note: {n}"));
+        }
         for b in &self.backends {
             for n in &b.notes {
                 line(&mut out, format!("note: {}: {n}", b.score.kind));
@@ -294,6 +317,14 @@ pub(super) mod tests {
                 notes: vec!["q8_0 matvec: unsupported".to_owned()],
             }],
             unavailable: vec!["cuda: unavailable: no CUDA driver".to_owned()],
+            aos: vec![AosFigure {
+                fixture: "emscripten4.wasm".to_owned(),
+                format: "wasm32-unknown-emscripten4".to_owned(),
+                msgs_per_s: 1500.5,
+                first_message_ms: 20.0,
+                memory_bytes: 109_903_872,
+            }],
+            aos_notes: Vec::new(),
         }
     }
 
@@ -308,5 +339,9 @@ pub(super) mod tests {
         assert!(table.contains("host call from wasm (empty): 42 ns"), "{table}");
         assert!(table.contains("skipped  cuda: unavailable"), "{table}");
         assert!(table.contains("note: cpu: q8_0 matvec: unsupported"), "{table}");
+        assert!(
+            table.contains("aos emscripten4.wasm as wasm32-unknown-emscripten4: 1500.5 msg/s (first message 20 ms, 109 MB memory)"),
+            "{table}"
+        );
     }
 }

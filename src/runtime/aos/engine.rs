@@ -13,7 +13,7 @@ use wasmtime::{Config, Engine, ExternType, Linker, Module};
 
 use super::format::{AosFormat, Glue};
 use super::instance::AosModule;
-use super::{AosError, imports};
+use super::{AosError, imports, metering};
 use crate::runtime::cache::DiskCache;
 
 /// How often the epoch advances (the deadline's resolution).
@@ -67,22 +67,32 @@ impl AosEngine {
         if let Some(m) = self.lock().get(&(sha256, format)) {
             return Ok(m.clone());
         }
-        // ---- The metering pass goes here: for `…-metering` formats, `wasm` is replaced by its
-        // ---- instrumented form (`metering::meter(wasm, ty)`) before compiling; the cache key
-        // ---- stays the sha256 of the original bytes plus the format.
-        if let Some(ty) = profile.needs_metering {
-            return Err(AosError::Unsupported(format!("{format}: the metering pass ({ty:?} gas) is not yet available")));
-        }
-        let (module, compiled_from_source) = match self.disk.as_ref().and_then(|d| d.load(&self.engine, &sha256)) {
+        // The `…-metering` formats compile the module instrumented by `metering::meter_inline` (the
+        // loader's charges, counted in exported globals). Both caches key it by the original
+        // sha256 and the format; the disk cache gets a key of its own so it never hands an
+        // unmetered compile to a metering format or the reverse.
+        let disk_key = disk_key(&sha256, format);
+        let (module, compiled_from_source) = match self.disk.as_ref().and_then(|d| d.load(&self.engine, &disk_key)) {
             Some(m) => (m, false),
-            None => (Module::from_binary(&self.engine, wasm).map_err(|e| AosError::Invalid(format!("{e:#}")))?, true),
+            None => {
+                let metered;
+                let source = match profile.needs_metering {
+                    Some(ty) => {
+                        metered = metering::meter_inline(wasm, ty)
+                            .map_err(|e| AosError::Metering { format: format.name(), detail: e.to_string() })?;
+                        &metered[..]
+                    }
+                    None => wasm,
+                };
+                (Module::from_binary(&self.engine, source).map_err(|e| AosError::Invalid(format!("{e:#}")))?, true)
+            }
         };
         let mut linker = Linker::new(&self.engine);
         linker.allow_shadowing(true);
         imports::link(&mut linker, &module, profile)?;
         check_exports(&module, profile.glue)?;
         if compiled_from_source && let Some(disk) = &self.disk {
-            disk.store(&module, &sha256);
+            disk.store(&module, &disk_key);
         }
         let pre = linker.instantiate_pre(&module).map_err(|e| AosError::Invalid(format!("link: {e:#}")))?;
         let loaded = Arc::new(AosModule::new(self.engine.clone(), pre, profile, sha256, compiled_from_source));
@@ -92,6 +102,26 @@ impl AosEngine {
     fn lock(&self) -> std::sync::MutexGuard<'_, ModuleMap> {
         crate::sync::lock(&self.modules)
     }
+}
+
+/// Version of the metering pass's output: bump it when `meter_inline` changes what it emits, so
+/// compiles cached on disk by an older pass are not reused.
+const METERING_PASS_VERSION: &str = "meter_inline-1";
+
+/// The disk-cache key of `format`'s compile of the wasm with sha256 `sha256`: the sha256 itself for
+/// unmetered formats (the same bytes compile the same whatever their glue), else
+/// `sha256(pass version ‖ format ‖ sha256)`.
+pub(super) fn disk_key(sha256: &[u8; 32], format: AosFormat) -> [u8; 32] {
+    if format.profile().needs_metering.is_none() {
+        return *sha256;
+    }
+    let mut h = Sha256::new();
+    h.update(METERING_PASS_VERSION.as_bytes());
+    h.update([0]);
+    h.update(format.name().as_bytes());
+    h.update([0]);
+    h.update(sha256);
+    h.finalize().into()
 }
 
 /// The name under which a module built for `glue` exports `name`: the E1 glue's builds are

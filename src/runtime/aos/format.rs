@@ -6,6 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::AosError;
+use super::metering::MeterType;
 
 /// One of the seven emscripten formats the AO compute unit accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,13 +125,6 @@ pub enum DateMode {
     Zero,
     /// A per-instance counter starting at 10004 ms, +1 per call (E3/E4/W64 glue).
     Counter,
-}
-
-/// The gas type the loader's metering pass uses for a `…-metering` format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MeterType {
-    I32,
-    I64,
 }
 
 /// Everything the host does differently per format.

@@ -152,7 +152,8 @@ impl AosModule {
         if let Some(counter) = instance.get_global(&mut store, GAS_USED_GLOBAL) {
             store.data_mut().gas.counter = Some(counter);
             if let Some(limit) = instance.get_global(&mut store, GAS_LIMIT_GLOBAL) {
-                let value = Val::I64(i64::try_from(opts.gas_limit).unwrap_or(i64::MAX));
+                // The limit global is compared unsigned: keep the bits of the u64.
+                let value = Val::I64(opts.gas_limit as i64);
                 limit.set(&mut store, value).map_err(|e| AosError::BadImport {
                     module: "(export)".into(),
                     name: GAS_LIMIT_GLOBAL.into(),

@@ -11,12 +11,12 @@
 //! AosProcess::new(module, opts) / with_memory(module, memory, opts); AosProcess::handle(msg, env) -> Result<HandleOutcome, AosError>
 //! ```
 //!
-//! - Formats: the seven `Module-Format`s of the CU allow-list parse ([`AosFormat`]); E2
-//!   (`wasm32-unknown-emscripten2`), E4 (`…emscripten4`) and W64
-//!   (`wasm64-unknown-emscripten-draft_2024_02_15`) run bit-exactly; E1
-//!   (`wasm32-unknown-emscripten`, minified names) runs with the loader tests' outputs (its memory
-//!   hashes have no golden yet). E3 answers [`AosError::Unsupported`], and so do the two
-//!   `…-metering` formats until the metering pass lands (one marked place in [`AosEngine::load`]).
+//! - Formats: the seven `Module-Format`s of the CU allow-list parse ([`AosFormat`]); E1
+//!   (`wasm32-unknown-emscripten`, minified names), E2 (`wasm32-unknown-emscripten2`), E4
+//!   (`…emscripten4`) and W64 (`wasm64-unknown-emscripten-draft_2024_02_15`) run bit-exactly, and
+//!   so do the two `…-metering` formats: [`AosEngine::load`] instruments them with
+//!   [`metering::meter_inline`] (the loader's charges, counted in exported globals; `GasUsed` equal
+//!   to the loader's). E3 answers [`AosError::Unsupported`].
 //! - Exactness rests on the host replaying the JS glue: the stack cookie, strings placed on the
 //!   wasm stack as `ccall` does, a per-instance `Date.now` counter (10004, +1 per call), real
 //!   Asyncify unwind/rewind (with the glue's 40 MiB buffer) for every WeaveDrive `open`, `invoke_*`
@@ -44,9 +44,10 @@ mod state;
 mod tests;
 
 pub use engine::AosEngine;
-pub use format::{AosFormat, DateMode, Glue, MeterType, Profile, StackAllocRule};
+pub use format::{AosFormat, DateMode, Glue, Profile, StackAllocRule};
 pub use imports::control::heap_growth_candidates;
 pub use instance::{AosInstance, AosModule, DEFAULT_GAS_LIMIT, HandleOutcome, InstanceOptions};
+pub use metering::MeterType;
 pub use process::{AosProcess, NOT_ENOUGH_MEMORY, Rollback};
 pub use state::{DATE_COUNTER_START, DEFAULT_ENV, EnvVars, GAS_LIMIT_GLOBAL, GAS_USED_GLOBAL};
 
@@ -67,6 +68,8 @@ pub enum AosError {
     BadImport { module: String, name: String, detail: String },
     #[error("module does not export `{0}`, which the glue calls; was it built with emscripten for this format?")]
     MissingExport(&'static str),
+    #[error("the {format} format meters the module at load, and that failed: {detail}")]
+    Metering { format: &'static str, detail: String },
     #[error("aos engine setup: {0}")]
     Setup(String),
     #[error("module cache: {0}")]

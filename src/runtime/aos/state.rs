@@ -13,14 +13,15 @@ use super::format::{DateMode, Profile};
 /// installs the counter at 10000.
 pub const DATE_COUNTER_START: f64 = 10004.0;
 
-/// The inline-counter metering contract (for a metering pass that does not call the host per
-/// block): the module exports a mutable i64 global [`GAS_USED_GLOBAL`] that it adds block costs to,
-/// and a mutable i64 global [`GAS_LIMIT_GLOBAL`] the host sets to the `Compute-Limit`; when the
-/// count passes the limit it calls the import `metering.out_of_gas` (no parameters), which traps
-/// `out of gas!`. The host zeroes the counter before every message and reads `GasUsed` from it.
-pub const GAS_USED_GLOBAL: &str = "metering_gas_used";
+/// The inline-counter metering contract ([`super::metering::meter_inline`]): the module exports a
+/// mutable i64 global [`GAS_USED_GLOBAL`] that it adds segment costs to, and a mutable i64 global
+/// [`GAS_LIMIT_GLOBAL`] (unsigned; `u64::MAX` = no limit) the host sets to the `Compute-Limit`;
+/// when the count passes the limit it calls the import `metering.out_of_gas` (no parameters),
+/// which traps `out of gas!`. The host zeroes the counter before every message and reads `GasUsed`
+/// from it.
+pub const GAS_USED_GLOBAL: &str = super::metering::GAS_USED_EXPORT;
 /// See [`GAS_USED_GLOBAL`].
-pub const GAS_LIMIT_GLOBAL: &str = "metering_gas_limit";
+pub const GAS_LIMIT_GLOBAL: &str = super::metering::GAS_LIMIT_EXPORT;
 
 /// Which environment the glue exposes (`env_vars` knob of the spec, §9.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

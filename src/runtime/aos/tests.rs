@@ -18,8 +18,8 @@ const MODULE: &str = r#"(module
   (global $sp (mut i32) (i32.const 65536))
   (global $heap (mut i32) (i32.const 8192))
   (global $threw (mut i32) (i32.const 0))
-  (global $gas (export "metering_gas_used") (mut i64) (i64.const 0))
-  (global $limit (export "metering_gas_limit") (mut i64) (i64.const 0))
+  (global $gas (export "__ao_gas_used") (mut i64) (i64.const 0))
+  (global $limit (export "__ao_gas_limit") (mut i64) (i64.const 0))
   (func $thrower (param i32 i32) (call $longjmp))
   (func (export "__wasm_call_ctors"))
   (func (export "emscripten_stack_init"))
@@ -122,4 +122,29 @@ fn types_cross_threads() {
     send::<AosInstance>();
     send::<AosProcess>();
     send_sync::<AosError>();
+}
+
+#[test]
+fn metered_compiles_have_their_own_disk_cache_key() {
+    let sha = [7u8; 32];
+    assert_eq!(engine::disk_key(&sha, AosFormat::Emscripten4), sha, "unmetered formats share the plain key");
+    assert_eq!(engine::disk_key(&sha, AosFormat::Emscripten2), sha);
+    let e4m = engine::disk_key(&sha, AosFormat::EmscriptenMetering);
+    let w64m = engine::disk_key(&sha, AosFormat::Wasm64Metering);
+    assert!(e4m != sha && w64m != sha && e4m != w64m, "each metering format keys its own compile");
+    assert_ne!(e4m, engine::disk_key(&[8u8; 32], AosFormat::EmscriptenMetering));
+}
+
+#[test]
+fn a_module_the_metering_pass_refuses_is_a_clear_load_error() {
+    let engine = AosEngine::new(None).unwrap();
+    // Already imports `metering.usegas`: the pass refuses it, as the loader does.
+    let wasm = wat::parse_str(r#"(module (import "metering" "usegas" (func (param i64))) (memory (export "memory") 1))"#).unwrap();
+    match engine.load(&wasm, AosFormat::Wasm64Metering) {
+        Err(AosError::Metering { format, detail }) => {
+            assert_eq!(format, AosFormat::Wasm64Metering.name());
+            assert!(detail.contains("metering.usegas"), "{detail}");
+        }
+        other => panic!("expected a metering error, got {other:?}"),
+    }
 }

@@ -31,8 +31,15 @@ fn run(test: &str, format: &str, restore_after: Option<usize>) {
 
 fn run_with(test: &str, format: &str, restore_after: Option<usize>, rollback: Rollback) {
     let doc = acceptance();
-    let case = doc["formats"].as_array().unwrap().iter().find(|f| f["format"] == format).expect("format in acceptance.json");
     let format: AosFormat = format.parse().unwrap();
+    // A `…-metering` format runs its unmetered twin's module: the same memory after every message,
+    // with the loader's metered `GasUsed` (`metering_gas_used`).
+    let (twin, gas_key) = match format {
+        AosFormat::EmscriptenMetering => (AosFormat::Emscripten4, "metering_gas_used"),
+        AosFormat::Wasm64Metering => (AosFormat::Wasm64, "metering_gas_used"),
+        other => (other, "gas_used"),
+    };
+    let case = doc["formats"].as_array().unwrap().iter().find(|f| f["format"] == twin.name()).expect("format in acceptance.json");
     let Some(module) = module(test, case["fixture"].as_str().unwrap(), format) else { return };
     let opts = InstanceOptions::default();
     let mut process = AosProcess::new(module.clone(), opts.clone()).with_rollback(rollback);
@@ -62,7 +69,7 @@ fn run_with(test: &str, format: &str, restore_after: Option<usize>, rollback: Ro
             assert_eq!(&out.messages[0], expected, "{what}: the Messages entry");
         }
         assert!(out.spawns.is_empty() && out.assignments.is_empty(), "{what}: Spawns {:?} Assignments {:?}", out.spawns, out.assignments);
-        if let Some(gas) = exp["gas_used"].as_u64() {
+        if let Some(gas) = exp[gas_key].as_u64() {
             assert_eq!(out.gas_used, gas, "{what}: GasUsed");
         }
         let sha = hex::encode(process.memory_sha256());
@@ -90,6 +97,16 @@ fn e4_sequence_is_bit_exact() {
 #[test]
 fn w64_sequence_is_bit_exact() {
     run("aos::acceptance::w64_sequence_is_bit_exact", "wasm64-unknown-emscripten-draft_2024_02_15", None);
+}
+
+#[test]
+fn e4_metering_sequence_is_bit_exact_with_gas() {
+    run("aos::acceptance::e4_metering_sequence_is_bit_exact_with_gas", "wasm32-unknown-emscripten-metering", None);
+}
+
+#[test]
+fn w64_metering_sequence_is_bit_exact_with_gas() {
+    run("aos::acceptance::w64_metering_sequence_is_bit_exact_with_gas", "wasm64-unknown-emscripten-draft_2024_10_16-metering", None);
 }
 
 #[test]

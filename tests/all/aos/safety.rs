@@ -98,13 +98,15 @@ fn unknown_import_fails_the_load() {
     let mut wasm = b"\0asm\x01\0\0\0".to_vec();
     wasm.extend_from_slice(&[0x01, 0x04, 0x01, 0x60, 0x00, 0x00]); // type () -> ()
     wasm.extend_from_slice(&[0x02, 0x0d, 0x01, 0x03, b'e', b'n', b'v', 0x05, b'b', b'o', b'g', b'u', b's', 0x00, 0x00]);
-    for format in [AosFormat::Emscripten4, AosFormat::Emscripten2, AosFormat::Wasm64] {
+    for format in
+        [AosFormat::Emscripten4, AosFormat::Emscripten2, AosFormat::Wasm64, AosFormat::EmscriptenMetering, AosFormat::Wasm64Metering]
+    {
         match engine().load(&wasm, format) {
             Err(e @ AosError::UnknownImport { .. }) => assert!(e.to_string().contains("env.bogus"), "{e}"),
             other => panic!("{format}: expected UnknownImport, got {other:?}"),
         }
     }
     assert!(matches!(engine().load(b"not wasm", AosFormat::Emscripten4), Err(AosError::Invalid(_))));
-    assert!(matches!(engine().load(&wasm, AosFormat::EmscriptenMetering), Err(AosError::Unsupported(_))));
+    assert!(matches!(engine().load(b"not wasm", AosFormat::Wasm64Metering), Err(AosError::Metering { .. })));
     assert!(matches!(engine().load(&wasm, AosFormat::Emscripten3), Err(AosError::Unsupported(_))));
 }

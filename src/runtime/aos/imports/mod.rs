@@ -4,7 +4,7 @@
 //! else the load fails ([`AosError::UnknownImport`] / [`AosError::BadImport`]), as the JS glue
 //! fails with a `LinkError`. Pointer-width differences (wasm32 vs memory64) are absorbed by taking
 //! arguments as [`Val`]s: pointers are read with [`ptr`], results written in the declared type.
-//! `metering.usegas`, the hottest import, is bound as a typed function.
+//! `metering.usegas`, the hottest import, and `metering.out_of_gas` are bound as typed functions.
 
 pub(super) mod control;
 mod fs;
@@ -92,7 +92,6 @@ fn lookup(glue: Glue, module: &str, name: &str) -> Option<Binding> {
         ("env", "_dlopen_js") | ("env", "_dlsym_js") => b(control::dl_abort, ANY, 1),
         ("env", "_dlinit") => b(fs::nothing, 1, 0),
         ("env", "_mmap_js") | ("env", "_munmap_js") => b(fs::enosys, ANY, 1),
-        ("metering", "out_of_gas") => b(weave::out_of_gas, 0, 0),
         ("env", "metering_gasUsed") => b(weave::gas_used, 0, 1),
         ("env", "__asyncjs__weavedrive_open") if !e2 => b(weave::open, 2, 1),
         ("env", "__asyncjs__weavedrive_read") if !e2 => b(weave::read, 3, 1),
@@ -152,6 +151,10 @@ pub(super) fn link(linker: &mut Linker<Host>, module: &Module, profile: Profile)
         let defined = |e: wasmtime::Error| AosError::Setup(format!("linking {m}.{n}: {e:#}"));
         if m == "metering" && n == "usegas" {
             weave::link_usegas(linker, &ty).map_err(|d| bad(d.to_owned()))?;
+            continue;
+        }
+        if m == "metering" && n == "out_of_gas" {
+            weave::link_out_of_gas(linker, &ty).map_err(|d| bad(d.to_owned()))?;
             continue;
         }
         let e1_invoke = profile.glue == Glue::E1 && m == "a" && n == "x";

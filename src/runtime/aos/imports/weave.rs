@@ -34,9 +34,15 @@ pub(super) fn link_usegas(linker: &mut Linker<Host>, ty: &FuncType) -> Result<()
     linked.map(|_| ()).map_err(|_| "cannot be linked")
 }
 
-/// `metering.out_of_gas()`: the inline counter passed its limit.
-pub(super) fn out_of_gas(_: &mut Caller<'_, Host>, _: &[Val]) -> HostResult<Ret> {
-    Err(wasmtime::Error::new(HostTrap::OutOfGas))
+/// Binds `metering.out_of_gas: () -> ()` (the inline counter passed its limit) as a typed
+/// function that traps `out of gas!`.
+pub(super) fn link_out_of_gas(linker: &mut Linker<Host>, ty: &FuncType) -> Result<(), &'static str> {
+    if ty.params().len() != 0 || ty.results().len() != 0 {
+        return Err("must be () -> ()");
+    }
+    let linked = linker
+        .func_wrap("metering", "out_of_gas", |_: Caller<'_, Host>| -> HostResult<()> { Err(wasmtime::Error::new(HostTrap::OutOfGas)) });
+    linked.map(|_| ()).map_err(|_| "cannot be linked")
 }
 
 /// `metering_gasUsed()`: the gas so far, as JS `ToInt32`.
