@@ -35,6 +35,7 @@
 mod abi;
 pub mod aos;
 mod cache;
+mod epoch;
 pub mod host;
 pub mod limits;
 mod live;
@@ -45,13 +46,14 @@ mod tests;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store};
 
+pub use epoch::EPOCH_TICK;
 pub use host::gpu::constants::{ConstantCache, ConstantMetrics, ConstantSource, ConstantStats, DEFAULT_MAX_CONSTANT_MEMORY, SourceError};
 pub use host::gpu::{
     BYTES_PER_GAS, CMD_F, CMD_FLOATS, CMD_I, CMD_IN, CMD_INPUTS, CMD_INTS, CMD_OP, CMD_OUT, CMD_RESERVED, CMD_SIZE,
@@ -74,8 +76,6 @@ use limits::StoreLimiter;
 pub const MODULE_FORMAT: &str = "wasm32-unknown-ao-gpu-worker";
 /// The only input and output encoding.
 pub const JSON_1: &str = "JSON-1";
-/// How often the epoch advances; deadlines are rounded up to whole ticks, plus one.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Runtime settings (from the worker's `limits` config).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,8 +130,8 @@ fn unsupported_format(format: &str) -> String {
 /// Every `Module-Format` the worker runs: its own and the aos formats it implements.
 pub fn supported_formats() -> Vec<&'static str> {
     let mut formats = vec![MODULE_FORMAT];
-    // E3 has no glue yet; the `…-metering` formats need the metering pass wired into the engine.
-    let runs = |f: &aos::AosFormat| f.profile().glue != aos::Glue::E3 && f.profile().needs_metering.is_none();
+    // E3 has no glue yet (no module to check one against).
+    let runs = |f: &aos::AosFormat| f.profile().glue != aos::Glue::E3;
     formats.extend(aos::AosFormat::ALL.iter().filter(|f| runs(f)).map(|f| f.name()));
     formats
 }
@@ -422,8 +422,8 @@ impl Runtime {
             "ao_gpu tensor backend"
         );
         let disk = DiskCache::open(&cfg.cache_dir, &engine)?;
-        let ticker = start_ticker(&engine)?;
-        let deadline_ticks = cfg.deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
+        let ticker = epoch::start_ticker(&engine, "wasm-epoch").map_err(RuntimeError::Setup)?;
+        let deadline_ticks = epoch::ticks(cfg.deadline);
         Ok(Self {
             engine,
             linker,
@@ -666,25 +666,6 @@ fn check_tags(tags: &[Tag]) -> Result<Option<aos::AosFormat>, RuntimeError> {
         }
     }
     Ok(aos_format)
-}
-
-/// A thread that advances the engine's epoch every [`EPOCH_TICK`] until the returned sender is
-/// dropped (or the engine is gone).
-fn start_ticker(engine: &Engine) -> Result<mpsc::Sender<()>, RuntimeError> {
-    let (tx, rx) = mpsc::channel::<()>();
-    let weak = engine.weak();
-    std::thread::Builder::new()
-        .name("wasm-epoch".to_owned())
-        .spawn(move || {
-            while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(EPOCH_TICK) {
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
-                }
-            }
-        })
-        .map_err(|e| RuntimeError::Setup(format!("cannot start the epoch thread: {e}")))?;
-    Ok(tx)
 }
 
 fn unavailable(reason: String) -> Evaluation {

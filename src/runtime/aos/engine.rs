@@ -4,9 +4,8 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, ExternType, Linker, Module};
@@ -15,9 +14,6 @@ use super::format::{AosFormat, Glue};
 use super::instance::AosModule;
 use super::{AosError, imports, metering};
 use crate::runtime::cache::DiskCache;
-
-/// How often the epoch advances (the deadline's resolution).
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Loaded modules by (sha256 of the wasm, format).
 type ModuleMap = HashMap<([u8; 32], AosFormat), Arc<AosModule>>;
@@ -51,7 +47,7 @@ impl AosEngine {
             Some(dir) => Some(DiskCache::open(&dir, &engine).map_err(|e| AosError::Cache(e.to_string()))?),
             None => None,
         };
-        let ticker = start_ticker(&engine)?;
+        let ticker = crate::runtime::epoch::start_ticker(&engine, "aos-epoch").map_err(AosError::Setup)?;
         Ok(Self { engine, disk, modules: Mutex::new(HashMap::new()), _ticker: ticker })
     }
 
@@ -176,22 +172,4 @@ fn check_exports(module: &Module, glue: Glue) -> Result<(), AosError> {
         }
     }
     Ok(())
-}
-
-/// A thread that advances the engine's epoch every [`EPOCH_TICK`] until the sender is dropped.
-fn start_ticker(engine: &Engine) -> Result<mpsc::Sender<()>, AosError> {
-    let (tx, rx) = mpsc::channel::<()>();
-    let weak = engine.weak();
-    std::thread::Builder::new()
-        .name("aos-epoch".to_owned())
-        .spawn(move || {
-            while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(EPOCH_TICK) {
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
-                }
-            }
-        })
-        .map_err(|e| AosError::Setup(format!("cannot start the epoch thread: {e}")))?;
-    Ok(tx)
 }

@@ -8,12 +8,13 @@ use sha2::{Digest, Sha256};
 use wasmtime::{Engine, Func, Instance, InstancePre, Store, StoreLimitsBuilder, Trap, Val};
 
 use super::AosError;
-use super::engine::{EPOCH_TICK, export_name};
+use super::engine::export_name;
 use super::format::{Glue, Profile};
 use super::imports::control::grow_heap;
 use super::imports::weave::current_gas;
 use super::state::{AsyncState, EnvVars, Exports, GAS_LIMIT_GLOBAL, GAS_USED_GLOBAL, Host, HostTrap, call_ptr, pval, read_cstr, write};
 use crate::protocol::Tag;
+use crate::runtime::epoch::EPOCH_TICK;
 use crate::runtime::limits::{COMPUTE_LIMIT_TAG, MEMORY_LIMIT_TAG, first_tag, parse_compute_limit, parse_memory_limit};
 
 /// Epoch ticks standing for "no deadline" (the store adds it to the current epoch).

@@ -1,6 +1,7 @@
-//! The `msg` and `env` JSON strings in the exact key order the AO compute unit produces (spec §6.1,
-//! §6.2): aos's memory depends on the bytes, not only the values, so these are built in order as
-//! strings (serde_json's default map would sort the keys).
+//! The `msg` and `env` JSON strings of the loader's own tests (spec §6.1, §6.2), which the goldens
+//! use: aos's memory depends on the bytes, not only the values, so these are built in order as
+//! strings (serde_json's default map would sort the keys). The compute unit's shape, which served
+//! processes get, is `protocol::cu_json`.
 
 /// A `{name, value}` tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,66 +23,6 @@ fn string(s: &str) -> String {
 fn tags(tags: &[JsonTag]) -> String {
     let items: Vec<String> = tags.iter().map(|t| format!("{{\"name\":{},\"value\":{}}}", string(&t.name), string(&t.value))).collect();
     format!("[{}]", items.join(","))
-}
-
-/// A message as the CU passes it (`mapNode` + `evaluate`): keys in the CU's order, absent ones
-/// dropped like `JSON.stringify` drops `undefined`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CuMessage {
-    pub id: Option<String>,
-    pub signature: Option<String>,
-    pub data: Option<String>,
-    pub owner: Option<String>,
-    pub anchor: Option<String>,
-    pub from: Option<String>,
-    pub forwarded_by: Option<String>,
-    pub tags: Vec<JsonTag>,
-    pub message: Option<String>,
-    pub target: Option<String>,
-    pub epoch: Option<u64>,
-    pub nonce: Option<u64>,
-    pub timestamp: Option<u64>,
-    pub block_height: Option<u64>,
-    pub hash_chain: Option<String>,
-    pub cron: Option<bool>,
-}
-
-impl CuMessage {
-    pub fn to_json(&self) -> String {
-        let mut fields: Vec<String> = Vec::new();
-        let mut s = |k: &str, v: &Option<String>| {
-            if let Some(v) = v {
-                fields.push(format!("{}:{}", string(k), string(v)));
-            }
-        };
-        s("Id", &self.id);
-        s("Signature", &self.signature);
-        s("Data", &self.data);
-        s("Owner", &self.owner);
-        s("Anchor", &self.anchor);
-        s("From", &self.from);
-        s("Forwarded-By", &self.forwarded_by);
-        fields.push(format!("\"Tags\":{}", tags(&self.tags)));
-        let mut s = |k: &str, v: &Option<String>| {
-            if let Some(v) = v {
-                fields.push(format!("{}:{}", string(k), string(v)));
-            }
-        };
-        s("Message", &self.message);
-        s("Target", &self.target);
-        for (k, v) in [("Epoch", self.epoch), ("Nonce", self.nonce), ("Timestamp", self.timestamp), ("Block-Height", self.block_height)] {
-            if let Some(v) = v {
-                fields.push(format!("\"{k}\":{v}"));
-            }
-        }
-        if let Some(h) = &self.hash_chain {
-            fields.push(format!("\"Hash-Chain\":{}", string(h)));
-        }
-        if let Some(c) = self.cron {
-            fields.push(format!("\"Cron\":{c}"));
-        }
-        format!("{{{}}}", fields.join(","))
-    }
 }
 
 /// The loader tests' message shape (spec §6.1), which the acceptance goldens use:
@@ -168,23 +109,7 @@ mod tests {
     }
 
     #[test]
-    fn cu_message_keeps_order_and_drops_absent_keys() {
-        let m = CuMessage {
-            id: Some("i".into()),
-            data: Some("say \"hi\"\n".into()),
-            owner: Some("o".into()),
-            from: Some("f".into()),
-            tags: vec![JsonTag::new("Action", "Eval")],
-            target: Some("t".into()),
-            timestamp: Some(5),
-            block_height: Some(7),
-            cron: Some(false),
-            ..CuMessage::default()
-        };
-        assert_eq!(
-            m.to_json(),
-            r#"{"Id":"i","Data":"say \"hi\"\n","Owner":"o","From":"f","Tags":[{"name":"Action","value":"Eval"}],"Target":"t","Timestamp":5,"Block-Height":7,"Cron":false}"#
-        );
+    fn env_json_puts_the_module_after_the_process() {
         let with_module = env_json("P", "O", &[], Some(("M", "MO", &[JsonTag::new("a", "b")])));
         assert_eq!(
             with_module,
