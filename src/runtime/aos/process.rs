@@ -32,7 +32,7 @@ pub enum Rollback {
 
 impl Default for Rollback {
     fn default() -> Self {
-        Rollback::Replay { rebase_every: 32 }
+        Rollback::Replay { rebase_every: 256 }
     }
 }
 
