@@ -8,22 +8,16 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
-use crate::journal::{RegistryChange, Served};
+use super::eval::Slot;
+use super::verify;
+use crate::journal::{RegistryChange, RegistryLink, Served};
 use crate::net::scheduler::Range;
 use crate::protocol::ans104::address_of;
 use crate::protocol::b64;
-use crate::protocol::su::ItemJson;
+use crate::protocol::su::{ItemJson, MessageNode, next_hash_chain};
 
 pub const ASSIGN: &str = "Assign-Workload";
 pub const RELEASE: &str = "Release-Workload";
-
-/// Why the registry cannot be followed past an entry; retried at the next poll.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    /// An assignment of the registry process without a numeric `Nonce` tag.
-    #[error("registry entry without a Nonce")]
-    MissingNonce,
-}
 
 /// What a registry entry means for this worker.
 #[derive(Debug, PartialEq, Eq)]
@@ -62,10 +56,23 @@ pub fn decide(m: &ItemJson, me: &str, authorities: &[String]) -> Decision {
     if action == ASSIGN { Decision::Serve(process.to_owned()) } else { Decision::Release(process.to_owned()) }
 }
 
+/// The key under which a halt of the registry follower is journaled (beside processes').
+pub fn halt_key(registry: &str) -> String {
+    format!("registry:{registry}")
+}
+
 pub async fn follow(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let key = halt_key(&ctx.registry);
     loop {
-        if let Err(e) = step(&ctx).await {
-            tracing::warn!(error = %e, registry = %ctx.registry, "registry follow failed; will retry");
+        if !ctx.halted().contains_key(&key) {
+            match step(&ctx).await {
+                Ok(()) => {}
+                Err(StepError::Halt(reason)) => {
+                    tracing::error!(registry = %ctx.registry, unit = "scheduler", %reason, "registry following halted");
+                    ctx.record_halt(&key, &reason);
+                }
+                Err(StepError::Retry(e)) => tracing::warn!(error = %e, registry = %ctx.registry, "registry follow failed; will retry"),
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -74,31 +81,103 @@ pub async fn follow(ctx: Arc<Context>, shutdown: CancellationToken) {
     }
 }
 
-async fn step(ctx: &Context) -> anyhow::Result<()> {
+/// A step either fails for now (the network, the journal: retried) or for good (a refused
+/// registry schedule: following halts).
+enum StepError {
+    Retry(anyhow::Error),
+    Halt(String),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for StepError {
+    fn from(e: E) -> Self {
+        StepError::Retry(e.into())
+    }
+}
+
+/// Checks one registry schedule entry against the last one applied: signed by the scheduler,
+/// assigned to the registry, the next nonce, chained from the last assignment (when known).
+fn check_entry(
+    ctx_registry: &str,
+    scheduler: &str,
+    cursor: Option<u64>,
+    link: Option<&RegistryLink>,
+    node: &MessageNode,
+) -> Result<Slot, String> {
+    let a = &node.assignment;
+    verify::signed_json(a, "assignment").map_err(|e| e.to_string())?;
+    if a.owner.address != scheduler {
+        return Err(format!("registry assignment {} is signed by {}, not by the scheduler {scheduler}", a.id, a.owner.address));
+    }
+    if a.tag("Process") != Some(ctx_registry) {
+        return Err(format!("registry assignment {} assigns to {:?}, not to the registry", a.id, a.tag("Process")));
+    }
+    let slot = Slot::from_assignment(a)?;
+    let expected = cursor.map_or(0, |c| c + 1);
+    if slot.nonce != expected {
+        let what = if slot.nonce < expected { "a rewind or replay" } else { "a gap" };
+        return Err(format!("registry schedule sent nonce {} where {expected} was next ({what}); following halted", slot.nonce));
+    }
+    let registry_raw = b64::decode_id(ctx_registry).map_err(|e| e.to_string())?;
+    let previous = match (cursor, link) {
+        (None, _) => Some(None),
+        (Some(_), Some(l)) => Some(Some((
+            b64::decode_id(&l.assignment).map_err(|e| e.to_string())?,
+            b64::decode_id(&l.hash_chain).map_err(|e| e.to_string())?,
+        ))),
+        // A journal from before links were kept: the chain is checked from the next entry on.
+        (Some(_), None) => None,
+    };
+    if let Some(previous) = previous {
+        let expected = b64::encode(&next_hash_chain(&registry_raw, previous.as_ref().map(|(a, h)| (a, h))));
+        if slot.hash_chain != expected {
+            return Err(format!(
+                "registry hash chain broken at nonce {}: scheduler says {}, expected {expected}",
+                slot.nonce, slot.hash_chain
+            ));
+        }
+    }
+    if let (Some(m), Some(named)) = (&node.message, a.tag("Message"))
+        && m.id != named
+    {
+        return Err(format!("registry assignment {} names message {named}, the scheduler served {}", a.id, m.id));
+    }
+    Ok(slot)
+}
+
+async fn step(ctx: &Context) -> Result<(), StepError> {
+    let scheduler = ctx.scheduler_address().await?;
     loop {
         let cursor = ctx.journal.registry_cursor()?;
+        let mut link = ctx.journal.registry_link()?;
+        let mut at = cursor;
         let page = ctx.scheduler.page(&ctx.registry, &Range { from: cursor, limit: Some(100), by_nonce: true, ..Range::default() }).await?;
         for edge in &page.edges {
-            let nonce: u64 = edge.node.assignment.tag("Nonce").and_then(|n| n.parse().ok()).ok_or(RegistryError::MissingNonce)?;
+            let slot = check_entry(&ctx.registry, &scheduler, at, link.as_ref(), &edge.node).map_err(StepError::Halt)?;
+            let nonce = slot.nonce;
             let decision = match &edge.node.message {
+                Some(m) if m.target.as_deref() != Some(ctx.registry.as_str()) => Decision::Ignore("not targeting the registry".into()),
                 Some(m) => decide(m, &ctx.address, &ctx.authorities),
                 None => Decision::Ignore("assignment without a message".into()),
             };
             let id = edge.node.message.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+            let next = RegistryLink { assignment: slot.assignment.clone(), hash_chain: slot.hash_chain.clone() };
             match &decision {
                 Decision::Serve(p) => {
                     tracing::info!(process = %p, by = %id, "workload assigned");
-                    ctx.journal.apply_registry(nonce, Some(RegistryChange::Serve(&Served { process: p.clone(), assigned_by: id })))?;
+                    let change = RegistryChange::Serve(&Served { process: p.clone(), assigned_by: id });
+                    ctx.journal.apply_registry(nonce, Some(&next), Some(change))?;
                 }
                 Decision::Release(p) => {
                     tracing::info!(process = %p, by = %id, "workload released");
-                    ctx.journal.apply_registry(nonce, Some(RegistryChange::Release(p)))?;
+                    ctx.journal.apply_registry(nonce, Some(&next), Some(RegistryChange::Release(p)))?;
                 }
                 Decision::Ignore(why) => {
                     tracing::debug!(nonce, message = %id, %why, "registry entry ignored");
-                    ctx.journal.apply_registry(nonce, None)?;
+                    ctx.journal.apply_registry(nonce, Some(&next), None)?;
                 }
             }
+            at = Some(nonce);
+            link = Some(next);
         }
         if !page.page_info.has_next_page || page.edges.is_empty() {
             return Ok(());
