@@ -130,7 +130,13 @@ struct Net {
     rules: Arc<Mutex<Rules>>,
     module: String,
     user: Keypair,
+    config: String,
     _dir: tempfile::TempDir,
+}
+
+/// The worker's key: the same across a restart.
+fn worker_key() -> Keypair {
+    Keypair::from_secret(&[42; 32])
 }
 
 impl Net {
@@ -149,12 +155,12 @@ impl Net {
             devnet.authority.address(),
         );
         let config = Config::parse("test", &text, &Overrides::default()).unwrap();
-        let worker = Worker::start(config, Keypair::generate().unwrap(), devnet.worker_listener.take()).await.unwrap();
+        let worker = Worker::start(config, worker_key(), devnet.worker_listener.take()).await.unwrap();
         let mu = MessengerClient::new(&devnet.urls.messenger, Policy::default());
         let su = SchedulerClient::new(&devnet.urls.scheduler, Policy::default());
         let module = module_item(&devnet.authority).unwrap();
         GatewayClient::new(&devnet.urls.gateway, Policy::default()).upload(&module).await.unwrap();
-        Net { devnet, worker, mu, su, rules, module: module.id(), user: Keypair::generate().unwrap(), _dir: dir }
+        Net { devnet, worker, mu, su, rules, module: module.id(), user: Keypair::generate().unwrap(), config: text, _dir: dir }
     }
 
     async fn spawn(&self, n: u64, module: &str) -> String {
@@ -332,6 +338,16 @@ async fn a_hostile_scheduler_and_gateway_are_refused() {
     net.mu.post_item(&more).await.unwrap();
     wait("the honest process goes on", || journal.result_by_message(&more.id()).unwrap().is_some()).await;
     assert_eq!(reqwest::get(format!("{}/healthz", net.worker.api_url)).await.unwrap().text().await.unwrap(), "ok");
-    net.worker.shutdown().await;
-    net.devnet.shutdown().await;
+
+    // The halts survive a restart: nothing refused is evaluated again.
+    let Net { devnet, worker, config, _dir, .. } = net;
+    let before = worker.state.jobs.halted();
+    drop(journal);
+    worker.shutdown().await;
+    let config = Config::parse("test", &config, &Overrides::default()).unwrap();
+    let worker = Worker::start(config, worker_key(), None).await.unwrap();
+    assert_eq!(worker.state.jobs.halted(), before);
+    assert!(worker.state.metrics.render().contains("ao_worker_processes_halted 9"));
+    worker.shutdown().await;
+    devnet.shutdown().await;
 }
