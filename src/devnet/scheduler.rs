@@ -308,12 +308,16 @@ fn page(su: &SchedulerUnit, process: &str, query: &HashMap<String, String>) -> R
     Ok(Page { page_info: PageInfo { has_next_page }, edges })
 }
 
-async fn latest(State(su): State<SchedulerUnit>, Path(id): Path<String>) -> Result<Json<MessageNode>, ApiError> {
+async fn latest(
+    State(su): State<SchedulerUnit>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<MessageNode>, ApiError> {
     check_id(&id)?;
     let store = &su.inner.store;
     let state = store.process_state(&id)?.ok_or_else(|| ApiError::not_found(format!("Process not found: {id}")))?;
     let entry = store.entry(&id, state.next_nonce - 1)?.ok_or_else(|| ApiError::not_found(format!("Process not found: {id}")))?;
-    Ok(Json(su.node(&entry, false)?))
+    Ok(Json(su.node(&entry, show_anchor(&query))?))
 }
 
 async fn process(

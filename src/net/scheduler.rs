@@ -112,7 +112,7 @@ impl SchedulerClient {
 
     /// `GET /{process}/latest`.
     pub async fn latest(&self, process: &str) -> Result<MessageNode, NetError> {
-        let q = format!("/{process}/latest?process-id={process}");
+        let q = format!("/{process}/latest?process-id={process}&show-anchor=1");
         self.not_found(self.http.json(Method::GET, &q, None).await, "process", process)
     }
 
