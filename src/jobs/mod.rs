@@ -2,6 +2,12 @@
 //! process's schedule in nonce order (hash chain verified), evaluate every message, commit
 //! the result to the journal, and post what it produced through the messenger.
 //!
+//! Nothing unverified is evaluated (`verify`): the process item, its module, every assignment
+//! and message are checked (signatures, ids, bindings) first. A check that fails, like any error
+//! retrying cannot fix, halts that process alone, for good: the reason is journaled, served by
+//! the API (`GET /result`, `GET /results`), counted (`processes_halted`, `refused_inputs`) and
+//! logged naming the unit and the item. A transient fetch failure is retried at the next poll.
+//!
 //! Invariants: messages of one process are evaluated strictly in nonce order, each exactly
 //! once (the journal's progress is the only cursor, advanced in the same transaction as the
 //! result); processes run concurrently up to `jobs.max_concurrent`; nothing is posted that

@@ -1,7 +1,14 @@
 //! Following the registry process: `Action=Assign-Workload` / `Release-Workload` messages
 //! naming this worker (`Worker` tag) and a process (`Process` tag), signed by a configured
 //! authority, change the set of served processes. Everything else is ignored with a debug
-//! line. The registry cursor moves in the same transaction as the change it applies.
+//! line. The registry cursor (and the chain link: the last assignment's id and `Hash-Chain`)
+//! moves in the same transaction as the change it applies.
+//!
+//! The registry's schedule is checked like a process's (`verify`): every assignment is signed
+//! by the scheduler (its published address), assigns to the registry, carries the next nonce
+//! and chains from the last one applied; the message it carries has the id it names, and only
+//! messages targeting the registry count. A rewind, replay, gap, fork or forged assignment halts
+//! following for good (journaled under `registry:<id>`, reported like a halted process).
 
 use std::sync::Arc;
 
@@ -219,6 +226,64 @@ mod tests {
         assert!(matches!(decide(&m, &me, &authorities), Decision::Ignore(_)));
         let m = registry_message(&authority, ASSIGN, &me, "not-a-process");
         assert!(matches!(decide(&m, &me, &authorities), Decision::Ignore(why) if why.contains("Process")));
+    }
+
+    /// A registry schedule of `n` entries signed by `scheduler`, chained as the SU chains them.
+    /// `time` sets the timestamps: two schedules with different ones are forks of each other.
+    fn schedule(scheduler: &Keypair, registry: &str, n: u64, time: u64) -> Vec<MessageNode> {
+        let raw = b64::decode_id(registry).unwrap();
+        let mut prev: Option<([u8; 32], [u8; 32])> = None;
+        let mut out = Vec::new();
+        for nonce in 0..n {
+            let chain = next_hash_chain(&raw, prev.as_ref().map(|(a, h)| (a, h)));
+            let mut tags = vec![
+                Tag::new("Process", registry),
+                Tag::new("Epoch", "0"),
+                Tag::new("Nonce", nonce.to_string()),
+                Tag::new("Hash-Chain", b64::encode(&chain)),
+                Tag::new("Block-Height", "000000000001"),
+                Tag::new("Timestamp", (time + nonce).to_string()),
+            ];
+            tags.extend(ao::base_tags(ItemType::Assignment));
+            let a = DataItemBuilder::new().anchor([nonce as u8 | 0x80; 32]).tags(tags).sign(scheduler).unwrap();
+            prev = Some((a.id_raw(), chain));
+            out.push(MessageNode { message: None, assignment: ItemJson::from_item_showing_anchor(&a, true) });
+        }
+        out
+    }
+
+    #[test]
+    fn registry_entries_are_checked_in_order_and_chained() {
+        let scheduler = Keypair::from_secret(&[4; 32]);
+        let registry = b64::encode(&[5; 32]);
+        let sched = scheduler.address();
+        let nodes = schedule(&scheduler, &registry, 4, 1000);
+        let mut link: Option<RegistryLink> = None;
+        let mut cursor = None;
+        for node in &nodes {
+            let slot = check_entry(&registry, &sched, cursor, link.as_ref(), node).unwrap();
+            link = Some(RegistryLink { assignment: slot.assignment.clone(), hash_chain: slot.hash_chain.clone() });
+            cursor = Some(slot.nonce);
+        }
+        let after_1 = {
+            let s = Slot::from_assignment(&nodes[1].assignment).unwrap();
+            RegistryLink { assignment: s.assignment, hash_chain: s.hash_chain }
+        };
+        // A rewind (or a replay), and a gap.
+        let e = check_entry(&registry, &sched, Some(1), Some(&after_1), &nodes[1]).unwrap_err();
+        assert!(e.contains("nonce 1 where 2 was next (a rewind or replay)"), "{e}");
+        let e = check_entry(&registry, &sched, Some(1), Some(&after_1), &nodes[3]).unwrap_err();
+        assert!(e.contains("nonce 3 where 2 was next (a gap)"), "{e}");
+        // The right nonce from another registry's schedule, or from a fork of this one.
+        let other = schedule(&scheduler, &b64::encode(&[6; 32]), 3, 1000);
+        let e = check_entry(&registry, &sched, Some(1), Some(&after_1), &other[2]).unwrap_err();
+        assert!(e.contains("assigns to"), "{e}");
+        let forked = schedule(&scheduler, &registry, 3, 2000);
+        let e = check_entry(&registry, &sched, Some(1), Some(&after_1), &forked[2]).unwrap_err();
+        assert!(e.contains("hash chain broken at nonce 2"), "{e}");
+        // Signed by someone else.
+        let e = check_entry(&registry, &Keypair::from_secret(&[7; 32]).address(), None, None, &nodes[0]).unwrap_err();
+        assert!(e.contains("not by the scheduler"), "{e}");
     }
 
     #[test]

@@ -317,6 +317,10 @@ async fn a_hostile_scheduler_and_gateway_are_refused() {
         let answer = reqwest::get(&url).await.unwrap();
         assert_eq!(answer.status().as_u16(), 503, "{case}");
         assert!(answer.text().await.unwrap().contains(reason), "{case}");
+        // GET /results says so beside what was evaluated.
+        let page: serde_json::Value = reqwest::get(format!("{}/results/{p}", net.worker.api_url)).await.unwrap().json().await.unwrap();
+        assert_eq!(page["halted"].as_str(), Some(why.as_str()), "{case}: {page}");
+        assert_eq!(page["edges"].as_array().unwrap().len(), evaluated.len(), "{case}");
     }
     assert_eq!(net.evaluated(&honest), vec![0, 1, 2, 3]);
     let metrics = net.worker.state.metrics.render();
