@@ -313,5 +313,21 @@ mod tests {
         let mut dropped = json.clone();
         dropped.anchor = None;
         assert!(signed_json(&dropped, "assignment").is_err());
+        // A rewritten nonce under the SU's RSA signature.
+        let mut renumbered = json.clone();
+        renumbered.tags.iter_mut().find(|t| t.name == "Nonce").unwrap().value = "2".into();
+        assert!(signed_json(&renumbered, "assignment").unwrap_err().reason.contains("does not verify"));
+    }
+
+    #[test]
+    fn a_message_whose_binary_data_the_json_mangled_is_refused_not_passed() {
+        let w = world();
+        let (pid, sched) = (w.process.id(), w.scheduler.address());
+        let mut tags = ao::base_tags(ItemType::Message);
+        tags.push(Tag::new("Action", "Upload"));
+        let m = DataItemBuilder::new().target(w.process.id_raw()).tags(tags).data(vec![0xff, 0xfe, 0x00, 0x80]).sign(&w.user).unwrap();
+        let e = schedule_entry(&node(&m, assignment(&w.scheduler, &pid, Some(&m.id()), 1)), &pid, &sched).unwrap_err();
+        assert_eq!((e.unit, e.what), ("scheduler", "message"));
+        assert!(e.reason.contains("lost information"), "{e}");
     }
 }
