@@ -336,7 +336,23 @@ impl Context {
         }
         let halt = |reason: String| JobError::Halted { process: process.to_owned(), reason };
         let info = self.scheduler.process(process).await?;
-        let process_item = verify::process_item(&info, process).map_err(|r| self.refused(process, r))?;
+        let process_item = match verify::process_item(&info, process) {
+            Ok(p) => p,
+            // The scheduler keeps no signature for it: the signed item from the gateway, by id.
+            Err(r) if info.process_id == process && info.signature.as_deref().is_none_or(str::is_empty) => {
+                match self.gateway.item(process).await {
+                    Ok(item) => verify::process_from_gateway(&item, process).map_err(|r| self.refused(process, r))?,
+                    Err(NetError::BadAnswer { reason, .. }) => {
+                        return Err(
+                            self.refused(process, verify::Refusal { unit: "gateway", what: "process", item: process.to_owned(), reason })
+                        );
+                    }
+                    Err(NetError::NotFound { .. }) => return Err(self.refused(process, r)),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(r) => return Err(self.refused(process, r)),
+        };
         let scheduler = match verify::scheduler_of(&process_item, None) {
             Some(s) => s,
             None => self.scheduler_address().await?,

@@ -76,6 +76,17 @@ pub fn process_item(info: &ProcessInfo, requested: &str) -> Result<ItemJson, Ref
     Ok(item)
 }
 
+/// The process item from the gateway (fetched by the requested id, which the gateway client
+/// checks, and verified there), for a scheduler that keeps no signature for it: it must be a
+/// `Process`.
+pub fn process_from_gateway(item: &DataItem, requested: &str) -> Result<ItemJson, Refusal> {
+    if item.tag("Type") != Some("Process") || item.id() != requested {
+        let reason = format!("item {} of Type {:?} is not the process asked for", item.id(), item.tag("Type"));
+        return Err(Refusal { unit: "gateway", what: "process", item: requested.to_owned(), reason });
+    }
+    Ok(ItemJson::from_item(item))
+}
+
 /// The address whose assignments a process accepts: its `Scheduler` tag (signed by the
 /// process's owner), else the address the scheduler unit publishes (`GET /`).
 pub fn scheduler_of(process: &ItemJson, published: Option<&str>) -> Option<String> {
@@ -295,10 +306,13 @@ mod tests {
         let mut swapped = info(&w.process);
         swapped.tags.push(Tag::new("Extra", "1"));
         assert!(process_item(&swapped, &pid).unwrap_err().reason.contains("does not verify"));
-        // Unsigned.
+        // Unsigned: the signed item must come from elsewhere (the gateway), and be a Process.
         let mut unsigned = info(&w.process);
         unsigned.signature = None;
         assert!(process_item(&unsigned, &pid).unwrap_err().reason.contains("without a signature"));
+        assert_eq!(process_from_gateway(&w.process, &pid).unwrap(), ItemJson::from_item(&w.process));
+        let m = message(&w, 1);
+        assert!(process_from_gateway(&m, &m.id()).unwrap_err().reason.contains("not the process"));
     }
 
     #[test]

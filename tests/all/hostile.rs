@@ -214,7 +214,7 @@ async fn a_hostile_scheduler_and_gateway_are_refused() {
     gateway.upload(&named).await.unwrap();
     gateway.upload(&other).await.unwrap();
 
-    let cases = ["honest", "forged", "swapped", "signer", "elsewhere", "reordered", "replayed", "module", "process"];
+    let cases = ["honest", "unsigned", "forged", "swapped", "signer", "elsewhere", "reordered", "replayed", "module", "process"];
     let mut pids = HashMap::new();
     let mut msgs = HashMap::new();
     for (i, case) in cases.iter().enumerate() {
@@ -227,6 +227,7 @@ async fn a_hostile_scheduler_and_gateway_are_refused() {
     let honest_schedule = net.su.all(&honest, Range::default()).await.unwrap();
     let stranger = Keypair::generate().unwrap();
     let honest_info = net.su.process(&honest).await.unwrap();
+    let unsigned_info = net.su.process(&pids["unsigned"]).await.unwrap();
     {
         let mut r = net.rules.lock().unwrap();
         // A forged message signature.
@@ -280,6 +281,11 @@ async fn a_hostile_scheduler_and_gateway_are_refused() {
         let mut lie = honest_info;
         lie.process_id = pids["process"].clone();
         r.processes.insert(pids["process"].clone(), lie);
+        // An honest scheduler that keeps no signature for a process: the gateway's signed item
+        // (by the requested id) stands in.
+        let mut unsigned = unsigned_info;
+        unsigned.signature = None;
+        r.processes.insert(pids["unsigned"].clone(), unsigned);
     }
     for (i, case) in cases.iter().enumerate() {
         net.assign(&pids[case], i as u64).await;
@@ -288,7 +294,9 @@ async fn a_hostile_scheduler_and_gateway_are_refused() {
     let journal = net.worker.state.jobs.journal.clone();
     let last = msgs["honest"].last().unwrap().clone();
     wait("the honest process is evaluated", || journal.result_by_message(&last).unwrap().is_some()).await;
-    wait("every hostile process is halted", || net.halted().len() == cases.len() - 1).await;
+    let unsigned_last = msgs["unsigned"].last().unwrap().clone();
+    wait("the unsigned process is evaluated", || journal.result_by_message(&unsigned_last).unwrap().is_some()).await;
+    wait("every hostile process is halted", || net.halted().len() == cases.len() - 2).await;
 
     let halted = net.halted();
     let journaled = journal.halts().unwrap();
@@ -323,6 +331,7 @@ async fn a_hostile_scheduler_and_gateway_are_refused() {
         assert_eq!(page["edges"].as_array().unwrap().len(), evaluated.len(), "{case}");
     }
     assert_eq!(net.evaluated(&honest), vec![0, 1, 2, 3]);
+    assert_eq!(net.evaluated(&pids["unsigned"]), vec![0, 1, 2, 3]);
     let metrics = net.worker.state.metrics.render();
     for line in [
         "ao_worker_processes_halted 8",
