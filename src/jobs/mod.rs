@@ -334,6 +334,10 @@ impl Context {
         if let Some(s) = crate::sync::lock(&self.processes).get(process) {
             return Ok(s.clone());
         }
+        // A halted process is not fetched (nor refused, nor counted) again.
+        if let Some(reason) = crate::sync::lock(&self.halted).get(process) {
+            return Err(JobError::Halted { process: process.to_owned(), reason: reason.clone() });
+        }
         let halt = |reason: String| JobError::Halted { process: process.to_owned(), reason };
         let info = self.scheduler.process(process).await?;
         let process_item = match verify::process_item(&info, process) {
