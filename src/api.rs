@@ -258,7 +258,12 @@ async fn results(State(s): State<Arc<WorkerState>>, process: Result<Path<String>
     let has_next = rows.len() > limit;
     let edges: Vec<Value> =
         rows.iter().take(limit).map(|r| json!({"node": result_view(&r.response), "cursor": r.nonce.to_string()})).collect();
-    Ok(Json(json!({"pageInfo": {"hasNextPage": has_next}, "edges": edges})).into_response())
+    let mut page = json!({"pageInfo": {"hasNextPage": has_next}, "edges": edges});
+    // A halted process's results stop where it halted: say why (beside the CU's shape).
+    if let Some(reason) = s.jobs.halted().get(&process) {
+        page["halted"] = json!(reason);
+    }
+    Ok(Json(page).into_response())
 }
 
 /// `GET /state/{process}`: the linear memory after the latest evaluation, with the CU's

@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 
 use crate::protocol::su::page_bounds;
 
+mod halts;
+pub use halts::{Halt, RegistryLink};
+
 /// Process id → JSON [`Served`].
 const SERVED: TableDefinition<&str, &[u8]> = TableDefinition::new("served");
 /// Process id → JSON [`Progress`].
@@ -232,6 +235,8 @@ impl Journal {
         tx.open_table(PENDING_KEY).map_err(st)?;
         tx.open_table(META).map_err(st)?;
         tx.open_table(ADVERTS).map_err(st)?;
+        tx.open_table(halts::HALTS).map_err(st)?;
+        tx.open_table(halts::REGISTRY_LINK).map_err(st)?;
         tx.commit().map_err(st)?;
         Ok(j)
     }
@@ -255,11 +260,16 @@ impl Journal {
         self.meta(REGISTRY_CURSOR)
     }
 
-    /// Applies one registry entry atomically: moves the cursor to `nonce` and adds or
-    /// removes a served process (or neither, for an ignored entry).
-    pub fn apply_registry(&self, nonce: u64, change: Option<RegistryChange<'_>>) -> Result<(), JournalError> {
+    /// Applies one registry entry atomically: moves the cursor to `nonce` (and the chain link to
+    /// its assignment, when given) and adds or removes a served process (or neither, for an
+    /// ignored entry).
+    pub fn apply_registry(&self, nonce: u64, link: Option<&RegistryLink>, change: Option<RegistryChange<'_>>) -> Result<(), JournalError> {
         let tx = self.db.begin_write().map_err(st)?;
         {
+            if let Some(link) = link {
+                let v = serde_json::to_vec(link).map_err(corrupt)?;
+                tx.open_table(halts::REGISTRY_LINK).map_err(st)?.insert(halts::LINK, v.as_slice()).map_err(st)?;
+            }
             let mut served = tx.open_table(SERVED).map_err(st)?;
             match change {
                 Some(RegistryChange::Serve(s)) => {
@@ -730,10 +740,10 @@ mod tests {
         let j = Journal::open(&dir.path().join("j.redb")).unwrap();
         assert_eq!(j.registry_cursor().unwrap(), None);
         let s = Served { process: "p".into(), assigned_by: "m1".into() };
-        j.apply_registry(3, Some(RegistryChange::Serve(&s))).unwrap();
-        j.apply_registry(4, None).unwrap();
+        j.apply_registry(3, None, Some(RegistryChange::Serve(&s))).unwrap();
+        j.apply_registry(4, None, None).unwrap();
         assert_eq!(j.served().unwrap(), vec![s]);
-        j.apply_registry(5, Some(RegistryChange::Release("p"))).unwrap();
+        j.apply_registry(5, None, Some(RegistryChange::Release("p"))).unwrap();
         assert!(j.served().unwrap().is_empty());
         assert_eq!(j.registry_cursor().unwrap(), Some(5));
     }

@@ -201,17 +201,18 @@ impl SchedulerUnit {
         Ok((SuPosted { timestamp, id }, vec![item.clone(), assignment]))
     }
 
-    fn node(&self, entry: &Entry) -> Result<MessageNode, ApiError> {
+    /// One schedule entry; with `show_anchor`, binary anchors are written base64url (`&show-anchor=1`).
+    fn node(&self, entry: &Entry, show_anchor: bool) -> Result<MessageNode, ApiError> {
         let load = |id: &str| -> Result<DataItem, ApiError> {
             let bytes = self.inner.store.su_item(id)?.ok_or_else(|| ApiError::not_found(format!("item {id} missing from storage")))?;
             DataItem::parse(&bytes)
                 .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored item {id} is corrupt: {e}")))
         };
         let message = match &entry.message_id {
-            Some(id) => Some(ItemJson::from_item(&load(id)?)),
+            Some(id) => Some(ItemJson::from_item_showing_anchor(&load(id)?, show_anchor)),
             None => None,
         };
-        Ok(MessageNode { message, assignment: ItemJson::from_item(&load(&entry.assignment)?) })
+        Ok(MessageNode { message, assignment: ItemJson::from_item_showing_anchor(&load(&entry.assignment)?, show_anchor) })
     }
 }
 
@@ -237,6 +238,11 @@ async fn post(
     }
     let raw = body(raw)?;
     Ok(Json(su.schedule(&raw).await?))
+}
+
+/// `&show-anchor=1`: anchors that are not UTF-8 are served base64url.
+fn show_anchor(query: &HashMap<String, String>) -> bool {
+    query.get("show-anchor").is_some_and(|v| v == "1" || v == "true")
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -277,7 +283,7 @@ async fn read(
         return Err(ApiError::not_found(format!("message {id} is not scheduled on process {}", process_param.unwrap())));
     }
     let entry = store.entry(&process, nonce)?.ok_or_else(|| ApiError::not_found(format!("Message not found: {id}")))?;
-    Ok(Json(su.node(&entry)?).into_response())
+    Ok(Json(su.node(&entry, show_anchor(&query))?).into_response())
 }
 
 fn page(su: &SchedulerUnit, process: &str, query: &HashMap<String, String>) -> Result<Page, ApiError> {
@@ -297,27 +303,35 @@ fn page(su: &SchedulerUnit, process: &str, query: &HashMap<String, String>) -> R
     let mut edges = Vec::with_capacity(rows.len().min(limit));
     for (nonce, entry) in rows.into_iter().take(limit) {
         let cursor = if by_nonce { nonce.to_string() } else { entry.timestamp.to_string() };
-        edges.push(Edge { cursor, node: su.node(&entry)? });
+        edges.push(Edge { cursor, node: su.node(&entry, show_anchor(query))? });
     }
     Ok(Page { page_info: PageInfo { has_next_page }, edges })
 }
 
-async fn latest(State(su): State<SchedulerUnit>, Path(id): Path<String>) -> Result<Json<MessageNode>, ApiError> {
+async fn latest(
+    State(su): State<SchedulerUnit>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<MessageNode>, ApiError> {
     check_id(&id)?;
     let store = &su.inner.store;
     let state = store.process_state(&id)?.ok_or_else(|| ApiError::not_found(format!("Process not found: {id}")))?;
     let entry = store.entry(&id, state.next_nonce - 1)?.ok_or_else(|| ApiError::not_found(format!("Process not found: {id}")))?;
-    Ok(Json(su.node(&entry)?))
+    Ok(Json(su.node(&entry, show_anchor(&query))?))
 }
 
-async fn process(State(su): State<SchedulerUnit>, Path(id): Path<String>) -> Result<Json<ProcessInfo>, ApiError> {
+async fn process(
+    State(su): State<SchedulerUnit>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<ProcessInfo>, ApiError> {
     check_id(&id)?;
     let store = &su.inner.store;
     let state = store.process_state(&id)?.ok_or_else(|| ApiError::not_found(format!("Process not found: {id}")))?;
     let bytes = store.su_item(&id)?.ok_or_else(|| ApiError::not_found(format!("Process not found: {id}")))?;
     let item =
         DataItem::parse(&bytes).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("stored process is corrupt: {e}")))?;
-    let json = ItemJson::from_item(&item);
+    let json = ItemJson::from_item_showing_anchor(&item, show_anchor(&query));
     Ok(Json(ProcessInfo {
         process_id: id,
         block: format!("{:012}", state.block_height),

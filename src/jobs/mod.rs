@@ -2,6 +2,12 @@
 //! process's schedule in nonce order (hash chain verified), evaluate every message, commit
 //! the result to the journal, and post what it produced through the messenger.
 //!
+//! Nothing unverified is evaluated (`verify`): the process item, its module, every assignment
+//! and message are checked (signatures, ids, bindings) first. A check that fails, like any error
+//! retrying cannot fix, halts that process alone, for good: the reason is journaled, served by
+//! the API (`GET /result`, `GET /results`), counted (`processes_halted`, `refused_inputs`) and
+//! logged naming the unit and the item. A transient fetch failure is retried at the next poll.
+//!
 //! Invariants: messages of one process are evaluated strictly in nonce order, each exactly
 //! once (the journal's progress is the only cursor, advanced in the same transaction as the
 //! result); processes run concurrently up to `jobs.max_concurrent`; nothing is posted that
@@ -11,6 +17,7 @@ pub mod constants;
 pub mod eval;
 mod poster;
 mod registry;
+pub mod verify;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -51,6 +58,9 @@ pub struct JobMetrics {
     /// Processes served, and those halted on an error retrying cannot fix.
     pub served: Gauge,
     pub halted: Gauge,
+    /// Inputs refused because they do not verify (a forged or swapped item), by the unit that
+    /// served them (`scheduler`, `gateway`).
+    pub refused_inputs: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl JobMetrics {
@@ -63,6 +73,7 @@ impl JobMetrics {
             pending: Gauge::default(),
             served: Gauge::default(),
             halted: Gauge::default(),
+            refused_inputs: Family::default(),
         };
         registry.register("evaluations", "Messages evaluated, by result", m.evaluations.clone());
         registry.register("gas_used", "Fuel consumed by evaluations (sum of GasUsed)", m.gas_used.clone());
@@ -71,6 +82,7 @@ impl JobMetrics {
         registry.register("pending_items", "Items committed to the journal and not yet accepted", m.pending.clone());
         registry.register("processes_served", "Processes this worker serves", m.served.clone());
         registry.register("processes_halted", "Processes halted on an error retrying cannot fix", m.halted.clone());
+        registry.register("refused_inputs", "Inputs refused because they do not verify, by unit", m.refused_inputs.clone());
         m
     }
 }
@@ -126,6 +138,8 @@ pub struct ProcessSetup {
     pub module: Arc<ActorModule>,
     pub limits: Limits,
     pub env_json: String,
+    /// The address that must have signed the process's assignments.
+    pub scheduler: String,
 }
 
 /// Why a process stopped being evaluated. Transient failures are retried at the next poll.
@@ -180,6 +194,15 @@ impl Context {
         let info = config.runtime.tensor_backend();
         let backend = format!("{}/{}", info.kind.as_str(), info.determinism.as_str());
         let devices = attested_devices(&info.devices, &config.device);
+        // Halts are journaled: a process refused before a restart stays refused after it.
+        let halted = match config.journal.halts() {
+            Ok(h) => h.into_iter().map(|(p, h)| (p, h.reason)).collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the journaled halts");
+                HashMap::new()
+            }
+        };
+        config.metrics.halted.set(halted.len() as i64);
         Arc::new(Self {
             config,
             address,
@@ -187,7 +210,7 @@ impl Context {
             devices,
             processes: Mutex::new(HashMap::new()),
             scheduler_address: std::sync::OnceLock::new(),
-            halted: Mutex::new(HashMap::new()),
+            halted: Mutex::new(halted),
             wake: Notify::new(),
         })
     }
@@ -281,9 +304,28 @@ impl Context {
         }
     }
 
-    /// Processes that stopped on an error that retrying cannot fix, with the reason.
+    /// Processes that stopped on an error that retrying cannot fix, with the reason (the
+    /// registry follower's halt under `registry:<id>`).
     pub fn halted(&self) -> HashMap<String, String> {
         crate::sync::lock(&self.halted).clone()
+    }
+
+    /// Halts `process` for good: journaled (kept across restarts), reported by the API and the
+    /// `processes_halted` metric. A journal failure is logged; the halt holds in memory.
+    fn record_halt(&self, process: &str, reason: &str) {
+        if let Err(e) = self.journal.halt(process, reason) {
+            tracing::error!(%process, error = %e, "cannot journal the halt; it holds until restart");
+        }
+        let mut halted = crate::sync::lock(&self.halted);
+        halted.entry(process.to_owned()).or_insert_with(|| reason.to_owned());
+        self.metrics.halted.set(halted.len() as i64);
+    }
+
+    /// The halt of a refused input: counted by unit, logged naming the unit and the item.
+    fn refused(&self, process: &str, refusal: verify::Refusal) -> JobError {
+        self.metrics.refused_inputs.get_or_create(&[("unit", refusal.unit)]).inc();
+        tracing::error!(%process, unit = refusal.unit, item = %refusal.item, what = refusal.what, reason = %refusal.reason, "input refused");
+        JobError::Halted { process: process.to_owned(), reason: refusal.to_string() }
     }
 
     /// The process's setup: its item from the scheduler, its module from the gateway
@@ -292,21 +334,41 @@ impl Context {
         if let Some(s) = crate::sync::lock(&self.processes).get(process) {
             return Ok(s.clone());
         }
+        // A halted process is not fetched (nor refused, nor counted) again.
+        if let Some(reason) = crate::sync::lock(&self.halted).get(process) {
+            return Err(JobError::Halted { process: process.to_owned(), reason: reason.clone() });
+        }
         let halt = |reason: String| JobError::Halted { process: process.to_owned(), reason };
         let info = self.scheduler.process(process).await?;
-        let process_item = ItemJson {
-            id: info.process_id.clone(),
-            owner: info.owner.clone(),
-            data: info.data.clone(),
-            tags: info.tags.clone(),
-            signature: info.signature.clone().unwrap_or_default(),
-            anchor: info.anchor.clone(),
-            target: info.target.clone(),
+        let process_item = match verify::process_item(&info, process) {
+            Ok(p) => p,
+            // The scheduler keeps no signature for it: the signed item from the gateway, by id.
+            Err(r) if info.process_id == process && info.signature.as_deref().is_none_or(str::is_empty) => {
+                match self.gateway.item(process).await {
+                    Ok(item) => verify::process_from_gateway(&item, process).map_err(|r| self.refused(process, r))?,
+                    Err(NetError::BadAnswer { reason, .. }) => {
+                        return Err(
+                            self.refused(process, verify::Refusal { unit: "gateway", what: "process", item: process.to_owned(), reason })
+                        );
+                    }
+                    Err(NetError::NotFound { .. }) => return Err(self.refused(process, r)),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(r) => return Err(self.refused(process, r)),
+        };
+        let scheduler = match verify::scheduler_of(&process_item, None) {
+            Some(s) => s,
+            None => self.scheduler_address().await?,
         };
         let module_id = process_item.tag("Module").ok_or_else(|| halt("process has no Module tag".into()))?.to_owned();
+        // The gateway client checks the item it answers has the id asked for: the Module tag.
         let module_item = match self.gateway.item(&module_id).await {
             Ok(m) => m,
-            Err(NetError::BadAnswer { reason, .. }) => return Err(halt(format!("module {module_id} does not verify: {reason}"))),
+            Err(NetError::BadAnswer { reason, .. }) => {
+                let refusal = verify::Refusal { unit: "gateway", what: "module", item: module_id.clone(), reason };
+                return Err(self.refused(process, refusal));
+            }
             Err(NetError::NotFound { .. }) => return Err(halt(format!("module {module_id} not found on the gateway"))),
             Err(e) => return Err(e.into()),
         };
@@ -321,7 +383,7 @@ impl Context {
             Some(_) => eval::cu_env_json(&process_item, &module_item),
             None => eval::env_json(&process_item, &module_item),
         };
-        let setup = Arc::new(ProcessSetup { process: process_item, module_item, module, limits, env_json });
+        let setup = Arc::new(ProcessSetup { process: process_item, module_item, module, limits, env_json, scheduler });
         crate::sync::lock(&self.processes).insert(process.to_owned(), setup.clone());
         Ok(setup)
     }
@@ -340,6 +402,7 @@ impl Context {
             }
             let mut prev = progress;
             for edge in page.edges {
+                verify::schedule_entry(&edge.node, process, &setup.scheduler).map_err(|r| self.refused(process, r))?;
                 let slot =
                     Slot::from_assignment(&edge.node.assignment).map_err(|reason| JobError::Halted { process: process.into(), reason })?;
                 check_chain(process, &process_raw, prev.as_ref(), &slot)?;
@@ -364,7 +427,17 @@ impl Context {
                     process: process.clone(),
                     reason: format!("assignment {} names no message", node.assignment.id),
                 })?;
-                ItemJson::from_item(&self.gateway.item(id).await?)
+                let item = match self.gateway.item(id).await {
+                    Ok(item) => item,
+                    Err(NetError::BadAnswer { reason, .. }) => {
+                        return Err(
+                            self.refused(&process, verify::Refusal { unit: "gateway", what: "message", item: id.to_owned(), reason })
+                        );
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                verify::hydrated(&item, id).map_err(|r| self.refused(&process, r))?;
+                ItemJson::from_item(&item)
             }
         };
         let module_id = setup.module_item.id();
@@ -574,7 +647,6 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
         if let Ok(n) = ctx.journal.pending_count() {
             ctx.metrics.pending.set(n as i64);
         }
-        ctx.metrics.halted.set(crate::sync::lock(&ctx.halted).len() as i64);
         match ctx.journal.served() {
             Ok(served) => {
                 ctx.metrics.served.set(served.len() as i64);
@@ -594,7 +666,7 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
                                 Ok(n) => tracing::debug!(process = %p, evaluated = n, "caught up"),
                                 Err(JobError::Halted { process, reason }) => {
                                     tracing::error!(%process, %reason, "process halted");
-                                    crate::sync::lock(&ctx.halted).insert(process, reason);
+                                    ctx.record_halt(&process, &reason);
                                 }
                                 Err(e) => tracing::warn!(process = %p, error = %e, "will retry"),
                             }

@@ -107,15 +107,17 @@ impl GatewayClient {
         }
     }
 
-    /// The whole signed item: its fields and data, verified against each other.
+    /// The whole signed item: its fields and data, verified against each other and against the
+    /// id asked for (a gateway answering another validly signed item is refused).
     pub async fn item(&self, id: &str) -> Result<DataItem, NetError> {
         let meta = self.meta(id).await?;
         let data = self.raw(id).await?;
-        meta.verified_item(data).map_err(|reason| NetError::BadAnswer {
-            unit: Unit::Gateway,
-            url: format!("{}/tx/{id}", self.base()),
-            reason,
-        })
+        let bad = |reason: String| NetError::BadAnswer { unit: Unit::Gateway, url: format!("{}/tx/{id}", self.base()), reason };
+        let item = meta.verified_item(data).map_err(bad)?;
+        if item.id() != id {
+            return Err(bad(format!("asked for item {id}, the gateway answered item {}", item.id())));
+        }
+        Ok(item)
     }
 
     /// `HEAD /raw/{id}`: whether the gateway holds the item, without downloading it.

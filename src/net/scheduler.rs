@@ -54,7 +54,8 @@ impl SchedulerClient {
 
     /// `GET /{process}?process-id=…`: one page of the schedule.
     pub async fn page(&self, process: &str, range: &Range) -> Result<Page, NetError> {
-        let mut q = format!("/{process}?process-id={process}");
+        // `show-anchor`: the assignments' binary anchors come back base64url, so they verify.
+        let mut q = format!("/{process}?process-id={process}&show-anchor=1");
         let (from, to) = if range.by_nonce { ("from-nonce", "to-nonce") } else { ("from", "to") };
         if let Some(v) = range.from {
             q.push_str(&format!("&{from}={v}"));
@@ -100,18 +101,18 @@ impl SchedulerClient {
 
     /// `GET /{message}?process-id=…`: one message with its assignment.
     pub async fn message(&self, message: &str, process: &str) -> Result<MessageNode, NetError> {
-        let q = format!("/{message}?process-id={process}");
+        let q = format!("/{message}?process-id={process}&show-anchor=1");
         self.not_found(self.http.json(Method::GET, &q, None).await, "message", message)
     }
 
     /// `GET /processes/{process}`.
     pub async fn process(&self, process: &str) -> Result<ProcessInfo, NetError> {
-        self.not_found(self.http.json(Method::GET, &format!("/processes/{process}"), None).await, "process", process)
+        self.not_found(self.http.json(Method::GET, &format!("/processes/{process}?show-anchor=1"), None).await, "process", process)
     }
 
     /// `GET /{process}/latest`.
     pub async fn latest(&self, process: &str) -> Result<MessageNode, NetError> {
-        let q = format!("/{process}/latest?process-id={process}");
+        let q = format!("/{process}/latest?process-id={process}&show-anchor=1");
         self.not_found(self.http.json(Method::GET, &q, None).await, "process", process)
     }
 

@@ -32,19 +32,31 @@ impl ItemJson {
     /// The SU's view of a data item. Anchors that are not UTF-8 become `null`, targets that
     /// are absent become `""`, as the SU writes them.
     pub fn from_item(item: &DataItem) -> Self {
+        Self::from_item_showing_anchor(item, false)
+    }
+
+    /// The same, as the SU answers with `&show-anchor=1`: an anchor that is not UTF-8 is written
+    /// base64url (43 characters) instead of being dropped, so the item can be rebuilt and verified.
+    pub fn from_item_showing_anchor(item: &DataItem, show_anchor: bool) -> Self {
+        let anchor = item.anchor.and_then(|a| match String::from_utf8(a.to_vec()) {
+            Ok(text) => Some(text),
+            Err(_) => show_anchor.then(|| b64::encode(&a)),
+        });
         Self {
             id: item.id(),
             owner: Owner { address: item.owner_address(), key: b64::encode(&item.owner) },
             data: Some(String::from_utf8_lossy(&item.data).into_owned()),
             tags: item.tags.clone(),
             signature: b64::encode(&item.signature),
-            anchor: item.anchor.and_then(|a| String::from_utf8(a.to_vec()).ok()),
+            anchor,
             target: Some(item.target_id().unwrap_or_default()),
         }
     }
 
-    /// Rebuilds the signed item from the SU's JSON, so its signature can be checked. Fails
-    /// where the JSON lost information (a binary anchor, non-UTF-8 data).
+    /// Rebuilds the signed item from the SU's JSON, so its signature can be checked. An anchor
+    /// is its 32 UTF-8 bytes, or 43 base64url characters (`&show-anchor=1`). Where the JSON lost
+    /// information (a binary anchor without `show-anchor`, non-UTF-8 data) the rebuilt item does
+    /// not verify: the caller must refuse it.
     pub fn to_item(&self) -> Result<DataItem, String> {
         let owner = b64::decode(&self.owner.key).map_err(|_| "owner key is not base64url".to_owned())?;
         let signature = b64::decode(&self.signature).map_err(|_| "signature is not base64url".to_owned())?;
@@ -58,7 +70,9 @@ impl ItemJson {
             None => None,
         };
         let anchor = match self.anchor.as_deref().filter(|a| !a.is_empty()) {
-            Some(a) => Some(<[u8; 32]>::try_from(a.as_bytes()).map_err(|_| format!("anchor {a:?} is not 32 bytes"))?),
+            Some(a) if a.len() == 32 => Some(<[u8; 32]>::try_from(a.as_bytes()).expect("32 bytes")),
+            Some(a) if a.len() == 43 => Some(b64::decode_id(a).map_err(|_| format!("anchor {a:?} is neither 32 bytes nor base64url"))?),
+            Some(a) => return Err(format!("anchor {a:?} is not 32 bytes")),
             None => None,
         };
         let data = self.data.clone().unwrap_or_default().into_bytes();

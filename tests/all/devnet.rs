@@ -111,6 +111,10 @@ async fn message_through_messenger_is_assigned_and_hash_chained() {
     assert_eq!(listed.data.as_deref(), Some("message 1"));
     // The SU's JSON carries everything needed to re-verify the message and its assignment.
     listed.to_item().unwrap().verify().unwrap();
+    // The assignment's random binary anchor comes back base64url (`show-anchor=1`): it verifies too.
+    let assignment = nodes[1].assignment.to_item().unwrap();
+    assignment.verify().unwrap();
+    assert_eq!(assignment.id(), nodes[1].assignment.id);
 
     // One message by id, with and without process-id.
     let one = net.su.message(&item.id(), &registry).await.unwrap();

@@ -25,6 +25,7 @@ mod cuda_backend;
 mod device_pool;
 mod devnet;
 mod gpu_conformance;
+mod hostile;
 mod interop_aoconnect;
 mod interop_arbundles;
 mod jobs;

@@ -412,9 +412,9 @@ async fn scheduler_all_follows_pagination() {
     assert_eq!(
         seen.paths(),
         vec![
-            format!("/{p}?process-id={p}&limit=2"),
-            format!("/{p}?process-id={p}&from=1001&limit=2"),
-            format!("/{p}?process-id={p}&from=1003&limit=2")
+            format!("/{p}?process-id={p}&show-anchor=1&limit=2"),
+            format!("/{p}?process-id={p}&show-anchor=1&from=1001&limit=2"),
+            format!("/{p}?process-id={p}&show-anchor=1&from=1003&limit=2")
         ],
         "each request starts after the previous page's last cursor"
     );
