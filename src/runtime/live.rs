@@ -91,8 +91,12 @@ fn limits_options(limits: Limits, deadline: Duration) -> InstanceOptions {
     }
 }
 
+fn evaluation(outcome: Result<Value, EvalError>, memory: Option<Vec<u8>>, state_hash: Option<String>, gas_used: u64) -> Evaluation {
+    Evaluation { outcome, memory, state_hash, gas_used, log: String::new(), device: 0 }
+}
+
 fn failure(e: EvalError) -> Evaluation {
-    Evaluation { outcome: Err(e), memory: None, state_hash: None, gas_used: 0, log: String::new(), device: 0 }
+    evaluation(Err(e), None, None, 0)
 }
 
 /// The response object the job loop records, as the loader returns it to the CU.
@@ -155,27 +159,14 @@ fn evaluate_on(process: &mut AosProcess, prev: Option<&str>, input: &EvalInput<'
                 let memory = process.memory().to_vec();
                 let hash = hex::encode(Sha256::digest(&memory));
                 process.evict();
-                let e = Evaluation {
-                    outcome: Ok(response(&outcome)),
-                    memory: Some(memory),
-                    state_hash: Some(hash),
-                    gas_used: outcome.gas_used,
-                    ..failure(EvalError::Actor(String::new()))
-                };
-                (e, true)
+                (evaluation(Ok(response(&outcome)), Some(memory), Some(hash), outcome.gas_used), true)
             }
             None => {
                 let hash = chained_state(prev, input.msg_json, &outcome.raw_json);
-                let e = Evaluation {
-                    outcome: Ok(response(&outcome)),
-                    state_hash: Some(hash),
-                    gas_used: outcome.gas_used,
-                    ..failure(EvalError::Actor(String::new()))
-                };
-                (e, true)
+                (evaluation(Ok(response(&outcome)), None, Some(hash), outcome.gas_used), true)
             }
             // CU semantics: the memory from before the message, on a fresh instance.
-            Some(error) => (Evaluation { gas_used: outcome.gas_used, ..failure(EvalError::Actor(error.clone())) }, true),
+            Some(error) => (evaluation(Err(EvalError::Actor(error.clone())), None, None, outcome.gas_used), true),
         },
         // Could not compute: not a result. After a deadline the process rebuilt the state from
         // before the message; after host trouble it is not trusted.
