@@ -50,21 +50,7 @@ function parseOptions (args) {
   return opts
 }
 
-const ENV = { Process: { Id: 'AOS', Owner: 'FOOBAR', Tags: [{ name: 'Name', value: 'Thomas' }] } }
-
-function message (n, data) {
-  return {
-    Id: `MSG${n}`,
-    Target: 'AOS',
-    Owner: 'FOOBAR',
-    From: 'FOOBAR',
-    Module: 'FOO',
-    'Block-Height': '1000',
-    Timestamp: '1700000000000',
-    Tags: [{ name: 'Action', value: 'Eval' }],
-    Data: data
-  }
-}
+const { DEFAULT_ENV: ENV, standardMessage: message } = require('./shapes.js')
 
 function now () {
   return new Date().getTime()

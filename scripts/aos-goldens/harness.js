@@ -70,23 +70,7 @@ function optionalInteger (value, name) {
 }
 
 // ---- 2. Sequence files ----
-// The default env of spec §6.2 (the loader tests' shape).
-const DEFAULT_ENV = { Process: { Id: 'AOS', Owner: 'FOOBAR', Tags: [{ name: 'Name', value: 'Thomas' }] } }
-
-// The standard message of spec §6.1 (loader-test shape); key order is part of the contract (§4.6 item 3).
-function standardMessage (n, data) {
-  return {
-    Id: `MSG${n}`,
-    Target: 'AOS',
-    Owner: 'FOOBAR',
-    From: 'FOOBAR',
-    Module: 'FOO',
-    'Block-Height': '1000',
-    Timestamp: '1700000000000',
-    Tags: [{ name: 'Action', value: 'Eval' }],
-    Data: data
-  }
-}
+const { DEFAULT_ENV, standardMessage } = require('./shapes.js')
 
 const STEP_KEYS = new Set(['data', 'msg', 'env', 'from', 'fresh', 'compute_limit', 'note'])
 
