@@ -238,10 +238,8 @@ impl Context {
             return Err(JobError::NotServed(process.to_owned()));
         }
         let setup = self.setup(process).await?;
-        let (base, state) = match self.journal.latest_state(process)? {
-            Some(crate::journal::LatestState { progress: p, source }) => {
-                let last = self.journal.results(process, None, Some(p.nonce), 1, true)?;
-                let block_height = last.first().map_or(0, |r| r.block_height);
+        let (base, state) = match self.latest(process).await? {
+            Some((p, source, block_height)) => {
                 let base = DryRunBase {
                     process: process.to_owned(),
                     nonce: p.nonce,
@@ -272,21 +270,27 @@ impl Context {
         Ok(eval::result_object(&outcome, evaluation.gas_used))
     }
 
-    /// The memory after the latest evaluation of `process` (`GET /state`), with that progress and
-    /// the message's block height; `None` when nothing was evaluated here. The image is `None`
-    /// before the first successful evaluation. A checkpointed (aos) process's memory is rebuilt
-    /// from its last checkpoint by replaying the messages since, checked against the journal.
-    pub async fn latest_image(&self, process: &str) -> Result<Option<(Progress, Option<Vec<u8>>, u64)>, JobError> {
+    /// The process's progress, what rebuilds its state (an image of up to the whole memory) and
+    /// the last message's block height, read off the async threads; `None` when nothing was
+    /// evaluated here.
+    async fn latest(&self, process: &str) -> Result<Option<(Progress, StateSource, u64)>, JobError> {
         let journal = self.journal.clone();
         let p = process.to_owned();
-        let latest = tokio::task::spawn_blocking(move || -> Result<_, JobError> {
+        tokio::task::spawn_blocking(move || -> Result<_, JobError> {
             let Some(crate::journal::LatestState { progress, source }) = journal.latest_state(&p)? else { return Ok(None) };
             let last = journal.results(&p, None, Some(progress.nonce), 1, true)?;
             Ok(Some((progress, source, last.first().map_or(0, |r| r.block_height))))
         })
         .await
-        .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("state read task failed: {e}") })??;
-        let Some((progress, source, block_height)) = latest else { return Ok(None) };
+        .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("state read task failed: {e}") })?
+    }
+
+    /// The memory after the latest evaluation of `process` (`GET /state`), with that progress and
+    /// the message's block height; `None` when nothing was evaluated here. The image is `None`
+    /// before the first successful evaluation. A checkpointed (aos) process's memory is rebuilt
+    /// from its last checkpoint by replaying the messages since, checked against the journal.
+    pub async fn latest_image(&self, process: &str) -> Result<Option<(Progress, Option<Vec<u8>>, u64)>, JobError> {
+        let Some((progress, source, block_height)) = self.latest(process).await? else { return Ok(None) };
         if progress.checkpoint.is_none() {
             return Ok(Some((progress, source.image, block_height)));
         }

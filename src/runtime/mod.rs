@@ -130,9 +130,7 @@ fn unsupported_format(format: &str) -> String {
 /// Every `Module-Format` the worker runs: its own and the aos formats it implements.
 pub fn supported_formats() -> Vec<&'static str> {
     let mut formats = vec![MODULE_FORMAT];
-    // E3 has no glue yet (no module to check one against).
-    let runs = |f: &aos::AosFormat| f.profile().glue != aos::Glue::E3;
-    formats.extend(aos::AosFormat::ALL.iter().filter(|f| runs(f)).map(|f| f.name()));
+    formats.extend(aos::AosFormat::ALL.iter().filter(|f| f.is_supported()).map(|f| f.name()));
     formats
 }
 

@@ -56,7 +56,7 @@ impl AosEngine {
     /// there.
     pub fn load(&self, wasm: &[u8], format: AosFormat) -> Result<Arc<AosModule>, AosError> {
         let profile = format.profile();
-        if profile.glue == Glue::E3 {
+        if !format.is_supported() {
             return Err(AosError::Unsupported(format!("{format}: its glue is not implemented yet (E1, E2, E4 and wasm64 are)")));
         }
         let sha256: [u8; 32] = Sha256::digest(wasm).into();

@@ -52,6 +52,12 @@ impl AosFormat {
         }
     }
 
+    /// Whether this build runs the format. E3's glue is not implemented: no E3 module exists to
+    /// check one against.
+    pub fn is_supported(self) -> bool {
+        self != AosFormat::Emscripten3
+    }
+
     /// The runtime profile of the format (docs/aos.md of the spec, §2).
     pub fn profile(self) -> Profile {
         let glue = match self {
