@@ -32,6 +32,7 @@ pub struct Config {
     pub api: ApiSection,
     pub log: LogSection,
     pub gpu: GpuSection,
+    pub aos: AosSection,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +74,18 @@ pub struct LimitsSection {
     pub max_memory: u64,
     pub max_compute: u64,
     pub deadline: Duration,
+}
+
+/// How aos (emscripten Lua) processes are kept between messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AosSection {
+    /// A memory image is journaled every this many messages of a process; the ones between are
+    /// replayed from it after a restart or an eviction.
+    pub checkpoint_every: u64,
+    /// Processes that keep a live instance (memory + rollback base) between messages.
+    pub live_processes: usize,
+    /// Messages between two moves of a live process's rollback base (one memory copy).
+    pub rebase_every: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -285,6 +298,12 @@ impl Config {
             v.issue("limits.deadline", "must be greater than 0");
         }
 
+        let mut s = v.section(&mut root, "aos");
+        let checkpoint_every = v.integer(&mut s, "aos", "checkpoint_every", 32, 1, 1_000_000) as u64;
+        let live_processes = v.integer(&mut s, "aos", "live_processes", 4, 1, 4096) as usize;
+        let rebase_every = v.integer(&mut s, "aos", "rebase_every", 256, 1, 1_000_000) as usize;
+        v.unknown(s, "aos");
+
         let mut s = v.section(&mut root, "attestation");
         let target = v.string(&mut s, "attestation", "target", "", None);
         v.unknown(s, "attestation");
@@ -387,6 +406,7 @@ impl Config {
             api: ApiSection { listen },
             log: LogSection { level, format },
             gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory, startup_bench },
+            aos: AosSection { checkpoint_every, live_processes, rebase_every },
         })
     }
 }
@@ -636,6 +656,18 @@ mod tests {
         assert_eq!(from_file.gpu.determinism, crate::gpu::Determinism::Reproducible);
         assert_eq!(from_file.gpu.max_device_memory, crate::runtime::DEFAULT_MAX_DEVICE_MEMORY);
         assert_eq!(from_file.gpu.max_constant_memory, crate::runtime::DEFAULT_MAX_CONSTANT_MEMORY);
+        let aos = crate::runtime::AosSettings::default();
+        assert_eq!((from_file.aos.live_processes, from_file.aos.rebase_every), (aos.live_processes, aos.rebase_every));
+        assert_eq!(from_file.aos.checkpoint_every, 32);
+    }
+
+    #[test]
+    fn aos_section() {
+        let c = parse("[aos]\ncheckpoint_every = 8\nlive_processes = 16\nrebase_every = 64\n").unwrap();
+        assert_eq!(c.aos, AosSection { checkpoint_every: 8, live_processes: 16, rebase_every: 64 });
+        let e = parse("[aos]\ncheckpoint_every = 0\nlive_processes = 0\nrebase = 3\n").unwrap_err();
+        let paths: Vec<&str> = e.issues.iter().map(|i| i.path.as_str()).collect();
+        assert!(paths.contains(&"aos.checkpoint_every") && paths.contains(&"aos.live_processes") && paths.contains(&"aos.rebase"), "{e}");
     }
 
     #[test]

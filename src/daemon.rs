@@ -24,7 +24,7 @@ use crate::journal::Journal;
 use crate::metrics::{DaemonMetrics, Metrics};
 use crate::net::{GatewayClient, MessengerClient, NetError, Policy, SchedulerClient};
 use crate::protocol::DataItem;
-use crate::runtime::{PoolConfig, Runtime, RuntimeConfig};
+use crate::runtime::{AosSettings, PoolConfig, Runtime, RuntimeConfig};
 use crate::state::{WorkerMetrics, WorkerState};
 
 /// A running worker.
@@ -67,6 +67,7 @@ impl Worker {
             attestation_target: config.attestation.target.clone().unwrap_or_else(|| registry.clone()),
             poll: config.registry.poll_interval,
             max_concurrent: config.jobs.max_concurrent,
+            checkpoint_every: config.aos.checkpoint_every,
             advertised: advertised_rx,
             device: manifest.host.cpu.model.clone(),
             metrics: metrics.jobs.clone(),
@@ -188,6 +189,7 @@ fn start_runtime(config: &Config, pool: Arc<DevicePool>, gateway: &GatewayClient
             max_constant_memory: config.gpu.max_constant_memory,
         },
     )
+    .map(|rt| rt.with_aos_settings(AosSettings { live_processes: config.aos.live_processes, rebase_every: config.aos.rebase_every }))
     .context("cannot start the wasm runtime")
 }
 

@@ -122,10 +122,6 @@ impl ProcessSetup {
     }
 }
 
-/// How many messages of an aos process may follow its last stored memory image: at most this
-/// many are replayed to rebuild its state after a restart or an eviction of its live instance.
-pub const CHECKPOINT_EVERY: u64 = 32;
-
 /// The runtime's view of what the journal holds for a state.
 pub fn restore(source: StateSource) -> Restore {
     Restore { image: source.image, image_hash: source.image_hash, replay: source.replay }
@@ -171,6 +167,8 @@ pub struct JobsConfig {
     pub attestation_target: String,
     pub poll: Duration,
     pub max_concurrent: usize,
+    /// A memory image of an aos process is journaled every this many messages (`aos.checkpoint_every`).
+    pub checkpoint_every: u64,
     /// The latest capacity advertisement, named in each attestation.
     pub advertised: watch::Receiver<Option<Advertisement>>,
     /// The host's CPU model: the `Device` of evaluations on the CPU backend.
@@ -448,9 +446,9 @@ impl Context {
         let msg_json = setup.message_json(&message, slot, false);
         let state_hash = prev.and_then(|p| p.state_hash.clone());
         let aos = setup.module.aos_format().is_some();
-        // aos memories (~110 MB) are stored every CHECKPOINT_EVERY messages, not after each one.
+        // aos memories (~110 MB) are stored every `checkpoint_every` messages, not after each one.
         let last_checkpoint = prev.and_then(|p| p.checkpoint.as_ref()).and_then(|c| c.after);
-        let checkpoint = aos && last_checkpoint.is_none_or(|n| slot.nonce >= n + CHECKPOINT_EVERY);
+        let checkpoint = aos && last_checkpoint.is_none_or(|n| slot.nonce >= n + self.checkpoint_every.max(1));
         let prev_progress = prev.cloned();
         let runtime = self.runtime.clone();
         let module = setup.module.clone();

@@ -9,8 +9,9 @@
 //! - The process's error semantics are [`AosProcess`]'s: a failed message leaves the memory from
 //!   before it and continues on a fresh instance; the state hash the live entry holds is then
 //!   unchanged.
-//! - At most [`LIVE_PROCESSES`] live processes are kept (least recently used goes first); each
-//!   holds its instance's memory and the rollback base.
+//! - At most [`AosSettings::live_processes`] live processes are kept (least recently used goes
+//!   first); each holds its instance's memory and the rollback base, which moves up every
+//!   [`AosSettings::rebase_every`] messages (config `[aos]`).
 //! - A message that could not be computed (the wall-clock deadline, a restore or host failure) is
 //!   [`EvalError::Unavailable`]: not a result, the job loop evaluates it again later.
 
@@ -21,11 +22,25 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::aos::{AosError, AosModule, AosProcess, HandleOutcome, InstanceOptions};
+use super::aos::{AosError, AosModule, AosProcess, HandleOutcome, InstanceOptions, Rollback};
 use super::{EvalError, EvalInput, Evaluation, Limits};
 
-/// How many aos processes keep a live instance at once.
-pub const LIVE_PROCESSES: usize = 4;
+/// How a runtime keeps the live instances of aos processes (config `[aos]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AosSettings {
+    /// How many aos processes keep a live instance at once (each holds its memory, ~110 MB for
+    /// aos 2.0, and its rollback base, as much again). At least 1.
+    pub live_processes: usize,
+    /// A live process's rollback base moves up every this many messages (one memory copy); a
+    /// failed message replays at most this many messages on the base. At least 1.
+    pub rebase_every: usize,
+}
+
+impl Default for AosSettings {
+    fn default() -> Self {
+        AosSettings { live_processes: 4, rebase_every: 256 }
+    }
+}
 
 struct Live {
     module: [u8; 32],
@@ -40,11 +55,12 @@ struct Live {
 pub(super) struct LiveProcesses {
     map: Mutex<HashMap<String, Live>>,
     tick: std::sync::atomic::AtomicU64,
+    settings: AosSettings,
 }
 
 impl std::fmt::Debug for LiveProcesses {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveProcesses").field("live", &crate::sync::lock(&self.map).len()).finish()
+        f.debug_struct("LiveProcesses").field("live", &crate::sync::lock(&self.map).len()).field("settings", &self.settings).finish()
     }
 }
 
@@ -120,11 +136,13 @@ fn rebuild(
     expected: Option<&str>,
     env_json: &str,
     opts: InstanceOptions,
+    rollback: Rollback,
 ) -> Result<AosProcess, EvalError> {
-    let mut process = match restore.image {
+    let process = match restore.image {
         Some(memory) => AosProcess::with_memory(module.clone(), memory, opts),
         None => AosProcess::new(module.clone(), opts),
     };
+    let mut process = process.with_rollback(rollback);
     let mut state = restore.image_hash;
     let count = restore.replay.len();
     for (i, msg) in restore.replay.iter().enumerate() {
@@ -178,7 +196,7 @@ fn evaluate_on(process: &mut AosProcess, prev: Option<&str>, input: &EvalInput<'
 /// kept.
 pub(super) fn evaluate_once(module: &Arc<AosModule>, restore: Restore, input: &EvalInput<'_>, deadline: Duration) -> Evaluation {
     let prev = restore.image_hash.clone();
-    match rebuild(module, restore, None, input.env_json, options(input, deadline)) {
+    match rebuild(module, restore, None, input.env_json, options(input, deadline), Rollback::default()) {
         Ok(mut process) => evaluate_on(&mut process, prev.as_deref(), input, false).0,
         Err(e) => failure(e),
     }
@@ -193,11 +211,15 @@ pub(super) fn state_image(
     limits: Limits,
     deadline: Duration,
 ) -> Result<Vec<u8>, EvalError> {
-    let process = rebuild(module, restore, expected, env_json, limits_options(limits, deadline))?;
+    let process = rebuild(module, restore, expected, env_json, limits_options(limits, deadline), Rollback::default())?;
     Ok(process.memory().to_vec())
 }
 
 impl LiveProcesses {
+    pub(super) fn new(settings: AosSettings) -> Self {
+        LiveProcesses { settings, ..LiveProcesses::default() }
+    }
+
     /// Evaluates a message of `process` against `state`, on the live instance when it holds that
     /// state, else on one rebuilt from the journal. `checkpoint`: return the memory image (and
     /// continue from it as a replay would).
@@ -222,7 +244,8 @@ impl LiveProcesses {
                     Ok(restore) => restore,
                     Err(e) => return failure(EvalError::Unavailable(format!("cannot read the state to restore: {e}"))),
                 };
-                match rebuild(module, restore, state.hash, input.env_json, options(input, deadline)) {
+                let rollback = Rollback::Replay { rebase_every: self.settings.rebase_every.max(1) };
+                match rebuild(module, restore, state.hash, input.env_json, options(input, deadline), rollback) {
                     Ok(process) => Live { module: module.sha256(), state_hash: state.hash.map(str::to_owned), process, last_used: tick },
                     Err(e) => return failure(e),
                 }
@@ -236,7 +259,7 @@ impl LiveProcesses {
             live.last_used = tick;
             let mut map = crate::sync::lock(&self.map);
             map.insert(process_id.to_owned(), live);
-            while map.len() > LIVE_PROCESSES {
+            while map.len() > self.settings.live_processes.max(1) {
                 let Some(oldest) = map.iter().min_by_key(|(_, l)| l.last_used).map(|(k, _)| k.clone()) else { break };
                 map.remove(&oldest);
             }

@@ -62,7 +62,7 @@ pub use host::gpu::{
 };
 pub use host::wasi::LOG_CAP;
 pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
-pub use live::{LIVE_PROCESSES, Restore, StateRef, chained_state};
+pub use live::{AosSettings, Restore, StateRef, chained_state};
 
 pub use crate::gpu::pool::{DeviceInfo, DeviceLoad, DevicePool, SharedDevice};
 use crate::gpu::{Backend, BackendKind, Determinism};
@@ -434,7 +434,7 @@ impl Runtime {
             disk,
             modules: Mutex::new(HashMap::new()),
             aos: std::sync::OnceLock::new(),
-            live: live::LiveProcesses::default(),
+            live: live::LiveProcesses::new(AosSettings::default()),
             deadline_ticks,
             _ticker: ticker,
         })
@@ -442,6 +442,13 @@ impl Runtime {
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.cfg
+    }
+
+    /// How aos processes are kept live (config `[aos]`); [`AosSettings::default`] until set.
+    /// Set it before the first evaluation: live instances made earlier are dropped.
+    pub fn with_aos_settings(mut self, settings: AosSettings) -> Self {
+        self.live = live::LiveProcesses::new(settings);
+        self
     }
 
     /// The backend `ao_gpu` runs on (kind, description, determinism mode, devices): what

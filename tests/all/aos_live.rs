@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ao_gpu_worker::protocol::Tag;
 use ao_gpu_worker::runtime::aos::json::{TestMessage, test_env_json};
-use ao_gpu_worker::runtime::{EvalError, EvalInput, Evaluation, Limits, Restore, Runtime, RuntimeConfig, StateRef};
+use ao_gpu_worker::runtime::{AosSettings, EvalError, EvalInput, Evaluation, Limits, Restore, Runtime, RuntimeConfig, StateRef};
 
 use crate::support::aos::fixture;
 
@@ -41,13 +41,18 @@ struct Step {
 /// Evaluates `msg` for process "P" on `rt` from `kept`, checkpointing when asked; updates `kept`
 /// as the job loop updates the journal.
 fn step(rt: &Runtime, module: &ao_gpu_worker::runtime::ActorModule, kept: &mut Kept, msg: &str, checkpoint: bool) -> Step {
+    step_as("P", rt, module, kept, msg, checkpoint)
+}
+
+/// [`step`] for process `pid`.
+fn step_as(pid: &str, rt: &Runtime, module: &ao_gpu_worker::runtime::ActorModule, kept: &mut Kept, msg: &str, checkpoint: bool) -> Step {
     let env = test_env_json();
     let snapshot = kept.clone();
     let load =
         move || Ok(Restore { image: snapshot.image.clone(), image_hash: snapshot.image_hash.clone(), replay: snapshot.replay.clone() });
     let state = StateRef { hash: kept.state.as_deref(), load: &load };
     let input = EvalInput { msg_json: msg, env_json: &env, timestamp_ms: 1_700_000_000_000, message_id: "m", limits: LIMITS };
-    let e: Evaluation = rt.evaluate_process("P", module, &state, &input, checkpoint);
+    let e: Evaluation = rt.evaluate_process(pid, module, &state, &input, checkpoint);
     let (output, error) = match &e.outcome {
         Ok(r) => (r["Output"].clone(), None),
         Err(EvalError::Actor(why)) => (serde_json::Value::Null, Some(why.clone())),
@@ -122,6 +127,38 @@ fn a_restart_between_checkpoints_rebuilds_the_same_state_by_replay() {
     let restore = Restore { image: kept.image.clone(), image_hash: kept.image_hash.clone(), replay: kept.replay.clone() };
     let e = rt.evaluate_restored(&module, restore, &input);
     assert_eq!(e.outcome.unwrap()["Output"]["data"], "24");
+}
+
+/// `[aos] live_processes` and `rebase_every` (`AosSettings`): with one live instance for two
+/// processes, every message of one evicts the other, which is rebuilt from its checkpoint and
+/// replay; with the rollback base moved every 2 messages the failed message still returns to the
+/// state before it. Either way each process's outputs and state commitments are those of a
+/// runtime with the defaults.
+#[test]
+fn the_aos_settings_bound_live_instances_and_move_the_rollback_base() {
+    let Some(wasm) = fixture("the_aos_settings_bound_live_instances_and_move_the_rollback_base", "emscripten4.wasm") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let tags = [Tag::new("Module-Format", "wasm32-unknown-emscripten4")];
+    let msgs = messages();
+    let checkpoint = |i: usize| i % 4 == 3;
+
+    let rt = runtime(dir.path());
+    let module = rt.load(&wasm, &tags).unwrap();
+    let mut kept = Kept::default();
+    let reference: Vec<Step> = msgs.iter().enumerate().map(|(i, m)| step(&rt, &module, &mut kept, m, checkpoint(i))).collect();
+
+    let small = runtime(dir.path()).with_aos_settings(AosSettings { live_processes: 1, rebase_every: 2 });
+    let module = small.load(&wasm, &tags).unwrap();
+    let (mut p, mut q) = (Kept::default(), Kept::default());
+    for (i, m) in msgs.iter().enumerate() {
+        for (pid, kept) in [("P", &mut p), ("Q", &mut q)] {
+            let s = step_as(pid, &small, &module, kept, m, checkpoint(i));
+            assert_eq!(s.output, reference[i].output, "{pid}, message {}", i + 1);
+            assert_eq!(s.error, reference[i].error, "{pid}, message {}", i + 1);
+            assert_eq!(s.state, reference[i].state, "{pid}, message {}", i + 1);
+            assert_eq!(small.live_processes(), 1, "one live instance at most");
+        }
+    }
 }
 
 #[test]

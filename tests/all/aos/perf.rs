@@ -72,7 +72,7 @@ fn measure(name: &str, format: AosFormat) {
     let with_copy = 200.0 / t.elapsed().as_secs_f64();
     eprintln!(
         "aos {name} as {format} ({}): compile {compile:?}, from disk cache {from_disk:?}; boot {boot:?}, boot + first message {first:?}; \
-         200 msgs: {kept:.0} msg/s state kept in the instance, {with_snapshot:.0} msg/s as AosProcess (replay rollback, base every 32), {with_copy:.0} msg/s copying the memory before each message ({} MB memory)",
+         200 msgs: {kept:.0} msg/s state kept in the instance, {with_snapshot:.0} msg/s as AosProcess (replay rollback, base every 256), {with_copy:.0} msg/s copying the memory before each message ({} MB memory)",
         if cfg!(debug_assertions) { "debug build" } else { "release build" },
         process.memory().len() / 1_000_000
     );
