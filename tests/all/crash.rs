@@ -11,6 +11,9 @@
 //! message JSON, and their bytes stay in the linear memory that is the state, so no two
 //! schedules of the same messages give the same state hash.
 //!
+//! It runs twice: with an ed25519 worker, and with an Arweave RSA worker, whose randomized
+//! signatures make any item signed twice visible as a second id on the network.
+//!
 //! The kill intervals and the gaps between messages come from a seed printed at the start;
 //! `CRASH_SEED=<n>` replays them (the machine's own timing is not replayed).
 
@@ -169,8 +172,28 @@ fn split_attestations(j: &Journal, r: &ResultRecord) -> (ResultRecord, Vec<Strin
     (r, att)
 }
 
+/// Which identity the killed worker signs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Identity {
+    /// Deterministic signatures: the crash run and the reference post the very same ids.
+    Ed25519,
+    /// An Arweave RSA wallet: RSA-PSS signatures are randomized, so an item signed again after a
+    /// kill would reach the network under a second id. Every id on the network must be the one
+    /// journaled before the kill, once (src/journal.rs, sign once).
+    Arweave,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_at_random_loses_and_duplicates_nothing() {
+    killed_at_random(Identity::Ed25519).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rsa_worker_killed_at_random_posts_each_signed_item_once() {
+    killed_at_random(Identity::Arweave).await;
+}
+
+async fn killed_at_random(identity: Identity) {
     let started = Instant::now();
     let deadline = started + OVERALL;
     let seed = std::env::var("CRASH_SEED")
@@ -205,9 +228,18 @@ async fn a_worker_killed_at_random_loses_and_duplicates_nothing() {
     // The worker: its own key and data dir, following the devnet's registry.
     let worker_dir = tmp.path().join("worker");
     let key_file = tmp.path().join("worker.key");
-    let out = command().args(["keygen", "--out"]).arg(&key_file).output().unwrap();
-    assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
-    let address = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["address"].as_str().unwrap().to_owned();
+    let address = match identity {
+        Identity::Ed25519 => {
+            let out = command().args(["keygen", "--out"]).arg(&key_file).output().unwrap();
+            assert!(out.status.success(), "keygen: {}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["address"].as_str().unwrap().to_owned()
+        }
+        Identity::Arweave => {
+            crate::support::write_arweave_test_key(&key_file);
+            crate::support::arweave_test_key().address()
+        }
+    };
+    eprintln!("crash test: the worker signs as {identity:?} ({address})");
     let worker_config = |data_dir: &Path, messenger: &str, max_attempts: u32| {
         format!(
             "[worker]\ndata_dir = {data:?}\nkey_file = {key:?}\n[network]\nscheduler_url = {su:?}\nmessenger_url = {messenger:?}\n\
@@ -254,7 +286,7 @@ async fn a_worker_killed_at_random_loses_and_duplicates_nothing() {
     let expected_count: u64 = steps.iter().map(|s| if let Step::Increment(n) = s { *n } else { 0 }).sum();
     let gaps: Vec<u64> = (0..messages.len()).map(|_| rng.u64(10..=70)).collect();
     let kills = rng.usize(4..=6);
-    let intervals: Vec<u64> = (0..kills).map(|_| rng.u64(100..=900)).collect();
+    let intervals: Vec<u64> = (0..kills).map(|_| rng.u64(0..=400)).collect();
     eprintln!("crash test: {} messages, {kills} kills after {intervals:?} ms", messages.len());
 
     let mut logs = vec![tmp.path().join("worker-0.log")];
@@ -272,14 +304,22 @@ async fn a_worker_killed_at_random_loses_and_duplicates_nothing() {
         })
     };
 
+    // Each kill comes at a random moment once the worker (re)started has put at least one more
+    // attestation on the registry (or after 10 s without), so kills land while it evaluates,
+    // signs and posts, whatever its start-up time (an RSA worker starts slower).
+    let mut attested = 0;
     for (k, wait) in intervals.iter().enumerate() {
+        let gate = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < gate && attestations(&schedule(&su, &urls.registry).await, &address).len() <= attested {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         tokio::time::sleep(Duration::from_millis(*wait)).await;
         if let Some(status) = worker.0.try_wait().unwrap() {
             panic!("worker exited by itself ({status}) before kill {}{}", k + 1, logs_tail(&logs));
         }
         worker.0.kill().unwrap(); // SIGKILL
         worker.0.wait().unwrap();
-        let attested = attestations(&schedule(&su, &urls.registry).await, &address).len();
+        attested = attestations(&schedule(&su, &urls.registry).await, &address).len();
         eprintln!(
             "crash test: kill {}/{kills} at {:?} ({} of {} messages posted, {attested} attestations on the registry)",
             k + 1,
@@ -474,11 +514,20 @@ async fn a_worker_killed_at_random_loses_and_duplicates_nothing() {
     assert_eq!(crash_progress, ref_progress, "final progress (nonce, hash chain, state hash) of the crash run and the reference");
     assert_eq!(crash_results.len(), ref_results.len());
     for ((c, c_att), (r, r_att)) in crash_results.iter().zip(&ref_results) {
-        assert_eq!(c, r, "result {} of {}: crash run vs reference (outbox ids included)", c.nonce, c.process);
+        match identity {
+            Identity::Ed25519 => assert_eq!(c, r, "result {} of {}: crash run vs reference (outbox ids included)", c.nonce, c.process),
+            // Randomized signatures: the reference signed its own outbox items under other ids
+            // (the checks above tie every id the crash run posted to its journal, once).
+            Identity::Arweave => {
+                assert_eq!(c.posted.len(), r.posted.len(), "result {} of {}: outbox items", c.nonce, c.process);
+                let strip = |x: &ResultRecord| ResultRecord { posted: Vec::new(), ..x.clone() };
+                assert_eq!(strip(c), strip(r), "result {} of {}: crash run vs reference (outbox ids aside)", c.nonce, c.process);
+            }
+        }
         assert_eq!((c_att.len(), r_att.len()), (1, 1));
     }
     eprintln!(
-        "crash test: seed {seed}, {kills} kills, {} results identical to the reference, final {final_output}, {:?} in all",
+        "crash test ({identity:?}): seed {seed}, {kills} kills, {} results identical to the reference, final {final_output}, {:?} in all",
         crash_results.len(),
         started.elapsed()
     );

@@ -4,7 +4,8 @@
 //! and its capacity advertisement while its messenger cannot be reached: everything it signed
 //! is journaled and nothing is posted. It is then stopped, which leaves on disk exactly what a
 //! crash between signing and posting leaves, and restarted with a reachable messenger. Every
-//! id that reaches the network must be one signed before the restart, each exactly once.
+//! id that reaches the network must be one signed before the restart, each exactly once. The
+//! same with SIGKILLs at random moments is `crash::an_rsa_worker_killed_at_random_posts_each_signed_item_once`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
