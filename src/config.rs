@@ -10,6 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod overload;
+pub use overload::OverloadSection;
+
 /// The reference configuration, also the default when no file is given.
 pub const DEFAULT_TOML: &str = include_str!("../config/worker.toml");
 
@@ -32,6 +35,7 @@ pub struct Config {
     pub api: ApiSection,
     pub log: LogSection,
     pub gpu: GpuSection,
+    pub overload: OverloadSection,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -362,8 +366,10 @@ impl Config {
             }
         };
 
+        let overload = overload::parse(&mut v, &mut root);
+
         for (name, _) in root {
-            v.issue(&name, "unknown section (known: worker, network, registry, jobs, limits, attestation, api, log, gpu)");
+            v.issue(&name, "unknown section (known: worker, network, registry, jobs, limits, attestation, api, log, gpu, overload)");
         }
         if !v.issues.is_empty() {
             return Err(fail(v.issues));
@@ -387,6 +393,7 @@ impl Config {
             api: ApiSection { listen },
             log: LogSection { level, format },
             gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory, startup_bench },
+            overload,
         })
     }
 }

@@ -51,7 +51,9 @@ impl Worker {
         let runtime = start_runtime(&config, pool.clone(), &clients.gateway)?;
         let serving = (runtime.tensor_backend().kind, runtime.tensor_backend().determinism);
         let scores = load_scores(&mut manifest, data_dir, serving);
-        let metrics = register_metrics(&address, &manifest, &runtime, &pool);
+        let mut metrics = register_metrics(&address, &manifest, &runtime, &pool);
+        let admission = Arc::new(crate::admission::Admission::new(config.overload.api.clone()));
+        admission.metrics.register(metrics.registry.registry());
         let (advertised, advertised_rx) = watch::channel(None);
         let journal = Journal::open(&data_dir.join("journal.redb")).context("cannot open the journal")?;
         let key = Arc::new(key);
@@ -71,7 +73,7 @@ impl Worker {
             device: manifest.host.cpu.model.clone(),
             metrics: metrics.jobs.clone(),
         });
-        let state = Arc::new(WorkerState::new(address, metrics, jobs.clone(), manifest.clone(), advertised));
+        let state = Arc::new(WorkerState::new(address, metrics, jobs.clone(), admission, manifest.clone(), advertised));
         let listener = bind_api(listener, &config.api).await?;
         let api_url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();

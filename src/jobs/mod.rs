@@ -107,6 +107,8 @@ pub struct Context {
     processes: Mutex<HashMap<String, Arc<ProcessSetup>>>,
     scheduler_address: std::sync::OnceLock<String>,
     halted: Mutex<HashMap<String, String>>,
+    /// The size of each process's last state seen (bytes of linear memory), for admission control.
+    state_sizes: Mutex<HashMap<String, u64>>,
     /// Wakes the work loop before its next poll (someone waits on a result).
     wake: Notify,
 }
@@ -153,6 +155,8 @@ pub enum JobError {
     Journal(#[from] crate::journal::JournalError),
     #[error("process {0} is not served by this worker")]
     NotServed(String),
+    #[error("the request was cancelled before it ran: its client went away")]
+    Cancelled,
 }
 
 /// What the work loop is made of (see [`Context::new`]).
@@ -211,6 +215,7 @@ impl Context {
             processes: Mutex::new(HashMap::new()),
             scheduler_address: std::sync::OnceLock::new(),
             halted: Mutex::new(halted),
+            state_sizes: Mutex::new(HashMap::new()),
             wake: Notify::new(),
         })
     }
@@ -230,11 +235,32 @@ impl Context {
         Ok(self.journal.served()?.iter().any(|s| s.process == process))
     }
 
+    /// The size of the last state of `process` this worker saw (its linear memory), if any.
+    pub fn state_size_hint(&self, process: &str) -> Option<u64> {
+        crate::sync::lock(&self.state_sizes).get(process).copied()
+    }
+
+    fn note_state_size(&self, process: &str, bytes: usize) {
+        crate::sync::lock(&self.state_sizes).insert(process.to_owned(), bytes as u64);
+    }
+
+    /// [`Context::is_served`] off the async threads.
+    pub async fn is_served_blocking(self: &Arc<Self>, process: &str) -> Result<bool, JobError> {
+        let (ctx, p) = (self.clone(), process.to_owned());
+        tokio::task::spawn_blocking(move || ctx.is_served(&p)).await.map_err(|_| JobError::Cancelled)?
+    }
+
     /// Evaluates `request` against the latest state of `process` with `Read-Only: true`, the
     /// way the compute unit's `POST /dry-run` does, and returns the result object. Nothing is
-    /// kept: no journal write, no state change, nothing posted, no attestation.
-    pub async fn dry_run(&self, process: &str, request: &DryRunRequest) -> Result<serde_json::Value, JobError> {
-        if !self.is_served(process)? {
+    /// kept: no journal write, no state change, nothing posted, no attestation. When `cancel`
+    /// fires before the evaluation starts (the client went away), it does not run.
+    pub async fn dry_run(
+        self: &Arc<Self>,
+        process: &str,
+        request: &DryRunRequest,
+        cancel: CancellationToken,
+    ) -> Result<serde_json::Value, JobError> {
+        if !self.is_served_blocking(process).await? {
             return Err(JobError::NotServed(process.to_owned()));
         }
         let setup = self.setup(process).await?;
@@ -247,6 +273,9 @@ impl Context {
                     timestamp: p.timestamp,
                     block_height,
                 };
+                if let Some(image) = &source.image {
+                    self.note_state_size(process, image.len());
+                }
                 (base, restore(source))
             }
             None => {
@@ -258,11 +287,15 @@ impl Context {
         let (runtime, module, env_json, limits) = (self.runtime.clone(), setup.module.clone(), setup.env_json.clone(), setup.limits);
         let (message_id, timestamp) = (message.id.clone(), slot.timestamp);
         let evaluation = tokio::task::spawn_blocking(move || {
+            if cancel.is_cancelled() {
+                return None;
+            }
             let input = EvalInput { msg_json: &msg_json, env_json: &env_json, timestamp_ms: timestamp, message_id: &message_id, limits };
-            runtime.evaluate_restored(&module, state, &input)
+            Some(runtime.evaluate_restored(&module, state, &input))
         })
         .await
-        .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("dry-run task failed: {e}") })?;
+        .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("dry-run task failed: {e}") })?
+        .ok_or(JobError::Cancelled)?;
         if let Err(EvalError::Unavailable(reason)) = &evaluation.outcome {
             return Err(self.unavailable(reason));
         }
@@ -291,6 +324,9 @@ impl Context {
     /// from its last checkpoint by replaying the messages since, checked against the journal.
     pub async fn latest_image(&self, process: &str) -> Result<Option<(Progress, Option<Vec<u8>>, u64)>, JobError> {
         let Some((progress, source, block_height)) = self.latest(process).await? else { return Ok(None) };
+        if let Some(image) = &source.image {
+            self.note_state_size(process, image.len());
+        }
         if progress.checkpoint.is_none() {
             return Ok(Some((progress, source.image, block_height)));
         }
@@ -565,6 +601,9 @@ impl Context {
         };
         let journal = self.journal.clone();
         let memory = evaluation.memory;
+        if let Some(m) = &memory {
+            self.note_state_size(&process, m.len());
+        }
         tokio::task::spawn_blocking(move || {
             journal
                 .commit(&Commit { progress: &progress, result: &record, state: memory.as_deref(), outgoing: &outgoing })
