@@ -3,6 +3,8 @@
 //! the compute unit's read API (docs/ao-protocol.md §5) over the journal: `/result/{message}`,
 //! `/results/{process}`, `/state/{process}` and `POST /dry-run`.
 
+mod admin;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +41,7 @@ pub const RESULTS_MAX_LIMIT: usize = 1000;
 pub fn router(state: Arc<WorkerState>) -> Router {
     Router::new()
         .route("/", get(root))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/capacity", get(capacity))
@@ -47,6 +49,10 @@ pub fn router(state: Arc<WorkerState>) -> Router {
         .route("/results/{process}", get(results))
         .route("/state/{process}", get(read_state))
         .route("/dry-run", post(dry_run).layer(DefaultBodyLimit::max(DRY_RUN_MAX_BODY)))
+        .route("/processes", get(admin::processes))
+        .route("/processes/{process}/resume", post(admin::resume))
+        .route("/outbox/dead-letters", get(admin::dead_letters))
+        .route("/outbox/dead-letters/{id}/{action}", post(admin::dead_letter_action))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
@@ -55,6 +61,17 @@ pub fn router(state: Arc<WorkerState>) -> Router {
 /// `GET /`: `{"address": …, "timestamp": <ms>}`, as an AO compute unit answers.
 async fn root(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
     Json(json!({"address": s.address, "timestamp": crate::clock::now_ms()}))
+}
+
+/// `GET /healthz`: `ok`, or 503 with the stalls (a loop that stopped going round, a catch-up or a
+/// device without progress for `overload.stall_after`: see `jobs::health`).
+async fn healthz(State(s): State<Arc<WorkerState>>) -> Response {
+    let stalls = s.jobs.stalls();
+    if stalls.is_empty() {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ok": false, "stalls": stalls}))).into_response()
+    }
 }
 
 async fn readyz(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
@@ -152,7 +169,7 @@ fn job_error(e: JobError) -> ApiError {
         JobError::Net(NetError::NotFound { .. }) => ApiError::not_found(e.to_string()),
         JobError::Net(_) => ApiError::bad_gateway(e.to_string()),
         JobError::Halted { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        JobError::Journal(_) => internal(e),
+        JobError::Journal(_) | JobError::Panicked(_) => internal(e),
         JobError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -10,8 +10,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod actor_limits;
 mod overload;
-pub use overload::OverloadSection;
+pub use actor_limits::ActorLimits;
+pub use overload::{OverloadSection, RecoveryConfig};
 
 /// The reference configuration, also the default when no file is given.
 pub const DEFAULT_TOML: &str = include_str!("../config/worker.toml");
@@ -77,6 +79,8 @@ pub struct LimitsSection {
     pub max_memory: u64,
     pub max_compute: u64,
     pub deadline: Duration,
+    /// Result, outbox, module and compilation limits.
+    pub actor: ActorLimits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -277,6 +281,7 @@ impl Config {
         let max_memory_text = v.string(&mut s, "limits", "max_memory", "1-gb", None);
         let max_compute = v.integer(&mut s, "limits", "max_compute", 9_000_000_000_000, 1, i64::MAX) as u64;
         let deadline = v.duration(&mut s, "limits", "deadline", "60s");
+        let actor = actor_limits::parse(&mut v, &mut s);
         v.unknown(s, "limits");
         let max_memory = crate::runtime::limits::parse_memory_limit(&max_memory_text).unwrap_or_else(|| {
             v.issue("limits.max_memory", format!("{max_memory_text:?} is not a size such as 512-mb or 1-gb"));
@@ -388,7 +393,7 @@ impl Config {
             },
             registry: RegistrySection { process: Some(process).filter(|p| !p.is_empty()), advertise_interval, authorities, poll_interval },
             jobs: JobsSection { processes, max_concurrent },
-            limits: LimitsSection { max_memory, max_compute, deadline },
+            limits: LimitsSection { max_memory, max_compute, deadline, actor },
             attestation: AttestationSection { target: Some(target).filter(|t| !t.is_empty()) },
             api: ApiSection { listen },
             log: LogSection { level, format },

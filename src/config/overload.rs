@@ -4,6 +4,7 @@
 //! README's "Limits, overload and recovery".
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::Validator;
 use crate::admission::AdmissionConfig;
@@ -12,6 +13,31 @@ use crate::admission::AdmissionConfig;
 pub struct OverloadSection {
     /// Dry-runs and state reads (`POST /dry-run`, `GET /state`).
     pub api: AdmissionConfig,
+    pub recovery: RecoveryConfig,
+}
+
+/// The `[overload]` keys of recovery and health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecoveryConfig {
+    /// Longest wait between two posts of an item that keeps failing.
+    pub poster_backoff_max: Duration,
+    /// Longest wait between two catch-ups of a process that keeps failing.
+    pub process_backoff_max: Duration,
+    /// A process failing without a success for this long is halted.
+    pub process_halt_after: Duration,
+    /// No heartbeat (or no progress) for this long: `/healthz` fails.
+    pub stall_after: Duration,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        Self {
+            poster_backoff_max: Duration::from_secs(300),
+            process_backoff_max: Duration::from_secs(300),
+            process_halt_after: Duration::from_secs(6 * 3600),
+            stall_after: Duration::from_secs(180),
+        }
+    }
 }
 
 pub(super) fn parse(v: &mut Validator, root: &mut toml::Table) -> OverloadSection {
@@ -21,7 +47,21 @@ pub(super) fn parse(v: &mut Validator, root: &mut toml::Table) -> OverloadSectio
     let queue_timeout = v.duration(&mut s, "overload", "api_queue_timeout", "10s");
     let budget_text = v.string(&mut s, "overload", "api_memory_budget", "1-gb", None);
     let retry_after = v.duration(&mut s, "overload", "retry_after", "1s");
+    let poster_backoff_max = v.duration(&mut s, "overload", "poster_backoff_max", "5m");
+    let process_backoff_max = v.duration(&mut s, "overload", "process_backoff_max", "5m");
+    let process_halt_after = v.duration(&mut s, "overload", "process_halt_after", "6h");
+    let stall_after = v.duration(&mut s, "overload", "stall_after", "3m");
     v.unknown(s, "overload");
+    for (key, d) in [
+        ("poster_backoff_max", poster_backoff_max),
+        ("process_backoff_max", process_backoff_max),
+        ("process_halt_after", process_halt_after),
+        ("stall_after", stall_after),
+    ] {
+        if d.is_zero() {
+            v.issue(&format!("overload.{key}"), "must be greater than 0");
+        }
+    }
     let memory_budget = match crate::runtime::limits::parse_memory_limit(&budget_text) {
         Some(n) if n >= 1 << 20 => n,
         _ => {
@@ -32,5 +72,8 @@ pub(super) fn parse(v: &mut Validator, root: &mut toml::Table) -> OverloadSectio
     if queue_timeout.is_zero() {
         v.issue("overload.api_queue_timeout", "must be greater than 0");
     }
-    OverloadSection { api: AdmissionConfig { concurrency, queue, queue_timeout, memory_budget, retry_after } }
+    OverloadSection {
+        api: AdmissionConfig { concurrency, queue, queue_timeout, memory_budget, retry_after },
+        recovery: RecoveryConfig { poster_backoff_max, process_backoff_max, process_halt_after, stall_after },
+    }
 }

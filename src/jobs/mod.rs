@@ -15,6 +15,8 @@
 
 pub mod constants;
 pub mod eval;
+pub mod health;
+pub mod output_limits;
 mod poster;
 mod registry;
 pub mod verify;
@@ -61,6 +63,8 @@ pub struct JobMetrics {
     /// Inputs refused because they do not verify (a forged or swapped item), by the unit that
     /// served them (`scheduler`, `gateway`).
     pub refused_inputs: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Outbox items refused for good and kept in the dead-letter table (not dropped).
+    pub dead_letters: Gauge,
 }
 
 impl JobMetrics {
@@ -74,6 +78,7 @@ impl JobMetrics {
             served: Gauge::default(),
             halted: Gauge::default(),
             refused_inputs: Family::default(),
+            dead_letters: Gauge::default(),
         };
         registry.register("evaluations", "Messages evaluated, by result", m.evaluations.clone());
         registry.register("gas_used", "Fuel consumed by evaluations (sum of GasUsed)", m.gas_used.clone());
@@ -83,6 +88,7 @@ impl JobMetrics {
         registry.register("processes_served", "Processes this worker serves", m.served.clone());
         registry.register("processes_halted", "Processes halted on an error retrying cannot fix", m.halted.clone());
         registry.register("refused_inputs", "Inputs refused because they do not verify, by unit", m.refused_inputs.clone());
+        registry.register("outbox_dead_letters", "Outbox items refused for good, kept as dead letters", m.dead_letters.clone());
         m
     }
 }
@@ -111,6 +117,10 @@ pub struct Context {
     state_sizes: Mutex<HashMap<String, u64>>,
     /// Wakes the work loop before its next poll (someone waits on a result).
     wake: Notify,
+    /// The work loop's and the poster's heartbeats, and the processes' and devices' progress.
+    pub heartbeats: health::Heartbeats,
+    tracked: health::Processes,
+    device_watch: health::DeviceWatch,
 }
 
 impl ProcessSetup {
@@ -157,6 +167,8 @@ pub enum JobError {
     NotServed(String),
     #[error("the request was cancelled before it ran: its client went away")]
     Cancelled,
+    #[error("the catch-up failed unexpectedly (a worker bug; it is retried with backoff): {0}")]
+    Panicked(String),
 }
 
 /// What the work loop is made of (see [`Context::new`]).
@@ -180,6 +192,10 @@ pub struct JobsConfig {
     /// The host's CPU model: the `Device` of evaluations on the CPU backend.
     pub device: String,
     pub metrics: Arc<JobMetrics>,
+    /// Backoff, halt budget and stall bound (`[overload]`).
+    pub recovery: health::RecoveryConfig,
+    /// Result, outbox, module and compilation limits (`[limits]`).
+    pub actor_limits: crate::config::ActorLimits,
 }
 
 impl std::ops::Deref for Context {
@@ -217,6 +233,9 @@ impl Context {
             halted: Mutex::new(halted),
             state_sizes: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            heartbeats: health::Heartbeats::default(),
+            tracked: health::Processes::default(),
+            device_watch: health::DeviceWatch::default(),
         })
     }
 
@@ -412,10 +431,19 @@ impl Context {
             Err(NetError::NotFound { .. }) => return Err(halt(format!("module {module_id} not found on the gateway"))),
             Err(e) => return Err(e.into()),
         };
+        let max_module = self.actor_limits.max_module_bytes;
+        if module_item.data.len() as u64 > max_module {
+            let len = module_item.data.len();
+            return Err(halt(format!("module {module_id} is {len} bytes, more than the {max_module} allowed (limits.max_module_bytes)")));
+        }
         let runtime = self.runtime.clone();
         let (data, tags) = (module_item.data.clone(), module_item.tags.clone());
-        let module = tokio::task::spawn_blocking(move || runtime.load(&data, &tags))
+        // Compilation cannot be interrupted: past the timeout the process is halted and the
+        // compiling thread's result, when it comes, is dropped.
+        let timeout = self.actor_limits.compile_timeout;
+        let module = tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || runtime.load(&data, &tags)))
             .await
+            .map_err(|_| halt(format!("module {module_id} did not compile within {timeout:?} (limits.compile_timeout)")))?
             .map_err(|e| halt(format!("module load task failed: {e}")))?
             .map_err(|e| halt(format!("module {module_id}: {e}")))?;
         let limits = self.runtime.limits(&module_item.tags, &process_item.tags).map_err(|e| halt(e.to_string()))?;
@@ -513,10 +541,17 @@ impl Context {
             return Err(self.unavailable(reason));
         }
 
+        let mut evaluation = evaluation;
         let outcome: Result<serde_json::Value, String> = match &evaluation.outcome {
-            Ok(v) => Ok(v.clone()),
+            Ok(v) => output_limits::check(v, &self.actor_limits).map(|()| v.clone()),
             Err(e) => Err(e.to_string()),
         };
+        if outcome.is_err() && evaluation.outcome.is_ok() {
+            // Over a limit: rolled back like a trap (a live instance in the refused state no
+            // longer matches the journal's state hash, so it is not reused).
+            evaluation.memory = None;
+            evaluation.state_hash = None;
+        }
         let mut response = eval::result_object(&outcome, evaluation.gas_used);
         let new_state_hash = match (&evaluation.state_hash, evaluation.memory.as_deref()) {
             (Some(h), _) => Some(h.clone()),
@@ -612,6 +647,7 @@ impl Context {
         .await
         .map_err(|e| JobError::Halted { process: process.clone(), reason: format!("commit task failed: {e}") })?
         .map_err(JobError::from)
+        .inspect(|_| self.tracked.progressed(&process))
     }
 
     /// The transient error of an evaluation that could not complete for a reason outside the
@@ -695,7 +731,7 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
                 ctx.metrics.served.set(served.len() as i64);
                 for s in served {
                     let p = s.process;
-                    if crate::sync::lock(&ctx.halted).contains_key(&p) {
+                    if crate::sync::lock(&ctx.halted).contains_key(&p) || !ctx.tracked.due(&p, std::time::Instant::now()) {
                         continue;
                     }
                     if !crate::sync::lock(&running).insert(p.clone()) {
@@ -704,15 +740,15 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
                     let (ctx, permits, running) = (ctx.clone(), permits.clone(), running.clone());
                     tokio::spawn(async move {
                         if let Ok(_permit) = permits.acquire().await {
-                            match ctx.catch_up(&p).await {
-                                Ok(0) => {}
-                                Ok(n) => tracing::debug!(process = %p, evaluated = n, "caught up"),
-                                Err(JobError::Halted { process, reason }) => {
-                                    tracing::error!(%process, %reason, "process halted");
-                                    ctx.record_halt(&process, &reason);
-                                }
-                                Err(e) => tracing::warn!(process = %p, error = %e, "will retry"),
-                            }
+                            ctx.tracked.started(&p);
+                            // In its own task: a panic is a failure of this process, not the end of
+                            // its polling.
+                            let task = tokio::spawn({
+                                let (ctx, p) = (ctx.clone(), p.clone());
+                                async move { ctx.catch_up(&p).await }
+                            });
+                            let outcome = task.await.unwrap_or_else(|e| Err(JobError::Panicked(e.to_string())));
+                            ctx.after_catch_up(&p, outcome);
                         }
                         crate::sync::lock(&running).remove(&p);
                     });
@@ -720,6 +756,7 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
             }
             Err(e) => tracing::error!(error = %e, "cannot read served processes"),
         }
+        ctx.heartbeats.beat(health::Loop::Work);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(ctx.poll) => {}

@@ -32,6 +32,7 @@ mod jobs;
 mod kernels_registered;
 mod net_clients;
 mod overload;
+mod recovery;
 mod run_e2e;
 mod sign_once;
 mod smollm2;
