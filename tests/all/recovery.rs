@@ -70,7 +70,7 @@ async fn a_process_without_progress_backs_off_is_halted_persistently_and_resumed
     assert!(lines.iter().any(|l| l.contains(&ghost) && l.contains("\"halted\"")), "{lines:?}");
     let resumed = cli(&["processes", "--api", &cu, "--resume", &ghost]);
     assert_eq!(serde_json::from_str::<Value>(&resumed[0]).unwrap()["resumed"], true, "{resumed:?}");
-    assert!(worker.state.jobs.journal.halts().unwrap().get(&ghost).is_none());
+    assert!(!worker.state.jobs.journal.halts().unwrap().contains_key(&ghost));
     let after = process_state(&cu, &ghost).await.unwrap();
     assert_ne!(after["state"], "halted", "{after}");
     let again = cli(&["processes", "--api", &cu, "--resume", &ghost]);
