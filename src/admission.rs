@@ -5,8 +5,9 @@
 //!   served, for at most `queue_timeout`; beyond that a request is refused at once with
 //!   [`Refused`] (the API answers 503 with `Retry-After`);
 //! * they share a memory budget: each reserves what it will hold (the state image and the
-//!   instance's linear memory, see [`estimate`]) before it starts, and waits (in the queue) while
-//!   the budget is spent; one larger than the whole budget runs alone;
+//!   instance's linear memory, see [`estimate`], plus the device quota of an actor that imports
+//!   `ao_gpu`) before it starts, and waits (in the queue) while the budget is spent; one larger
+//!   than the whole budget runs alone;
 //! * a request whose client goes away leaves the queue (its future is dropped) and gives back
 //!   what it held; its [`Ticket`] also carries a [`CancellationToken`] that is cancelled then, which
 //!   the evaluation checks before it starts;

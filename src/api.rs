@@ -175,10 +175,10 @@ fn job_error(e: JobError) -> ApiError {
 }
 
 /// Admits a dry-run or state read of `process` (see `admission`): its memory is reserved for
-/// twice the process's last state size (the whole budget while unknown). A refusal is the 503
-/// answer with `Retry-After`.
+/// twice the process's last state size plus its device quota when it uses `ao_gpu` (the whole
+/// budget while unknown). A refusal is the 503 answer with `Retry-After`.
 async fn admit(s: &WorkerState, process: &str) -> Result<Ticket, Response> {
-    let bytes = s.jobs.state_size_hint(process).map_or(u64::MAX, crate::admission::estimate);
+    let bytes = s.jobs.api_memory_estimate(process).unwrap_or(u64::MAX);
     s.admission.admit(bytes).await.map_err(|e| overloaded(s, &e))
 }
 

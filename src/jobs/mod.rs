@@ -259,6 +259,16 @@ impl Context {
         crate::sync::lock(&self.state_sizes).get(process).copied()
     }
 
+    /// What a dry-run or a state read of `process` holds, for admission control: its state image
+    /// and the linear memory it is copied into, plus the per-evaluation device quota
+    /// (`gpu.max_device_memory`) when its module imports `ao_gpu`; `None` while its state size is
+    /// unknown.
+    pub fn api_memory_estimate(&self, process: &str) -> Option<u64> {
+        let state = self.state_size_hint(process)?;
+        let gpu = crate::sync::lock(&self.processes).get(process).is_some_and(|s| s.module.uses_gpu());
+        Some(crate::admission::estimate(state).saturating_add(if gpu { self.runtime.max_device_memory() } else { 0 }))
+    }
+
     fn note_state_size(&self, process: &str, bytes: usize) {
         crate::sync::lock(&self.state_sizes).insert(process.to_owned(), bytes as u64);
     }

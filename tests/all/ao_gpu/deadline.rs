@@ -42,6 +42,11 @@ fn a_hostile_command_list_is_stopped_at_the_deadline_and_the_device_is_free_afte
     let rt = Runtime::with_gpu(cfg, GpuConfig::default()).unwrap();
     let limits = Limits { memory_bytes: 16 * MIB, compute: 1 << 50 };
     let hostile = load_module(&rt, &hostile_actor()).unwrap();
+    // Admission control counts the device quota of modules that import ao_gpu, and only theirs.
+    assert!(hostile.uses_gpu());
+    let plain = r#"(module (memory (export "memory") 1) (func (export "malloc") (param i32) (result i32) (i32.const 0))
+        (func (export "handle") (param i32 i32) (result i32) (i32.const 0)))"#;
+    assert!(!load_module(&rt, &wat::parse_str(plain).unwrap()).unwrap().uses_gpu());
 
     let start = Instant::now();
     let e = rt.evaluate(&hostile, None, &input(limits));
