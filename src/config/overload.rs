@@ -77,3 +77,30 @@ pub(super) fn parse(v: &mut Validator, root: &mut toml::Table) -> OverloadSectio
         recovery: RecoveryConfig { poster_backoff_max, process_backoff_max, process_halt_after, stall_after },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, Overrides};
+
+    #[test]
+    fn overload_keys_have_defaults_and_bad_values_are_reported() {
+        let c = Config::parse("t", "", &Overrides::default()).unwrap();
+        assert_eq!((c.overload.api.concurrency, c.overload.api.queue, c.overload.api.memory_budget), (2, 32, 1 << 30));
+        assert_eq!(c.overload.recovery.process_halt_after, std::time::Duration::from_secs(6 * 3600));
+        assert_eq!(c.limits.actor.max_outbox_items, 1000);
+        let text = "[overload]\napi_concurrency = 0\napi_memory_budget = \"lots\"\nstall_after = \"0s\"\nbogus = 1\n\
+                    [limits]\nmax_result_bytes = \"big\"\ncompile_timeout = \"0s\"\n";
+        let e = Config::parse("t", text, &Overrides::default()).unwrap_err();
+        let paths: Vec<&str> = e.issues.iter().map(|i| i.path.as_str()).collect();
+        for key in [
+            "overload.api_concurrency",
+            "overload.api_memory_budget",
+            "overload.stall_after",
+            "overload.bogus",
+            "limits.max_result_bytes",
+            "limits.compile_timeout",
+        ] {
+            assert!(paths.contains(&key), "{key} not reported: {paths:?}");
+        }
+    }
+}

@@ -31,6 +31,8 @@ const SCAN: usize = 100_000;
 struct Backoff {
     failures: u32,
     next: Instant,
+    /// The item's process: its later items wait behind it.
+    process: String,
 }
 
 /// What posting one item came to.
@@ -81,11 +83,7 @@ async fn round(ctx: &Arc<Context>, backoffs: &mut HashMap<String, Backoff>) -> a
     })
     .await??;
     // Per process, in order; a process whose earlier item is backing off waits behind it.
-    let blocked: HashSet<String> = ids
-        .iter()
-        .filter(|id| backoffs.get(*id).is_some_and(|b| b.next > now))
-        .filter_map(|id| items.iter().find(|o| &o.id == id).map(|o| o.process.clone()))
-        .collect();
+    let blocked: HashSet<String> = backoffs.values().filter(|b| b.next > now).map(|b| b.process.clone()).collect();
     let mut by_process: HashMap<String, Vec<Outgoing>> = HashMap::new();
     for item in items {
         if !blocked.contains(&item.process) {
@@ -100,7 +98,7 @@ async fn round(ctx: &Arc<Context>, backoffs: &mut HashMap<String, Backoff>) -> a
             for item in items {
                 let outcome = post(&ctx, &item).await;
                 let stop = matches!(outcome, Posted::Retry(_));
-                outcomes.push((item.id.clone(), outcome));
+                outcomes.push((item.id.clone(), item.process.clone(), outcome));
                 if stop {
                     break;
                 }
@@ -111,14 +109,14 @@ async fn round(ctx: &Arc<Context>, backoffs: &mut HashMap<String, Backoff>) -> a
     let mut progressed = false;
     while let Some(done) = tasks.join_next().await {
         let Ok(outcomes) = done else { continue };
-        for (id, outcome) in outcomes {
+        for (id, process, outcome) in outcomes {
             match outcome {
                 Posted::Confirmed | Posted::DeadLetter => {
                     backoffs.remove(&id);
                     progressed = true;
                 }
                 Posted::Retry(reason) => {
-                    let b = backoffs.entry(id.clone()).or_insert(Backoff { failures: 0, next: now });
+                    let b = backoffs.entry(id.clone()).or_insert(Backoff { failures: 0, next: now, process });
                     b.failures += 1;
                     let wait = backoff(ctx.poll, ctx.recovery.poster_backoff_max, b.failures);
                     b.next = Instant::now() + wait;

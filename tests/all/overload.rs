@@ -69,6 +69,32 @@ async fn dry_runs_and_state_reads_beyond_the_queue_get_503_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_whose_client_goes_away_leaves_the_queue() {
+    let c = CounterNet::start_with(STRICT).await;
+    let (cu, p) = (c.cu_url().to_owned(), c.process.clone());
+    let admission = c.worker.state.admission.clone();
+    let held = admission.admit(1).await.unwrap();
+    // The client gives up after 500 ms, while its dry-run waits in the queue.
+    let gave_up = reqwest::Client::new()
+        .post(format!("{cu}/dry-run?process-id={p}"))
+        .json(&json!({"Tags": []}))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()));
+    let start = Instant::now();
+    while admission.queued() != 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the abandoned request stayed in the queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its slot in the queue is free again: the next request queues, and runs once the slot frees.
+    drop(held);
+    let (status, _, body) = dry_run(&reqwest::Client::new(), &cu, &p).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_message_completes_and_healthz_answers_during_a_dry_run_storm() {
     let mut c = CounterNet::start_with("[overload]\napi_concurrency = 1\napi_queue = 4\napi_queue_timeout = \"2s\"\n").await;
     let (cu, p) = (c.cu_url().to_owned(), c.process.clone());
