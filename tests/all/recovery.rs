@@ -237,3 +237,107 @@ async fn results_over_a_limit_are_refused_with_an_error_and_rolled_back() {
     assert_eq!(get.response["Output"], "count=5");
     c.shutdown().await;
 }
+
+/// A messenger proxy that answers 503 to every item of one process (its `Process` or
+/// `From-Process` tag) while `blocked` names it, and forwards everything else.
+struct FlakyMessenger {
+    upstream: String,
+    blocked: std::sync::Mutex<Option<String>>,
+    http: reqwest::Client,
+}
+
+async fn flaky_forward(
+    axum::extract::State(p): axum::extract::State<std::sync::Arc<FlakyMessenger>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let (Some(blocked), Ok(item)) = (p.blocked.lock().unwrap().clone(), ao_gpu_worker::protocol::DataItem::parse(&body))
+        && (item.tag("Process") == Some(blocked.as_str()) || item.tag("From-Process") == Some(blocked.as_str()))
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"error": "down for this process"}))).into_response();
+    }
+    let url = format!("{}{}", p.upstream, uri.path_and_query().map_or("/", |q| q.as_str()));
+    let r = p.http.request(method, url).header("content-type", "application/octet-stream").body(body).send().await.unwrap();
+    let status = r.status();
+    (status, r.bytes().await.unwrap()).into_response()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_the_messenger_keeps_failing_backs_off_without_holding_up_another_process() {
+    use ao_gpu_worker::config::{Config, Overrides};
+    use ao_gpu_worker::daemon::Worker;
+    use ao_gpu_worker::demo::{module_item, process_item};
+    use ao_gpu_worker::devnet::{Devnet, DevnetOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = Devnet::start(&DevnetOptions::new(dir.path().join("devnet"), 0)).await.unwrap();
+    let proxy = std::sync::Arc::new(FlakyMessenger {
+        upstream: net.urls.messenger.trim_end_matches('/').to_owned(),
+        blocked: std::sync::Mutex::new(None),
+        http: reqwest::Client::new(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(flaky_forward).with_state(proxy.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let text = format!(
+        "[worker]\ndata_dir = {:?}\n[network]\nscheduler_url = {:?}\nmessenger_url = {proxy_url:?}\ngateway_url = {:?}\nmax_attempts = 1\n\
+         [registry]\nprocess = {:?}\nauthorities = [{:?}]\npoll_interval = \"50ms\"\n[api]\nlisten = \"127.0.0.1:0\"\n\
+         [gpu]\nbackends = [\"cpu\"]\nstartup_bench = \"off\"\n[overload]\nposter_backoff_max = \"400ms\"\n",
+        dir.path().join("worker").display().to_string(),
+        net.urls.scheduler,
+        net.urls.gateway,
+        net.urls.registry,
+        net.authority.address(),
+    );
+    let config = Config::parse("test", &text, &Overrides::default()).unwrap();
+    let worker = Worker::start(config, ao_gpu_worker::attest::Keypair::generate().unwrap(), net.worker_listener.take()).await.unwrap();
+    let mu = MessengerClient::new(&net.urls.messenger, Policy::default());
+    let module = module_item(&net.authority).unwrap();
+    GatewayClient::new(&net.urls.gateway, Policy::default()).upload(&module).await.unwrap();
+    let (a, b) = (
+        process_item(&net.authority, &module.id(), &net.scheduler_address, 1, "flaky-a").unwrap(),
+        process_item(&net.authority, &module.id(), &net.scheduler_address, 2, "flaky-b").unwrap(),
+    );
+    // A's items are refused (503) from the start.
+    *proxy.blocked.lock().unwrap() = Some(a.id());
+    let me = worker.state.address.clone();
+    let journal = worker.state.jobs.journal.clone();
+    // A first: its attestation is ahead of B's in the queue.
+    let mut results = Vec::new();
+    for (i, p) in [&a, &b].into_iter().enumerate() {
+        mu.post_item(p).await.unwrap();
+        let assign = message(
+            &net.authority,
+            &net.urls.registry,
+            10 + i as u64,
+            &[("Action", "Assign-Workload"), ("Worker", &me), ("Process", &p.id())],
+            "",
+        )
+        .unwrap();
+        mu.post_item(&assign).await.unwrap();
+        let id = p.id();
+        results.push(wait_for("the spawn evaluated", async || journal.result_by_message(&id).unwrap()).await);
+    }
+    let (ra, rb) = (&results[0], &results[1]);
+    assert!(ra.posted.iter().all(|id| journal.outgoing(id).unwrap().is_some_and(|o| !o.confirmed)), "A's items wait");
+    // B's attestation is posted while A's keeps failing.
+    for id in &rb.posted {
+        wait_for("B's attestation posted", async || journal.outgoing(id).unwrap().filter(|o| o.confirmed)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in &ra.posted {
+        let o = journal.outgoing(id).unwrap().unwrap();
+        assert!(!o.confirmed && o.refused.is_none(), "A's item is pending, not dropped: {o:?}");
+    }
+    assert!(journal.dead_letters().unwrap().is_empty(), "a transient failure is not a dead letter");
+    // The messenger takes A's items again: they go out after their backoff.
+    *proxy.blocked.lock().unwrap() = None;
+    for id in &ra.posted {
+        wait_for("A's attestation posted after its backoff", async || journal.outgoing(id).unwrap().filter(|o| o.confirmed)).await;
+    }
+    worker.shutdown().await;
+    net.shutdown().await;
+}
