@@ -3,6 +3,8 @@
 //! the compute unit's read API (docs/ao-protocol.md §5) over the journal: `/result/{message}`,
 //! `/results/{process}`, `/state/{process}` and `POST /dry-run`.
 
+mod admin;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+use crate::admission::{Refused, Ticket};
 use crate::httpd::{ApiError, no_route, wrong_method};
 use crate::jobs::JobError;
 use crate::jobs::eval::DryRunRequest;
@@ -38,7 +41,7 @@ pub const RESULTS_MAX_LIMIT: usize = 1000;
 pub fn router(state: Arc<WorkerState>) -> Router {
     Router::new()
         .route("/", get(root))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/capacity", get(capacity))
@@ -46,6 +49,10 @@ pub fn router(state: Arc<WorkerState>) -> Router {
         .route("/results/{process}", get(results))
         .route("/state/{process}", get(read_state))
         .route("/dry-run", post(dry_run).layer(DefaultBodyLimit::max(DRY_RUN_MAX_BODY)))
+        .route("/processes", get(admin::processes))
+        .route("/processes/{process}/resume", post(admin::resume))
+        .route("/outbox/dead-letters", get(admin::dead_letters))
+        .route("/outbox/dead-letters/{id}/{action}", post(admin::dead_letter_action))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
@@ -54,6 +61,17 @@ pub fn router(state: Arc<WorkerState>) -> Router {
 /// `GET /`: `{"address": …, "timestamp": <ms>}`, as an AO compute unit answers.
 async fn root(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
     Json(json!({"address": s.address, "timestamp": crate::clock::now_ms()}))
+}
+
+/// `GET /healthz`: `ok`, or 503 with the stalls (a loop that stopped going round, a catch-up or a
+/// device without progress for `overload.stall_after`: see `jobs::health`).
+async fn healthz(State(s): State<Arc<WorkerState>>) -> Response {
+    let stalls = s.jobs.stalls();
+    if stalls.is_empty() {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ok": false, "stalls": stalls}))).into_response()
+    }
 }
 
 async fn readyz(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
@@ -151,8 +169,29 @@ fn job_error(e: JobError) -> ApiError {
         JobError::Net(NetError::NotFound { .. }) => ApiError::not_found(e.to_string()),
         JobError::Net(_) => ApiError::bad_gateway(e.to_string()),
         JobError::Halted { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        JobError::Journal(_) => internal(e),
+        JobError::Journal(_) | JobError::Panicked(_) => internal(e),
+        JobError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// Admits a dry-run or state read of `process` (see `admission`): its memory is reserved for
+/// twice the process's last state size plus its device quota when it uses `ao_gpu` (the whole
+/// budget while unknown). A refusal is the 503 answer with `Retry-After`.
+async fn admit(s: &WorkerState, process: &str) -> Result<Ticket, Response> {
+    let bytes = s.jobs.api_memory_estimate(process).unwrap_or(u64::MAX);
+    s.admission.admit(bytes).await.map_err(|e| overloaded(s, &e))
+}
+
+fn overloaded(s: &WorkerState, e: &Refused) -> Response {
+    let retry = s.admission.retry_after_secs();
+    let body = crate::protocol::su::ErrorBody { error: e.to_string() };
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, retry.to_string())], Json(body)).into_response()
+}
+
+/// The journal's result for `message` if it belongs to `process`, read off the async threads.
+async fn lookup_blocking(s: &Arc<WorkerState>, message: &str, process: &str) -> Result<Option<ResultRecord>, ApiError> {
+    let (s, m, p) = (s.clone(), message.to_owned(), process.to_owned());
+    tokio::task::spawn_blocking(move || lookup(&s, &m, &p)).await?
 }
 
 /// A journal result as the compute unit serves it: the internal `Log` field removed.
@@ -181,11 +220,11 @@ async fn result(State(s): State<Arc<WorkerState>>, message: Result<Path<String>,
     let process = process_param(&q)?;
     let message = path_id(message, "message")?;
     let no_busy = q.get("no-busy").is_some_and(|v| v != "0" && !v.eq_ignore_ascii_case("false"));
-    if let Some(r) = lookup(&s, &message, &process)? {
+    if let Some(r) = lookup_blocking(&s, &message, &process).await? {
         return Ok(Json(result_view(&r.response)).into_response());
     }
     let jobs = &s.jobs;
-    if !jobs.is_served(&process).map_err(job_error)? {
+    if !jobs.is_served_blocking(&process).await.map_err(job_error)? {
         return Err(ApiError::not_found(format!("no result for message {message}: process {process} is not served by this worker")));
     }
     let halted = |jobs: &crate::jobs::Context| match jobs.halted().get(&process) {
@@ -205,7 +244,7 @@ async fn result(State(s): State<Arc<WorkerState>>, message: Result<Path<String>,
     let deadline = Instant::now() + RESULT_WAIT;
     while Instant::now() < deadline {
         tokio::time::sleep(RESULT_POLL).await;
-        if let Some(r) = lookup(&s, &message, &process)? {
+        if let Some(r) = lookup_blocking(&s, &message, &process).await? {
             return Ok(Json(result_view(&r.response)).into_response());
         }
         halted(jobs)?;
@@ -276,7 +315,12 @@ async fn read_state(
     let q = params(q)?;
     let process = path_id(process, "process")?;
     no_to(&q)?;
+    let ticket = match admit(&s, &process).await {
+        Ok(t) => t,
+        Err(refused) => return Ok(refused),
+    };
     let latest = s.jobs.latest_image(&process).await.map_err(job_error)?;
+    drop(ticket);
     let Some((progress, image, block_height)) = latest else {
         return Err(ApiError::not_found(format!("no state for process {process}: nothing evaluated here")));
     };
@@ -311,6 +355,11 @@ async fn dry_run(State(s): State<Arc<WorkerState>>, q: Params, body: Result<Byte
     }
     let request: DryRunRequest =
         serde_json::from_value(value).map_err(|e| ApiError::bad_request(format!("dry-run body is not a valid message: {e}")))?;
-    let result = s.jobs.dry_run(&process, &request).await.map_err(job_error)?;
+    let ticket = match admit(&s, &process).await {
+        Ok(t) => t,
+        Err(refused) => return Ok(refused),
+    };
+    let result = s.jobs.dry_run(&process, &request, ticket.cancelled()).await.map_err(job_error)?;
+    drop(ticket);
     Ok(Json(result).into_response())
 }

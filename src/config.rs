@@ -10,6 +10,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod actor_limits;
+mod overload;
+pub use actor_limits::ActorLimits;
+pub use overload::{OverloadSection, RecoveryConfig};
+
 /// The reference configuration, also the default when no file is given.
 pub const DEFAULT_TOML: &str = include_str!("../config/worker.toml");
 
@@ -33,6 +38,7 @@ pub struct Config {
     pub log: LogSection,
     pub gpu: GpuSection,
     pub aos: AosSection,
+    pub overload: OverloadSection,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +80,8 @@ pub struct LimitsSection {
     pub max_memory: u64,
     pub max_compute: u64,
     pub deadline: Duration,
+    /// Result, outbox, module and compilation limits.
+    pub actor: ActorLimits,
 }
 
 /// How aos (emscripten Lua) processes are kept between messages.
@@ -286,6 +294,7 @@ impl Config {
         let max_memory_text = v.string(&mut s, "limits", "max_memory", "1-gb", None);
         let max_compute = v.integer(&mut s, "limits", "max_compute", 9_000_000_000_000, 1, i64::MAX) as u64;
         let deadline = v.duration(&mut s, "limits", "deadline", "60s");
+        let actor = actor_limits::parse(&mut v, &mut s);
         v.unknown(s, "limits");
         let max_memory = crate::runtime::limits::parse_memory_limit(&max_memory_text).unwrap_or_else(|| {
             v.issue("limits.max_memory", format!("{max_memory_text:?} is not a size such as 512-mb or 1-gb"));
@@ -381,8 +390,10 @@ impl Config {
             }
         };
 
+        let overload = overload::parse(&mut v, &mut root);
+
         for (name, _) in root {
-            v.issue(&name, "unknown section (known: worker, network, registry, jobs, limits, attestation, api, log, gpu)");
+            v.issue(&name, "unknown section (known: worker, network, registry, jobs, limits, aos, attestation, api, log, gpu, overload)");
         }
         if !v.issues.is_empty() {
             return Err(fail(v.issues));
@@ -401,12 +412,13 @@ impl Config {
             },
             registry: RegistrySection { process: Some(process).filter(|p| !p.is_empty()), advertise_interval, authorities, poll_interval },
             jobs: JobsSection { processes, max_concurrent },
-            limits: LimitsSection { max_memory, max_compute, deadline },
+            limits: LimitsSection { max_memory, max_compute, deadline, actor },
             attestation: AttestationSection { target: Some(target).filter(|t| !t.is_empty()) },
             api: ApiSection { listen },
             log: LogSection { level, format },
             gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory, startup_bench },
             aos: AosSection { checkpoint_every, live_processes, rebase_every },
+            overload,
         })
     }
 }

@@ -47,11 +47,13 @@ impl Worker {
         tracing::info!(%address, capacity = %manifest.backends_summary(), "worker identity and capacity");
         let pool = Arc::new(open_devices(&config.gpu, &manifest).await?);
         manifest.serving = Some(serving_info(&pool));
-        let clients = Clients::new(&config.network);
+        let clients = Clients::new(&config.network, &config.limits.actor);
         let runtime = start_runtime(&config, pool.clone(), &clients.gateway)?;
         let serving = (runtime.tensor_backend().kind, runtime.tensor_backend().determinism);
         let scores = load_scores(&mut manifest, data_dir, serving);
-        let metrics = register_metrics(&address, &manifest, &runtime, &pool);
+        let mut metrics = register_metrics(&address, &manifest, &runtime, &pool);
+        let admission = Arc::new(crate::admission::Admission::new(config.overload.api.clone()));
+        admission.metrics.register(metrics.registry.registry());
         let (advertised, advertised_rx) = watch::channel(None);
         let journal = Journal::open(&data_dir.join("journal.redb")).context("cannot open the journal")?;
         let key = Arc::new(key);
@@ -71,8 +73,10 @@ impl Worker {
             advertised: advertised_rx,
             device: manifest.host.cpu.model.clone(),
             metrics: metrics.jobs.clone(),
+            recovery: config.overload.recovery.clone(),
+            actor_limits: config.limits.actor.clone(),
         });
-        let state = Arc::new(WorkerState::new(address, metrics, jobs.clone(), manifest.clone(), advertised));
+        let state = Arc::new(WorkerState::new(address, metrics, jobs.clone(), admission, manifest.clone(), advertised));
         let listener = bind_api(listener, &config.api).await?;
         let api_url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
@@ -93,9 +97,10 @@ impl Worker {
             scores,
         };
         tasks.push(tokio::spawn(heartbeat.run(shutdown.clone())));
+        let jobs_for_watchdog = jobs.clone();
         tasks.push(spawn_work_loop(jobs, config.jobs.processes.clone(), shutdown.clone()));
         if let Some(period) = sd_notify::watchdog_enabled() {
-            tasks.push(tokio::spawn(watchdog(period / 2, shutdown.clone())));
+            tasks.push(tokio::spawn(watchdog(period / 2, jobs_for_watchdog, shutdown.clone())));
         }
         Ok(Self { state, api_url, shutdown, tasks })
     }
@@ -161,12 +166,13 @@ struct Clients {
 }
 
 impl Clients {
-    fn new(network: &NetworkSection) -> Self {
+    fn new(network: &NetworkSection, limits: &crate::config::ActorLimits) -> Self {
         let policy = Policy::from_config(network);
+        let bound = |max: u64| Policy { max_answer_bytes: usize::try_from(max).unwrap_or(usize::MAX), ..policy.clone() };
         Self {
-            scheduler: SchedulerClient::new(&network.scheduler_url, policy.clone()),
-            messenger: MessengerClient::new(&network.messenger_url, policy.clone()),
-            gateway: GatewayClient::new(&network.gateway_url, policy),
+            scheduler: SchedulerClient::new(&network.scheduler_url, bound(limits.max_unit_answer_bytes)),
+            messenger: MessengerClient::new(&network.messenger_url, bound(limits.max_unit_answer_bytes)),
+            gateway: GatewayClient::new(&network.gateway_url, bound(limits.max_item_bytes)),
         }
     }
 }
@@ -410,9 +416,16 @@ impl Heartbeat {
     }
 }
 
-async fn watchdog(every: Duration, shutdown: CancellationToken) {
+/// Pings the systemd watchdog while the worker makes progress (see `jobs::health`): a stalled
+/// work loop, poster, catch-up or device stops the pings, and systemd restarts the worker.
+async fn watchdog(every: Duration, jobs: Arc<jobs::Context>, shutdown: CancellationToken) {
     loop {
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        let stalls = jobs.stalls();
+        if stalls.is_empty() {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!(?stalls, "not pinging the watchdog: the worker makes no progress");
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}

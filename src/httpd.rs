@@ -73,7 +73,9 @@ pub async fn wrong_method(method: Method, uri: Uri) -> ApiError {
 /// Serves `router` on `listener` until `shutdown` fires, then drains in-flight requests.
 pub fn serve(listener: TcpListener, router: axum::Router, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let result = axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+        // The peer's address is handed to handlers that need it (the worker's operator routes).
+        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let result = axum::serve(listener, service).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
         if let Err(e) = result {
             tracing::error!(error = %e, "http server failed");
         }

@@ -19,7 +19,9 @@ use sha2::{Digest, Sha256};
 
 use crate::protocol::su::page_bounds;
 
+mod dead_letters;
 mod halts;
+pub use dead_letters::{DeadLetter, DeadLetterOutcome};
 pub use halts::{Halt, RegistryLink};
 
 /// Process id → JSON [`Served`].
@@ -236,6 +238,7 @@ impl Journal {
         tx.open_table(META).map_err(st)?;
         tx.open_table(ADVERTS).map_err(st)?;
         tx.open_table(halts::HALTS).map_err(st)?;
+        tx.open_table(dead_letters::DEAD_LETTERS).map_err(st)?;
         tx.open_table(halts::REGISTRY_LINK).map_err(st)?;
         tx.commit().map_err(st)?;
         Ok(j)
@@ -485,9 +488,10 @@ impl Journal {
         self.settle(id, None)
     }
 
-    /// Sets an item aside that the network refused for good; it is kept with the reason.
+    /// Sets an item aside that the network refused for good: a dead letter, kept with the
+    /// reason (see `dead_letters`).
     pub fn refuse(&self, id: &str, reason: &str) -> Result<(), JournalError> {
-        self.settle(id, Some(reason))
+        self.dead_letter(id, reason)
     }
 
     fn settle(&self, id: &str, refused: Option<&str>) -> Result<(), JournalError> {

@@ -11,6 +11,7 @@
 //! * [`jobs`] (the work loop), [`devnet`] (embedded AO units), [`model`] (GGUF publishing);
 //! * the service: [`state`], [`api`], [`daemon`]; then [`demo`] and [`cli`] at the top.
 
+pub mod admission;
 pub mod advertise;
 pub mod api;
 pub mod attest;

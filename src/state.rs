@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
+use crate::admission::Admission;
 use crate::advertise::Advertisement;
 use crate::capacity::CapacityManifest;
 use crate::jobs::{self, JobMetrics};
@@ -45,6 +46,8 @@ pub struct WorkerState {
     pub metrics: WorkerMetrics,
     /// The work loop: journal, runtime and served processes, for the compute-unit API.
     pub jobs: Arc<jobs::Context>,
+    /// Admission control of the API's dry-runs and state reads.
+    pub admission: Arc<Admission>,
     status: Mutex<Status>,
     advertised: watch::Sender<Option<Advertisement>>,
 }
@@ -56,10 +59,11 @@ impl WorkerState {
         address: String,
         metrics: WorkerMetrics,
         jobs: Arc<jobs::Context>,
+        admission: Arc<Admission>,
         manifest: CapacityManifest,
         advertised: watch::Sender<Option<Advertisement>>,
     ) -> Self {
-        Self { address, metrics, jobs, status: Mutex::new(Status { manifest: Some(manifest), ..Status::default() }), advertised }
+        Self { address, metrics, jobs, admission, status: Mutex::new(Status { manifest: Some(manifest), ..Status::default() }), advertised }
     }
 
     pub fn status(&self) -> MutexGuard<'_, Status> {

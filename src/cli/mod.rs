@@ -4,6 +4,7 @@
 //!
 //! The top of the crate: it parses, calls the library and prints; no library module imports it.
 
+pub mod admin;
 pub mod eval;
 pub mod model;
 
@@ -117,6 +118,23 @@ pub enum Command {
     /// compute unit's error semantics and no network; prints one JSON line per message (output,
     /// error, messages, spawns, assignments, gas_used, memory_len, memory_sha256).
     Eval(eval::EvalArgs),
+    /// Outbox items the messenger refused for good (dead letters) on the running worker: list,
+    /// retry (post again) or drop (keep, never post). Talks to the worker's API.
+    Outbox {
+        #[command(subcommand)]
+        command: admin::OutboxCommand,
+        #[command(flatten)]
+        target: admin::ApiTarget,
+    },
+    /// The running worker's served processes with their state (serving, catching-up, backing-off,
+    /// halted and why), one JSON line each; --resume clears a process's halt. Talks to the worker's API.
+    Processes {
+        /// Resume this halted process (clears its journaled halt and its backoff).
+        #[arg(long, value_name = "PROCESS")]
+        resume: Option<String>,
+        #[command(flatten)]
+        target: admin::ApiTarget,
+    },
     /// Model weights for actors: inspect a GGUF file, publish its tensors to a gateway.
     Model {
         #[command(subcommand)]
@@ -245,6 +263,18 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Eval(args) => {
             crate::logging::init(&config::LogSection { level: "warn".into(), format: config::LogFormat::Text });
             eval::run_cli(args)
+        }
+        Command::Outbox { command, target } => {
+            for line in runtime()?.block_on(admin::outbox(&target, &command))? {
+                emit!("{line}");
+            }
+            Ok(())
+        }
+        Command::Processes { resume, target } => {
+            for line in runtime()?.block_on(admin::processes(&target, resume.as_deref()))? {
+                emit!("{line}");
+            }
+            Ok(())
         }
         Command::Model { command } => {
             crate::logging::init(&config::LogSection { level: "warn".into(), format: config::LogFormat::Text });

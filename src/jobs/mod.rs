@@ -15,6 +15,8 @@
 
 pub mod constants;
 pub mod eval;
+pub mod health;
+pub mod output_limits;
 mod poster;
 mod registry;
 pub mod verify;
@@ -61,6 +63,8 @@ pub struct JobMetrics {
     /// Inputs refused because they do not verify (a forged or swapped item), by the unit that
     /// served them (`scheduler`, `gateway`).
     pub refused_inputs: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Outbox items refused for good and kept in the dead-letter table (not dropped).
+    pub dead_letters: Gauge,
 }
 
 impl JobMetrics {
@@ -74,6 +78,7 @@ impl JobMetrics {
             served: Gauge::default(),
             halted: Gauge::default(),
             refused_inputs: Family::default(),
+            dead_letters: Gauge::default(),
         };
         registry.register("evaluations", "Messages evaluated, by result", m.evaluations.clone());
         registry.register("gas_used", "Fuel consumed by evaluations (sum of GasUsed)", m.gas_used.clone());
@@ -83,6 +88,7 @@ impl JobMetrics {
         registry.register("processes_served", "Processes this worker serves", m.served.clone());
         registry.register("processes_halted", "Processes halted on an error retrying cannot fix", m.halted.clone());
         registry.register("refused_inputs", "Inputs refused because they do not verify, by unit", m.refused_inputs.clone());
+        registry.register("outbox_dead_letters", "Outbox items refused for good, kept as dead letters", m.dead_letters.clone());
         m
     }
 }
@@ -107,8 +113,14 @@ pub struct Context {
     processes: Mutex<HashMap<String, Arc<ProcessSetup>>>,
     scheduler_address: std::sync::OnceLock<String>,
     halted: Mutex<HashMap<String, String>>,
+    /// The size of each process's last state seen (bytes of linear memory), for admission control.
+    state_sizes: Mutex<HashMap<String, u64>>,
     /// Wakes the work loop before its next poll (someone waits on a result).
     wake: Notify,
+    /// The work loop's and the poster's heartbeats, and the processes' and devices' progress.
+    pub heartbeats: health::Heartbeats,
+    tracked: health::Processes,
+    device_watch: health::DeviceWatch,
 }
 
 impl ProcessSetup {
@@ -149,6 +161,10 @@ pub enum JobError {
     Journal(#[from] crate::journal::JournalError),
     #[error("process {0} is not served by this worker")]
     NotServed(String),
+    #[error("the request was cancelled before it ran: its client went away")]
+    Cancelled,
+    #[error("the catch-up failed unexpectedly (a worker bug; it is retried with backoff): {0}")]
+    Panicked(String),
 }
 
 /// What the work loop is made of (see [`Context::new`]).
@@ -174,6 +190,10 @@ pub struct JobsConfig {
     /// The host's CPU model: the `Device` of evaluations on the CPU backend.
     pub device: String,
     pub metrics: Arc<JobMetrics>,
+    /// Backoff, halt budget and stall bound (`[overload]`).
+    pub recovery: health::RecoveryConfig,
+    /// Result, outbox, module and compilation limits (`[limits]`).
+    pub actor_limits: crate::config::ActorLimits,
 }
 
 impl std::ops::Deref for Context {
@@ -209,7 +229,11 @@ impl Context {
             processes: Mutex::new(HashMap::new()),
             scheduler_address: std::sync::OnceLock::new(),
             halted: Mutex::new(halted),
+            state_sizes: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            heartbeats: health::Heartbeats::default(),
+            tracked: health::Processes::default(),
+            device_watch: health::DeviceWatch::default(),
         })
     }
 
@@ -228,11 +252,42 @@ impl Context {
         Ok(self.journal.served()?.iter().any(|s| s.process == process))
     }
 
+    /// The size of the last state of `process` this worker saw (its linear memory), if any.
+    pub fn state_size_hint(&self, process: &str) -> Option<u64> {
+        crate::sync::lock(&self.state_sizes).get(process).copied()
+    }
+
+    /// What a dry-run or a state read of `process` holds, for admission control: its state image
+    /// and the linear memory it is copied into, plus the per-evaluation device quota
+    /// (`gpu.max_device_memory`) when its module imports `ao_gpu`; `None` while its state size is
+    /// unknown.
+    pub fn api_memory_estimate(&self, process: &str) -> Option<u64> {
+        let state = self.state_size_hint(process)?;
+        let gpu = crate::sync::lock(&self.processes).get(process).is_some_and(|s| s.module.uses_gpu());
+        Some(crate::admission::estimate(state).saturating_add(if gpu { self.runtime.max_device_memory() } else { 0 }))
+    }
+
+    fn note_state_size(&self, process: &str, bytes: usize) {
+        crate::sync::lock(&self.state_sizes).insert(process.to_owned(), bytes as u64);
+    }
+
+    /// [`Context::is_served`] off the async threads.
+    pub async fn is_served_blocking(self: &Arc<Self>, process: &str) -> Result<bool, JobError> {
+        let (ctx, p) = (self.clone(), process.to_owned());
+        tokio::task::spawn_blocking(move || ctx.is_served(&p)).await.map_err(|_| JobError::Cancelled)?
+    }
+
     /// Evaluates `request` against the latest state of `process` with `Read-Only: true`, the
     /// way the compute unit's `POST /dry-run` does, and returns the result object. Nothing is
-    /// kept: no journal write, no state change, nothing posted, no attestation.
-    pub async fn dry_run(&self, process: &str, request: &DryRunRequest) -> Result<serde_json::Value, JobError> {
-        if !self.is_served(process)? {
+    /// kept: no journal write, no state change, nothing posted, no attestation. When `cancel`
+    /// fires before the evaluation starts (the client went away), it does not run.
+    pub async fn dry_run(
+        self: &Arc<Self>,
+        process: &str,
+        request: &DryRunRequest,
+        cancel: CancellationToken,
+    ) -> Result<serde_json::Value, JobError> {
+        if !self.is_served_blocking(process).await? {
             return Err(JobError::NotServed(process.to_owned()));
         }
         let setup = self.setup(process).await?;
@@ -245,6 +300,9 @@ impl Context {
                     timestamp: p.timestamp,
                     block_height,
                 };
+                if let Some(image) = &source.image {
+                    self.note_state_size(process, image.len());
+                }
                 (base, restore(source))
             }
             None => {
@@ -256,11 +314,15 @@ impl Context {
         let (runtime, module, env_json, limits) = (self.runtime.clone(), setup.module.clone(), setup.env_json.clone(), setup.limits);
         let (message_id, timestamp) = (message.id.clone(), slot.timestamp);
         let evaluation = tokio::task::spawn_blocking(move || {
+            if cancel.is_cancelled() {
+                return None;
+            }
             let input = EvalInput { msg_json: &msg_json, env_json: &env_json, timestamp_ms: timestamp, message_id: &message_id, limits };
-            runtime.evaluate_restored(&module, state, &input)
+            Some(runtime.evaluate_restored(&module, state, &input))
         })
         .await
-        .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("dry-run task failed: {e}") })?;
+        .map_err(|e| JobError::Halted { process: process.to_owned(), reason: format!("dry-run task failed: {e}") })?
+        .ok_or(JobError::Cancelled)?;
         if let Err(EvalError::Unavailable(reason)) = &evaluation.outcome {
             return Err(self.unavailable(reason));
         }
@@ -289,6 +351,9 @@ impl Context {
     /// from its last checkpoint by replaying the messages since, checked against the journal.
     pub async fn latest_image(&self, process: &str) -> Result<Option<(Progress, Option<Vec<u8>>, u64)>, JobError> {
         let Some((progress, source, block_height)) = self.latest(process).await? else { return Ok(None) };
+        if let Some(image) = &source.image {
+            self.note_state_size(process, image.len());
+        }
         if progress.checkpoint.is_none() {
             return Ok(Some((progress, source.image, block_height)));
         }
@@ -374,10 +439,19 @@ impl Context {
             Err(NetError::NotFound { .. }) => return Err(halt(format!("module {module_id} not found on the gateway"))),
             Err(e) => return Err(e.into()),
         };
+        let max_module = self.actor_limits.max_module_bytes;
+        if module_item.data.len() as u64 > max_module {
+            let len = module_item.data.len();
+            return Err(halt(format!("module {module_id} is {len} bytes, more than the {max_module} allowed (limits.max_module_bytes)")));
+        }
         let runtime = self.runtime.clone();
         let (data, tags) = (module_item.data.clone(), module_item.tags.clone());
-        let module = tokio::task::spawn_blocking(move || runtime.load(&data, &tags))
+        // Compilation cannot be interrupted: past the timeout the process is halted and the
+        // compiling thread's result, when it comes, is dropped.
+        let timeout = self.actor_limits.compile_timeout;
+        let module = tokio::time::timeout(timeout, tokio::task::spawn_blocking(move || runtime.load(&data, &tags)))
             .await
+            .map_err(|_| halt(format!("module {module_id} did not compile within {timeout:?} (limits.compile_timeout)")))?
             .map_err(|e| halt(format!("module load task failed: {e}")))?
             .map_err(|e| halt(format!("module {module_id}: {e}")))?;
         let limits = self.runtime.limits(&module_item.tags, &process_item.tags).map_err(|e| halt(e.to_string()))?;
@@ -475,10 +549,17 @@ impl Context {
             return Err(self.unavailable(reason));
         }
 
+        let mut evaluation = evaluation;
         let outcome: Result<serde_json::Value, String> = match &evaluation.outcome {
-            Ok(v) => Ok(v.clone()),
+            Ok(v) => output_limits::check(v, &self.actor_limits).map(|()| v.clone()),
             Err(e) => Err(e.to_string()),
         };
+        if outcome.is_err() && evaluation.outcome.is_ok() {
+            // Over a limit: rolled back like a trap (a live instance in the refused state no
+            // longer matches the journal's state hash, so it is not reused).
+            evaluation.memory = None;
+            evaluation.state_hash = None;
+        }
         let mut response = eval::result_object(&outcome, evaluation.gas_used);
         let new_state_hash = match (&evaluation.state_hash, evaluation.memory.as_deref()) {
             (Some(h), _) => Some(h.clone()),
@@ -563,6 +644,9 @@ impl Context {
         };
         let journal = self.journal.clone();
         let memory = evaluation.memory;
+        if let Some(m) = &memory {
+            self.note_state_size(&process, m.len());
+        }
         tokio::task::spawn_blocking(move || {
             journal
                 .commit(&Commit { progress: &progress, result: &record, state: memory.as_deref(), outgoing: &outgoing })
@@ -571,6 +655,7 @@ impl Context {
         .await
         .map_err(|e| JobError::Halted { process: process.clone(), reason: format!("commit task failed: {e}") })?
         .map_err(JobError::from)
+        .inspect(|_| self.tracked.progressed(&process))
     }
 
     /// The transient error of an evaluation that could not complete for a reason outside the
@@ -654,7 +739,7 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
                 ctx.metrics.served.set(served.len() as i64);
                 for s in served {
                     let p = s.process;
-                    if crate::sync::lock(&ctx.halted).contains_key(&p) {
+                    if crate::sync::lock(&ctx.halted).contains_key(&p) || !ctx.tracked.due(&p, std::time::Instant::now()) {
                         continue;
                     }
                     if !crate::sync::lock(&running).insert(p.clone()) {
@@ -663,15 +748,15 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
                     let (ctx, permits, running) = (ctx.clone(), permits.clone(), running.clone());
                     tokio::spawn(async move {
                         if let Ok(_permit) = permits.acquire().await {
-                            match ctx.catch_up(&p).await {
-                                Ok(0) => {}
-                                Ok(n) => tracing::debug!(process = %p, evaluated = n, "caught up"),
-                                Err(JobError::Halted { process, reason }) => {
-                                    tracing::error!(%process, %reason, "process halted");
-                                    ctx.record_halt(&process, &reason);
-                                }
-                                Err(e) => tracing::warn!(process = %p, error = %e, "will retry"),
-                            }
+                            ctx.tracked.started(&p);
+                            // In its own task: a panic is a failure of this process, not the end of
+                            // its polling.
+                            let task = tokio::spawn({
+                                let (ctx, p) = (ctx.clone(), p.clone());
+                                async move { ctx.catch_up(&p).await }
+                            });
+                            let outcome = task.await.unwrap_or_else(|e| Err(JobError::Panicked(e.to_string())));
+                            ctx.after_catch_up(&p, outcome);
                         }
                         crate::sync::lock(&running).remove(&p);
                     });
@@ -679,6 +764,7 @@ pub async fn run(ctx: Arc<Context>, configured: Vec<String>, shutdown: Cancellat
             }
             Err(e) => tracing::error!(error = %e, "cannot read served processes"),
         }
+        ctx.heartbeats.beat(health::Loop::Work);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(ctx.poll) => {}

@@ -47,6 +47,14 @@ impl Journal {
         tx.commit().map_err(st)
     }
 
+    /// Clears the halt of `process` (an operator resumed it); true when there was one.
+    pub fn unhalt(&self, process: &str) -> Result<bool, JournalError> {
+        let tx = self.db.begin_write().map_err(st)?;
+        let was = tx.open_table(HALTS).map_err(st)?.remove(process).map_err(st)?.is_some();
+        tx.commit().map_err(st)?;
+        Ok(was)
+    }
+
     /// Every halted process with its halt.
     pub fn halts(&self) -> Result<HashMap<String, Halt>, JournalError> {
         let tx = self.db.begin_read().map_err(st)?;
@@ -86,5 +94,8 @@ mod tests {
         let halts = j.halts().unwrap();
         assert_eq!(halts.len(), 1);
         assert_eq!(halts["P"].reason, "forged message");
+        assert!(j.unhalt("P").unwrap());
+        assert!(!j.unhalt("P").unwrap());
+        assert!(j.halts().unwrap().is_empty());
     }
 }

@@ -70,6 +70,9 @@ pub struct Policy {
     pub max_attempts: u32,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Most bytes read from one answer (`limits.max_unit_answer_bytes`, or
+    /// `limits.max_item_bytes` for the gateway); a larger one is not read.
+    pub max_answer_bytes: usize,
 }
 
 impl Policy {
@@ -80,6 +83,7 @@ impl Policy {
             max_attempts: n.max_attempts,
             backoff_min: n.backoff_min,
             backoff_max: n.backoff_max,
+            max_answer_bytes: MAX_ANSWER_BYTES,
         }
     }
 
@@ -100,6 +104,7 @@ impl Default for Policy {
             max_attempts: 5,
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
+            max_answer_bytes: MAX_ANSWER_BYTES,
         }
     }
 }
@@ -124,7 +129,8 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-fn install_crypto_provider() {
+/// Installs the process's rustls crypto provider (ring) once; every reqwest client needs one.
+pub fn install_crypto_provider() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Another part of the process may have installed one already; either is fine.
@@ -171,7 +177,7 @@ impl HttpClient {
                 Ok(resp) => {
                     let status = resp.status();
                     let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                    match read_limited(resp).await {
+                    match read_limited(resp, self.policy.max_answer_bytes).await {
                         Ok(body) if !(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS) => {
                             return Ok(Answer { status, content_type, body });
                         }
@@ -232,11 +238,11 @@ impl HttpClient {
     }
 }
 
-async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
+async fn read_limited(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
-        if out.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Err(format!("answer larger than {MAX_ANSWER_BYTES} bytes"));
+        if out.len() + chunk.len() > max {
+            return Err(format!("answer larger than {max} bytes (limits.max_unit_answer_bytes / limits.max_item_bytes)"));
         }
         out.extend_from_slice(&chunk);
     }

@@ -66,7 +66,18 @@ impl SchedulerClient {
         if let Some(v) = range.limit {
             q.push_str(&format!("&limit={v}"));
         }
-        self.not_found(self.http.json(Method::GET, &q, None).await, "process", process)
+        let page: Page = self.not_found(self.http.json(Method::GET, &q, None).await, "process", process)?;
+        // A unit answers at most the page it was asked for: more is refused before it is used.
+        if let Some(limit) = range.limit
+            && page.edges.len() > limit as usize
+        {
+            return Err(NetError::BadAnswer {
+                unit: Unit::Scheduler,
+                url: format!("{}{q}", self.http.base()),
+                reason: format!("{} schedule entries for a page of at most {limit}", page.edges.len()),
+            });
+        }
+        Ok(page)
     }
 
     /// Every schedule entry after `from` (exclusive), following pagination.

@@ -271,7 +271,16 @@ impl DataItem {
         let tag_count = u64::from_le_bytes(r.take("tag count", 8)?.try_into().expect("8 bytes"));
         let tag_bytes_len = u64::from_le_bytes(r.take("tag byte count", 8)?.try_into().expect("8 bytes"));
         let tag_bytes_len = usize::try_from(tag_bytes_len).unwrap_or(usize::MAX);
-        let raw_tags = r.take("tags", tag_bytes_len)?.to_vec();
+        let raw_tags = r.take("tags", tag_bytes_len)?;
+        // The limits every verifier enforces, checked on the header before anything is
+        // allocated or decoded for the tags.
+        if tag_count > MAX_TAGS as u64 {
+            return Err(Ans104Error::TooManyTags { count: usize::try_from(tag_count).unwrap_or(usize::MAX) });
+        }
+        if raw_tags.len() > MAX_TAG_BYTES {
+            return Err(Ans104Error::TagBytesTooLarge { len: raw_tags.len() });
+        }
+        let raw_tags = raw_tags.to_vec();
         let tags = avro::decode_tags(&raw_tags)?;
         if tags.len() as u64 != tag_count {
             return Err(Ans104Error::TagCountMismatch { header: tag_count, decoded: tags.len() });

@@ -196,6 +196,14 @@ impl ActorModule {
         }
     }
 
+    /// Whether the module imports `ao_gpu` (its evaluations may hold device memory).
+    pub fn uses_gpu(&self) -> bool {
+        match &self.kind {
+            ModuleKind::Own { pre, .. } => pre.module().imports().any(|i| i.module() == "ao_gpu"),
+            ModuleKind::Aos(_) => false,
+        }
+    }
+
     /// The `Module-Format` the module runs as.
     pub fn format(&self) -> &'static str {
         self.aos_format().map_or(MODULE_FORMAT, aos::AosFormat::name)

@@ -153,6 +153,10 @@ fn malformed_corpus_is_refused_with_specific_errors() {
     let mut count_high = good.clone();
     count_high[TAG_COUNT] = 5;
     cases.push(("tag count above decoded", count_high, Box::new(|e| matches!(e, Ans104Error::TagCountMismatch { header: 5, decoded: 4 }))));
+    // The header's tag count is checked before anything is decoded or allocated for the tags.
+    let mut count_huge = good.clone();
+    count_huge[TAG_COUNT..TAG_COUNT + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    cases.push(("a tag count of 2^64 - 1", count_huge, Box::new(|e| matches!(e, Ans104Error::TooManyTags { .. }))));
     let mut count_zero = good.clone();
     count_zero[TAG_COUNT] = 0;
     cases.push((

@@ -277,7 +277,7 @@ fn unknown_subcommand_is_a_usage_error() {
 fn help_lists_every_subcommand() {
     let out = run(bin().arg("--help"), QUICK);
     assert_eq!(out.code, Some(0), "{out:?}");
-    for sub in ["run", "devnet", "keygen", "check-config", "capacity"] {
+    for sub in ["run", "devnet", "keygen", "check-config", "capacity", "outbox", "processes"] {
         assert!(out.stdout.lines().any(|l| l.trim_start().starts_with(sub)), "--help lists {sub}:\n{}", out.stdout);
     }
 }

@@ -31,6 +31,8 @@ mod interop_arbundles;
 mod jobs;
 mod kernels_registered;
 mod net_clients;
+mod overload;
+mod recovery;
 mod run_e2e;
 mod sign_once;
 mod smollm2;

@@ -79,6 +79,7 @@ fn quick(max_attempts: u32) -> Policy {
         max_attempts,
         backoff_min: Duration::from_millis(1),
         backoff_max: Duration::from_millis(5),
+        ..Policy::default()
     }
 }
 

@@ -140,6 +140,9 @@ async fn an_rsa_worker_restarted_between_signing_and_posting_posts_only_what_it_
         .await
         .unwrap();
     let journal = worker.state.jobs.journal.clone();
+    // B's evaluation of the Pong comes after the Pong is posted: wait for it, and for its
+    // attestation to be posted too, before looking at the network.
+    until("B's Pong evaluated", async || journal.progress(&b_id).unwrap().filter(|p| p.nonce >= 1)).await;
     until("everything posted", async || {
         (journal.pending_count().unwrap() == 0 && journal.pending_advertisement().unwrap().is_none()).then_some(())
     })

@@ -24,6 +24,7 @@ use ao_gpu_worker::runtime::{
 mod batch;
 mod calls;
 mod constants;
+mod deadline;
 mod gas;
 mod header;
 mod statuses;

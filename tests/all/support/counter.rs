@@ -30,8 +30,13 @@ impl CounterNet {
     /// the registry's authority assign it to the worker; returns once the worker has
     /// evaluated the process's own message.
     pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// [`CounterNet::start`] with `extra` TOML appended to the worker's configuration.
+    pub async fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (net, worker) = super::inproc::devnet_and_worker(dir.path(), "").await;
+        let (net, worker) = super::inproc::devnet_and_worker(dir.path(), extra).await;
         let mu = MessengerClient::new(&net.urls.messenger, Policy::default());
         let module = module_item(&net.authority).unwrap();
         GatewayClient::new(&net.urls.gateway, Policy::default()).upload(&module).await.unwrap();

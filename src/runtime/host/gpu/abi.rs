@@ -188,6 +188,9 @@ pub(super) enum Fail {
     /// Not the actor's fault (a constant's source is unreachable): the evaluation ends and is
     /// retried later.
     Unavailable(String),
+    /// The evaluation's wall-clock deadline passed (between the commands of a list, or while
+    /// waiting for the device): the evaluation ends as a timeout.
+    Deadline,
 }
 
 impl From<GpuError> for Fail {

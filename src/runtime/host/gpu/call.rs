@@ -11,10 +11,13 @@ use wasmtime::{AsContextMut, Caller, Extern, Trap};
 
 use super::abi::{self, CMD_F, CMD_I, CMD_IN, CMD_INPUTS, CMD_OP, CMD_OUT, CMD_RESERVED, CMD_SIZE, Fail, GpuStatus, index, invalid, op};
 use super::constants::ConstantKey;
-use super::handles::{GpuCtx, Live};
+use super::handles::{GpuCtx, Live, lock_before};
 use super::{GAS_PER_CALL, GAS_PER_COMMAND, MAX_HANDLES, op_gas};
-use crate::gpu::pool::lock;
 use crate::gpu::{Backend, DType, HostTensor, MAX_RANK, Meta, Op, RawTensor, TensorId, TensorOps, UnaryOp};
+
+/// Commands of an `ao_gpu.run` list recorded before a deferring backend (wgpu) submits them, so
+/// that the deadline checked between commands also bounds the device's queue.
+const FLUSH_EVERY: usize = 32;
 
 /// What a host call returns to the guest on success: 0 (`OK`) for most calls, the value itself
 /// for `dtype` (a code, >= 0).
@@ -192,7 +195,7 @@ impl Call<'_> {
         let backend = self.ctx.backend.clone();
         let mut freed = Vec::new();
         let result = {
-            let mut be = lock(&backend);
+            let mut be = lock_before(&backend, self.ctx.deadline_at())?;
             self.exec(&mut be, &cmd, inputs, &mut freed)
         };
         drop(freed);
@@ -223,9 +226,9 @@ impl Call<'_> {
         let id = if dtype == DType::F32 {
             // The f32 path every backend has.
             let data = raw.bytes.chunks_exact(4).map(|c| f32_le(c, 0)).collect();
-            lock(&self.ctx.backend).upload(&HostTensor { shape: raw.shape.clone(), data })?
+            lock_before(&self.ctx.backend, self.ctx.deadline_at())?.upload(&HostTensor { shape: raw.shape.clone(), data })?
         } else {
-            lock(&self.ctx.backend).upload_raw(&raw)?
+            lock_before(&self.ctx.backend, self.ctx.deadline_at())?.upload_raw(&raw)?
         };
         let handle = self.ctx.insert(id, Meta { shape: raw.shape, dtype }, bytes, None);
         self.put_u32(out, handle);
@@ -240,7 +243,7 @@ impl Call<'_> {
             return Err(Fail::Status(GpuStatus::BufferTooSmall));
         }
         self.charge(op_gas(n as u64 * 4, 0))?;
-        let host = lock(&self.ctx.backend).read(id)?;
+        let host = lock_before(&self.ctx.backend, self.ctx.deadline_at())?.read(id)?;
         if host.data.len() != n {
             return Err(Fail::Status(GpuStatus::DeviceError));
         }
@@ -260,7 +263,7 @@ impl Call<'_> {
             return Err(Fail::Status(GpuStatus::BufferTooSmall));
         }
         self.charge(op_gas(bytes, 0))?;
-        let raw = lock(&self.ctx.backend).read_raw(id)?;
+        let raw = lock_before(&self.ctx.backend, self.ctx.deadline_at())?.read_raw(id)?;
         let dst = self.mem.get_mut(out.start..out.start + raw.bytes.len()).ok_or(Fail::Status(GpuStatus::DeviceError))?;
         if raw.bytes.len() as u64 != bytes {
             return Err(Fail::Status(GpuStatus::DeviceError));
@@ -318,12 +321,26 @@ impl Call<'_> {
         let mut freed = Vec::new();
         let mut outs: Vec<u32> = Vec::with_capacity(n);
         let (result, end) = {
-            let mut be = lock(&backend);
+            let mut be = lock_before(&backend, self.ctx.deadline_at())?;
             be.begin_batch();
             #[cfg(test)]
             BATCH_CALLS.with(|c| c.set((c.get().0 + 1, c.get().1)));
             let mut result = Ok(());
             for i in 0..n {
+                // The deadline bounds the list, not only the guest's own code: it is checked
+                // before each command, and a deferring backend submits what it recorded every
+                // FLUSH_EVERY commands so that the device's work is bounded the same way.
+                if i > 0 && i % FLUSH_EVERY == 0 {
+                    if let Err(e) = be.end_batch() {
+                        result = Err(e.into());
+                        break;
+                    }
+                    be.begin_batch();
+                }
+                if self.ctx.expired() {
+                    result = Err(Fail::Deadline);
+                    break;
+                }
                 let at = cmds.start + i * CMD_SIZE;
                 let r = self.charge(GAS_PER_COMMAND).and_then(|()| self.command(&mut be, at, &outs, &mut freed));
                 match r {
@@ -427,7 +444,7 @@ pub(super) fn host<T: 'static, R: Returned>(
     };
     let (mem, data) = memory.data_and_store_mut(&mut *caller);
     let mut call = Call { name, mem, ctx: get(data), fuel, charged: 0, waited: Duration::ZERO };
-    let result = call.charge(GAS_PER_CALL).and_then(|()| f(&mut call));
+    let result = if call.ctx.expired() { Err(Fail::Deadline) } else { call.charge(GAS_PER_CALL).and_then(|()| f(&mut call)) };
     let (charged, waited) = (call.charged, call.waited);
     if !waited.is_zero() {
         // Time spent fetching constants is not the actor's: move the deadline by it.
@@ -444,6 +461,8 @@ pub(super) fn host<T: 'static, R: Returned>(
         Err(Fail::Status(s)) => Ok(s.code()),
         Err(Fail::Trap(msg)) => Err(wasmtime::format_err!("{msg}")),
         Err(Fail::OutOfFuel) => Err(wasmtime::Error::new(Trap::OutOfFuel)),
+        // Classified as the evaluation's timeout, as the epoch interruption is.
+        Err(Fail::Deadline) => Err(wasmtime::Error::new(Trap::Interrupt)),
         Err(Fail::Unavailable(reason)) => {
             let text = format!("ao_gpu.{name}: {reason}");
             get(caller.data_mut()).unavailable = Some(text.clone());

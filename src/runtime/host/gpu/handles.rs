@@ -4,14 +4,14 @@
 //! constant, whether the evaluation succeeded or failed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use super::MAX_HANDLES;
 use super::abi::{Fail, GpuStatus};
 use super::constants::{ConstantCache, ConstantKey, Pin};
 use crate::gpu::pool::{SharedDevice, lock};
-use crate::gpu::{Meta, TensorId};
+use crate::gpu::{Backend, Meta, TensorId};
 
 /// One live handle of an evaluation.
 #[derive(Debug)]
@@ -171,6 +171,16 @@ impl GpuCtx {
         Ok(t)
     }
 
+    /// When the deadline passes (moved by the time spent waiting for constants); `None` without one.
+    pub(super) fn deadline_at(&self) -> Option<Instant> {
+        self.deadline.map(|d| self.started + self.excluded + d)
+    }
+
+    /// Whether the deadline has passed.
+    pub(super) fn expired(&self) -> bool {
+        self.deadline_at().is_some_and(|at| Instant::now() >= at)
+    }
+
     /// The epoch ticks left before the deadline, not counting time spent waiting for constants.
     pub(super) fn ticks_left(&self) -> Option<u64> {
         let deadline = self.deadline?;
@@ -185,3 +195,21 @@ impl Drop for GpuCtx {
         self.release();
     }
 }
+
+/// Locks `device`, waiting at most until `until`: an evaluation never waits for the device (held
+/// by another evaluation's command) past its own deadline. A poisoned lock is taken as
+/// [`crate::sync::lock`] takes it.
+pub(super) fn lock_before(device: &SharedDevice, until: Option<Instant>) -> Result<MutexGuard<'_, Backend>, Fail> {
+    let Some(until) = until else { return Ok(lock(device)) };
+    loop {
+        match device.try_lock() {
+            Ok(guard) => return Ok(guard),
+            Err(TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() >= until => return Err(Fail::Deadline),
+            Err(TryLockError::WouldBlock) => std::thread::sleep(LOCK_RETRY),
+        }
+    }
+}
+
+/// How often a locked device is tried again by [`lock_before`].
+const LOCK_RETRY: Duration = Duration::from_micros(250);
