@@ -22,6 +22,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod devnet;
+pub mod doctor;
 pub mod gguf;
 pub mod gpu;
 pub mod httpd;

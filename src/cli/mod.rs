@@ -4,6 +4,7 @@
 //!
 //! The top of the crate: it parses, calls the library and prints; no library module imports it.
 
+pub mod doctor;
 pub mod eval;
 pub mod model;
 
@@ -100,6 +101,11 @@ pub enum Command {
         #[arg(long = "type", value_name = "arweave|ed25519", default_value_t = KeyType::Ed25519)]
         key_type: KeyType,
     },
+    /// Check that this machine can run a worker: configuration, key, directories, clock, the AO
+    /// units, each GPU (driver, device nodes, a known-answer kernel, memory), bench scores, disk
+    /// and ports. One line per check; every failure comes with the one fix. Exit code: the number
+    /// of failed checks (at most 63).
+    Doctor(doctor::DoctorArgs),
     /// Validate a configuration file and report every problem at once.
     CheckConfig {
         /// The file to check (default: $AO_WORKER_CONFIG, else the embedded default).
@@ -158,8 +164,15 @@ fn parse_determinism(text: &str) -> Result<crate::gpu::Determinism, String> {
 
 /// Runs a parsed command line.
 pub fn main(cli: Cli) -> ExitCode {
-    match run_command(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match cli.command {
+        Command::Doctor(args) => {
+            crate::logging::init(&config::LogSection { level: "error".into(), format: config::LogFormat::Text });
+            doctor::run_cli(args).map(ExitCode::from)
+        }
+        command => run_command(command).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
         Err(e) => {
             if let Some(c) = e.downcast_ref::<ConfigError>() {
                 eprint!("{c}");
@@ -246,6 +259,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             crate::logging::init(&config::LogSection { level: "warn".into(), format: config::LogFormat::Text });
             eval::run_cli(args)
         }
+        Command::Doctor(_) => unreachable!("handled by main"),
         Command::Model { command } => {
             crate::logging::init(&config::LogSection { level: "warn".into(), format: config::LogFormat::Text });
             model::run_cli(command)

@@ -24,6 +24,7 @@ mod cu_api;
 mod cuda_backend;
 mod device_pool;
 mod devnet;
+mod doctor;
 mod gpu_conformance;
 mod hostile;
 mod interop_aoconnect;
