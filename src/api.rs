@@ -67,8 +67,15 @@ async fn readyz(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
+/// OpenMetrics when the scraper asks for it (Prometheus does), else the Prometheus text format
+/// (curl, `promtool check metrics`).
+async fn metrics(State(s): State<Arc<WorkerState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if accept.contains("application/openmetrics-text") {
+        ([(header::CONTENT_TYPE, crate::metrics::OPENMETRICS_CONTENT_TYPE)], s.metrics.render())
+    } else {
+        ([(header::CONTENT_TYPE, crate::metrics::TEXT_CONTENT_TYPE)], s.metrics.render_text())
+    }
 }
 
 async fn capacity(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {

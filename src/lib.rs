@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod protocol;
+pub mod reload;
 pub mod runtime;
 pub mod state;
 pub mod sync;

@@ -194,8 +194,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config } => {
-            let config = Config::load(config.as_deref())?;
+        Command::Run { config: path } => {
+            let config = Config::load(path.as_deref())?;
             crate::logging::init(&config.log);
             if config.registry.process.is_none() {
                 return Err(ConfigError {
@@ -213,8 +213,9 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let key = Keypair::load(&config.worker.key_file)?;
             runtime()?.block_on(async {
                 let signals = Signals::listen();
+                let running = config.clone();
                 let worker = Worker::start(config, key, None).await?;
-                signals.wait(worker.shutdown_token()).await;
+                signals.wait_reloading(worker.shutdown_token(), Some((path, running))).await;
                 worker.shutdown().await;
                 Ok(())
             })
@@ -302,33 +303,63 @@ fn bench(
     Ok(())
 }
 
-/// SIGTERM and SIGINT, listened for from the moment this is created: a signal that arrives
-/// while the worker is still starting is not lost (and does not kill it uncleanly).
+/// SIGTERM and SIGINT (and SIGHUP for `run`), listened for from the moment this is created: a
+/// signal that arrives while the worker is still starting is not lost (and does not kill it
+/// uncleanly).
 struct Signals {
     term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
     fn listen() -> Self {
         use tokio::signal::unix::{SignalKind, signal};
         let term = signal(SignalKind::terminate()).map_err(|e| tracing::warn!(error = %e, "cannot watch SIGTERM")).ok();
-        Self { term }
+        let hup = signal(SignalKind::hangup()).map_err(|e| tracing::warn!(error = %e, "cannot watch SIGHUP")).ok();
+        Self { term, hup }
     }
 
     /// Waits for a signal (or for `token`), then cancels `token`.
-    async fn wait(mut self, token: CancellationToken) {
-        let term = async {
-            match self.term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
+    async fn wait(self, token: CancellationToken) {
+        self.wait_reloading(token, None).await
+    }
+
+    /// [`Signals::wait`]; with `reload` (the configuration path and the configuration in force),
+    /// each SIGHUP re-reads the file ([`crate::reload`]) instead of being ignored.
+    async fn wait_reloading(mut self, token: CancellationToken, mut reload: Option<(Option<PathBuf>, Config)>) {
+        loop {
+            let term = async {
+                match self.term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
-                None => std::future::pending::<()>().await,
+            };
+            let hup = async {
+                match self.hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => tracing::info!("SIGTERM: shutting down"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+                _ = token.cancelled() => {}
+                _ = hup => {
+                    match reload.as_mut() {
+                        Some((path, running)) => match crate::reload::reload(path.as_deref(), running) {
+                            Ok((now, _)) => *running = now,
+                            Err(e) => tracing::error!(problems = %e.to_string().trim(), "SIGHUP: the configuration does not load; nothing changed"),
+                        },
+                        None => tracing::info!("SIGHUP: nothing to reload here"),
+                    }
+                    continue;
+                }
             }
-        };
-        tokio::select! {
-            _ = term => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
-            _ = token.cancelled() => {}
+            break;
         }
         token.cancel();
     }

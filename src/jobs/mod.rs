@@ -27,7 +27,8 @@ use anyhow::Context as _;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +50,8 @@ pub struct JobMetrics {
     pub evaluations: Family<[(&'static str, &'static str); 1], Counter>,
     /// Fuel consumed by evaluations (the sum of `GasUsed`).
     pub gas_used: Counter,
+    /// Wall-clock time of each evaluation (the wasm run, state restore included), in seconds.
+    pub evaluation_seconds: Histogram,
     /// Items the messenger accepted, by kind (`message`, `spawn`, `attestation`).
     pub posted: Family<[(&'static str, &'static str); 1], Counter>,
     /// Items the messenger refused for good (set aside with the reason).
@@ -68,6 +71,8 @@ impl JobMetrics {
         let m = Self {
             evaluations: Family::default(),
             gas_used: Counter::default(),
+            // 1 ms to ~4.4 min.
+            evaluation_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
             posted: Family::default(),
             refused: Counter::default(),
             pending: Gauge::default(),
@@ -77,6 +82,7 @@ impl JobMetrics {
         };
         registry.register("evaluations", "Messages evaluated, by result", m.evaluations.clone());
         registry.register("gas_used", "Fuel consumed by evaluations (sum of GasUsed)", m.gas_used.clone());
+        registry.register_with_unit("evaluation", "Wall-clock time of one evaluation", Unit::Seconds, m.evaluation_seconds.clone());
         registry.register("posted", "Items the messenger accepted, by kind", m.posted.clone());
         registry.register("refused", "Items the messenger refused for good", m.refused.clone());
         registry.register("pending_items", "Items committed to the journal and not yet accepted", m.pending.clone());
@@ -457,6 +463,7 @@ impl Context {
         let (env_json, limits, message_id, msg) = (setup.env_json.clone(), setup.limits, message.id.clone(), msg_json.clone());
         let timestamp = slot.timestamp;
         let (journal, pid) = (self.journal.clone(), process.clone());
+        let started = std::time::Instant::now();
         let evaluation = tokio::task::spawn_blocking(move || {
             // Read only when the runtime holds no live instance in that state (aos), off the
             // async threads: an aos state is ~110 MB.
@@ -501,6 +508,7 @@ impl Context {
         let m = &self.metrics;
         m.evaluations.get_or_create(&[("result", if outcome.is_ok() { "ok" } else { "error" })]).inc();
         m.gas_used.inc_by(evaluation.gas_used);
+        m.evaluation_seconds.observe(started.elapsed().as_secs_f64());
         if let Err(e) = &outcome {
             tracing::info!(
                 %process,
