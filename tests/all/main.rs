@@ -22,6 +22,7 @@ mod cli;
 mod crash;
 mod cu_api;
 mod cuda_backend;
+mod dashboard;
 mod device_pool;
 mod devnet;
 mod doctor;
