@@ -1,5 +1,6 @@
 //! The worker's HTTP API: the compute unit's `GET /` shape, liveness (`/healthz`),
-//! readiness (`/readyz`, only once the worker is registered), `/metrics`, `/capacity`, and
+//! readiness (`/readyz`, only once the worker is registered), `/metrics`, `/capacity`,
+//! `/status` (what it is doing: [`crate::status`]), and
 //! the compute unit's read API (docs/ao-protocol.md §5) over the journal: `/result/{message}`,
 //! `/results/{process}`, `/state/{process}` and `POST /dry-run`.
 
@@ -42,6 +43,7 @@ pub fn router(state: Arc<WorkerState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/capacity", get(capacity))
+        .route("/status", get(|State(s): State<Arc<WorkerState>>| async move { Json(crate::status::snapshot(&s).await) }))
         .route("/result/{message}", get(result))
         .route("/results/{process}", get(results))
         .route("/state/{process}", get(read_state))

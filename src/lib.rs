@@ -36,4 +36,5 @@ pub mod protocol;
 pub mod reload;
 pub mod runtime;
 pub mod state;
+pub mod status;
 pub mod sync;

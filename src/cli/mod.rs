@@ -7,6 +7,7 @@
 pub mod doctor;
 pub mod eval;
 pub mod model;
+pub mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -106,6 +107,9 @@ pub enum Command {
     /// and ports. One line per check; every failure comes with the one fix. Exit code: the number
     /// of failed checks (at most 63).
     Doctor(doctor::DoctorArgs),
+    /// What the running worker is doing (from its API's /status): identity, units, advertisement
+    /// age, devices and their load, served processes with their lag, the outbox.
+    Status(status::StatusArgs),
     /// Validate a configuration file and report every problem at once.
     CheckConfig {
         /// The file to check (default: $AO_WORKER_CONFIG, else the embedded default).
@@ -261,6 +265,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             eval::run_cli(args)
         }
         Command::Doctor(_) => unreachable!("handled by main"),
+        Command::Status(args) => status::run_cli(args),
         Command::Model { command } => {
             crate::logging::init(&config::LogSection { level: "warn".into(), format: config::LogFormat::Text });
             model::run_cli(command)

@@ -124,7 +124,8 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-fn install_crypto_provider() {
+/// Installs rustls's ring provider once (reqwest is built without one); every client needs it.
+pub fn install_crypto_provider() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Another part of the process may have installed one already; either is fine.

@@ -36,4 +36,5 @@ mod net_clients;
 mod run_e2e;
 mod sign_once;
 mod smollm2;
+mod status;
 mod wgpu_matmul;
