@@ -32,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod progress;
 pub mod protocol;
 pub mod reload;
 pub mod runtime;

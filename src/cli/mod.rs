@@ -296,7 +296,9 @@ fn bench(
     }
     let manifest = crate::capacity::detect(&crate::capacity::DetectOptions { data_dir: data_dir.clone(), worker_address: None });
     let opts = crate::bench::Options { backends: kinds, determinism: determinism.unwrap_or(config.gpu.determinism), quick };
-    let report = crate::bench::run(&opts, &manifest, &|line| eprintln!("bench: {line}"), &|| false);
+    let progress = crate::progress::Progress::new("bench", None, crate::progress::Unit::Items, crate::progress::Lines::Stderr);
+    let report = crate::bench::run(&opts, &manifest, &|line| progress.inc(1, line), &|| false);
+    progress.finish("measured");
     anyhow::ensure!(!report.backends.is_empty(), "no backend could be measured: {}", report.unavailable.join("; "));
     if json {
         emit!("{}", serde_json::to_string(&report)?);

@@ -403,12 +403,32 @@ impl Context {
         let setup = self.setup(process).await?;
         let process_raw = b64::decode_id(process).map_err(|e| JobError::Halted { process: process.into(), reason: e.to_string() })?;
         let mut evaluated = 0;
+        // A long catch-up (more than one page behind) reports its progress in the log.
+        let mut report: Option<crate::progress::Progress> = None;
+        let done = |report: Option<crate::progress::Progress>, evaluated: usize| {
+            if let Some(r) = report {
+                r.finish("caught up");
+            }
+            Ok(evaluated)
+        };
         loop {
             let progress = self.journal.progress(process)?;
             let range = Range { from: progress.as_ref().map(|p| p.nonce), limit: Some(100), by_nonce: true, ..Range::default() };
             let page = self.scheduler.page(process, &range).await?;
             if page.edges.is_empty() {
-                return Ok(evaluated);
+                return done(report, evaluated);
+            }
+            if report.is_none() && page.page_info.has_next_page {
+                let from = progress.as_ref().map_or(0, |p| p.nonce);
+                let latest =
+                    self.scheduler.latest(process).await.ok().and_then(|n| n.assignment.tag("Nonce").and_then(|t| t.parse::<u64>().ok()));
+                let label = format!("catch-up of {process}");
+                report = Some(crate::progress::Progress::lines(
+                    &label,
+                    latest.map(|l| l.saturating_sub(from)),
+                    crate::progress::Unit::Items,
+                    crate::progress::Lines::Log,
+                ));
             }
             let mut prev = progress;
             for edge in page.edges {
@@ -419,9 +439,12 @@ impl Context {
                 let next = self.evaluate(&setup, prev.as_ref(), &edge.node, &slot).await?;
                 prev = Some(next);
                 evaluated += 1;
+                if let Some(r) = &report {
+                    r.inc(1, "");
+                }
             }
             if !page.page_info.has_next_page {
-                return Ok(evaluated);
+                return done(report, evaluated);
             }
         }
     }
