@@ -359,7 +359,7 @@ impl Signals {
                     match reload.as_mut() {
                         Some((path, running)) => match crate::reload::reload(path.as_deref(), running) {
                             Ok((now, _)) => *running = now,
-                            Err(e) => tracing::error!(problems = %e.to_string().trim(), "SIGHUP: the configuration does not load; nothing changed"),
+                            Err(e) => tracing::error!(problems = %e.to_string().trim().replace('\n', ";"), "SIGHUP: the configuration does not load; nothing changed"),
                         },
                         None => tracing::info!("SIGHUP: nothing to reload here"),
                     }

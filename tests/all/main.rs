@@ -33,6 +33,7 @@ mod interop_arbundles;
 mod jobs;
 mod kernels_registered;
 mod net_clients;
+mod reload;
 mod run_e2e;
 mod sign_once;
 mod smollm2;
