@@ -119,7 +119,7 @@ impl ScoreSlot {
         let spawned = std::thread::Builder::new().name("startup-bench".to_owned()).spawn(move || {
             let started = Instant::now();
             let opts = Options { backends: vec![kind], determinism, quick: true };
-            // The daemon's stderr is a log: periodic info lines, never a bar.
+            // Periodic info lines (a bar would tear the daemon's log lines).
             let progress =
                 crate::progress::Progress::lines("startup bench", None, crate::progress::Unit::Items, crate::progress::Lines::Log);
             let mut report = run(&opts, &manifest, &|line| progress.inc(1, line), &|| cancel.is_cancelled());

@@ -403,7 +403,8 @@ impl Context {
         let setup = self.setup(process).await?;
         let process_raw = b64::decode_id(process).map_err(|e| JobError::Halted { process: process.into(), reason: e.to_string() })?;
         let mut evaluated = 0;
-        // A long catch-up (more than one page behind) reports its progress in the log.
+        // A long catch-up (more than one page behind) reports its progress: a bar on a terminal,
+        // else info log lines.
         let mut report: Option<crate::progress::Progress> = None;
         let done = |report: Option<crate::progress::Progress>, evaluated: usize| {
             if let Some(r) = report {
@@ -423,7 +424,7 @@ impl Context {
                 let latest =
                     self.scheduler.latest(process).await.ok().and_then(|n| n.assignment.tag("Nonce").and_then(|t| t.parse::<u64>().ok()));
                 let label = format!("catch-up of {process}");
-                report = Some(crate::progress::Progress::lines(
+                report = Some(crate::progress::Progress::new(
                     &label,
                     latest.map(|l| l.saturating_sub(from)),
                     crate::progress::Unit::Items,
