@@ -1,7 +1,9 @@
 //! `SIGHUP`: the running worker re-reads its configuration file. What can change safely while
-//! running is applied (`log.level`); every other changed section is named in a warning saying it
-//! takes a restart, and keeps its running value. An invalid file changes nothing: the problems are
-//! logged and the worker goes on with what it has.
+//! running is applied: `log.level` here, `registry.authorities` by the caller (it owns the work
+//! loop; registry messages read from then on are judged by the new list, as after a restart);
+//! every other changed section is named in a warning saying it takes a restart, and keeps its
+//! running value. An invalid file changes nothing: the problems are logged and the worker goes on
+//! with what it has.
 
 use std::path::Path;
 
@@ -22,10 +24,18 @@ pub fn changes(running: &Config, new: &Config) -> Changes {
     if running.log.level != new.log.level {
         c.applied.push(format!("log.level: {} -> {}", running.log.level, new.log.level));
     }
+    if running.registry.authorities != new.registry.authorities {
+        c.applied.push(format!(
+            "registry.authorities: {} -> {} address(es)",
+            running.registry.authorities.len(),
+            new.registry.authorities.len()
+        ));
+    }
+    let registry_rest = |r: &crate::config::RegistrySection| crate::config::RegistrySection { authorities: Vec::new(), ..r.clone() };
     let restart: [(&'static str, bool); 9] = [
         ("worker", running.worker != new.worker),
         ("network", running.network != new.network),
-        ("registry", running.registry != new.registry),
+        ("registry", registry_rest(&running.registry) != registry_rest(&new.registry)),
         ("jobs", running.jobs != new.jobs),
         ("limits", running.limits != new.limits),
         ("attestation", running.attestation != new.attestation),
@@ -37,9 +47,9 @@ pub fn changes(running: &Config, new: &Config) -> Changes {
     c
 }
 
-/// Re-reads `path` (as `run` read it at startup), applies what can change and logs the rest.
-/// Returns the configuration now in force.
-pub fn reload(path: Option<&Path>, running: &Config) -> Result<(Config, Changes), ConfigError> {
+/// Re-reads `path` (as `run` read it at startup), applies the log level, hands new authorities to
+/// `set_authorities`, and logs the rest. Returns the configuration now in force.
+pub fn reload(path: Option<&Path>, running: &Config, set_authorities: &dyn Fn(Vec<String>)) -> Result<(Config, Changes), ConfigError> {
     let source = Source::locate(path)?;
     let new = Config::parse(&source.name, &source.text, &Overrides::from_env())?;
     let c = changes(running, &new);
@@ -49,6 +59,10 @@ pub fn reload(path: Option<&Path>, running: &Config) -> Result<(Config, Changes)
             Ok(()) => now.log.level = new.log.level.clone(),
             Err(e) => tracing::warn!(error = %e, "SIGHUP: log.level not applied"),
         }
+    }
+    if running.registry.authorities != new.registry.authorities {
+        set_authorities(new.registry.authorities.clone());
+        now.registry.authorities = new.registry.authorities.clone();
     }
     if c.applied.is_empty() && c.needs_restart.is_empty() {
         tracing::info!(config = %source.name, "SIGHUP: configuration re-read, nothing changed");
@@ -75,7 +89,7 @@ mod tests {
     }
 
     #[test]
-    fn log_level_applies_and_the_rest_takes_a_restart() {
+    fn log_level_and_authorities_apply_and_the_rest_takes_a_restart() {
         let old = parse("[log]\nlevel = \"info\"\n");
         let same = changes(&old, &old);
         assert_eq!(same, Changes::default());
@@ -83,8 +97,11 @@ mod tests {
             "[log]\nlevel = \"debug\"\n[limits]\ndeadline = \"5s\"\n[registry]\nauthorities = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"]\n",
         );
         let c = changes(&old, &new);
-        assert_eq!(c.applied, vec!["log.level: info -> debug".to_owned()]);
-        assert_eq!(c.needs_restart, vec!["registry", "limits"]);
+        assert_eq!(c.applied, vec!["log.level: info -> debug".to_owned(), "registry.authorities: 0 -> 1 address(es)".to_owned()]);
+        assert_eq!(c.needs_restart, vec!["limits"]);
+        // Authorities unchanged, the poll interval changed: the registry section takes a restart.
+        let moved = parse("[registry]\npoll_interval = \"3s\"\nauthorities = [\"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"]\n");
+        assert_eq!(changes(&new, &moved).needs_restart, vec!["registry", "limits"]);
     }
 
     #[test]
@@ -93,7 +110,7 @@ mod tests {
         let file = dir.path().join("w.toml");
         std::fs::write(&file, "[limits]\ndeadline = \"soon\"\n").unwrap();
         let running = parse("");
-        let err = reload(Some(&file), &running).unwrap_err();
+        let err = reload(Some(&file), &running, &|_| panic!("nothing applies")).unwrap_err();
         assert!(err.to_string().contains("limits.deadline"), "{err}");
     }
 }

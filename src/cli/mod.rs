@@ -219,7 +219,9 @@ fn run_command(command: Command) -> anyhow::Result<()> {
                 let signals = Signals::listen();
                 let running = config.clone();
                 let worker = Worker::start(config, key, None).await?;
-                signals.wait_reloading(worker.shutdown_token(), Some((path, running))).await;
+                let jobs = worker.state.jobs.clone();
+                let reload = Reload { path, running, set_authorities: Box::new(move |a| jobs.set_authorities(a)) };
+                signals.wait_reloading(worker.shutdown_token(), Some(reload)).await;
                 worker.shutdown().await;
                 Ok(())
             })
@@ -310,6 +312,14 @@ fn bench(
     Ok(())
 }
 
+/// What SIGHUP needs: the configuration file, the configuration in force, and how to hand the
+/// work loop new authorities.
+struct Reload {
+    path: Option<PathBuf>,
+    running: Config,
+    set_authorities: Box<dyn Fn(Vec<String>) + Send>,
+}
+
 /// SIGTERM and SIGINT (and SIGHUP for `run`), listened for from the moment this is created: a
 /// signal that arrives while the worker is still starting is not lost (and does not kill it
 /// uncleanly).
@@ -331,9 +341,9 @@ impl Signals {
         self.wait_reloading(token, None).await
     }
 
-    /// [`Signals::wait`]; with `reload` (the configuration path and the configuration in force),
-    /// each SIGHUP re-reads the file ([`crate::reload`]) instead of being ignored.
-    async fn wait_reloading(mut self, token: CancellationToken, mut reload: Option<(Option<PathBuf>, Config)>) {
+    /// [`Signals::wait`]; with `reload`, each SIGHUP re-reads the configuration file
+    /// ([`crate::reload`]) instead of being ignored.
+    async fn wait_reloading(mut self, token: CancellationToken, mut reload: Option<Reload>) {
         loop {
             let term = async {
                 match self.term.as_mut() {
@@ -357,8 +367,8 @@ impl Signals {
                 _ = token.cancelled() => {}
                 _ = hup => {
                     match reload.as_mut() {
-                        Some((path, running)) => match crate::reload::reload(path.as_deref(), running) {
-                            Ok((now, _)) => *running = now,
+                        Some(r) => match crate::reload::reload(r.path.as_deref(), &r.running, &*r.set_authorities) {
+                            Ok((now, _)) => r.running = now,
                             Err(e) => tracing::error!(problems = %e.to_string().trim().replace('\n', ";"), "SIGHUP: the configuration does not load; nothing changed"),
                         },
                         None => tracing::info!("SIGHUP: nothing to reload here"),

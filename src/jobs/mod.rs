@@ -115,6 +115,9 @@ pub struct Context {
     halted: Mutex<HashMap<String, String>>,
     /// Wakes the work loop before its next poll (someone waits on a result).
     wake: Notify,
+    /// The registry authorities in force: `config.authorities` at start, replaced by
+    /// [`Context::set_authorities`] (SIGHUP).
+    authorities: Mutex<Vec<String>>,
 }
 
 impl ProcessSetup {
@@ -210,7 +213,6 @@ impl Context {
         };
         config.metrics.halted.set(halted.len() as i64);
         Arc::new(Self {
-            config,
             address,
             backend,
             devices,
@@ -218,6 +220,8 @@ impl Context {
             scheduler_address: std::sync::OnceLock::new(),
             halted: Mutex::new(halted),
             wake: Notify::new(),
+            authorities: Mutex::new(config.authorities.clone()),
+            config,
         })
     }
 
@@ -227,6 +231,17 @@ impl Context {
     }
 
     /// Asks the work loop to poll now instead of at its next interval.
+    /// The addresses whose registry messages this worker obeys now.
+    pub fn authorities(&self) -> Vec<String> {
+        crate::sync::lock(&self.authorities).clone()
+    }
+
+    /// Replaces the authorities (SIGHUP): registry messages read from now on are judged by them,
+    /// as after a restart (the registry log is never re-read).
+    pub fn set_authorities(&self, authorities: Vec<String>) {
+        *crate::sync::lock(&self.authorities) = authorities;
+    }
+
     pub fn wake(&self) {
         self.wake.notify_one();
     }
