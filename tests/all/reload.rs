@@ -109,7 +109,8 @@ async fn authorities_set_while_running_judge_the_registry_messages_read_after() 
     };
     let me = worker.state.address.clone();
     let assign = |anchor: u64, process: &str| {
-        message(&net.authority, &net.urls.registry, anchor, &[("Action", "Assign-Workload"), ("Worker", &me), ("Process", process)], "").unwrap()
+        message(&net.authority, &net.urls.registry, anchor, &[("Action", "Assign-Workload"), ("Worker", &me), ("Process", process)], "")
+            .unwrap()
     };
     let (first, second) = (spawn(1, "first"), spawn(2, "second"));
     mu.post_item(&first).await.unwrap();
