@@ -60,6 +60,17 @@ fn key_file(path: &Path, account: &Account) -> Check {
             format!("chown root:root {shown}"),
         );
     }
+    if let Err(e) = std::fs::File::open(path)
+        && e.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        // Root-only is right for the unit (systemd reads it as a credential), but this run cannot
+        // check what is inside.
+        return Check::fail(
+            "key_file",
+            format!("{shown} (mode {mode:04o}, uid {}) cannot be read by this run: {e}", meta.uid()),
+            "run doctor as root (sudo ao-gpu-worker doctor ...): the service receives this key as a systemd credential",
+        );
+    }
     match Keypair::load(path) {
         Ok(k) => Check::pass("key_file", format!("{shown}: {} key, address {}, mode {mode:04o}", k.key_type(), k.address())),
         Err(e @ KeyError::TooOpen { .. }) => Check::fail("key_file", e.to_string(), format!("chmod 600 {shown}")),

@@ -166,6 +166,36 @@ async fn key_file_problems_each_get_their_fix() {
     expect_failed(code, &out, &["key_file"]);
     assert!(fix_of(&out, "key_file").ends_with(&format!("ao-gpu-worker keygen --out {}", key.display())), "{out}");
 
+    // Run by someone who cannot read the root-only key (as `nobody`, through setpriv): the fix is
+    // to run doctor as root, not to replace the key.
+    Keypair::generate().unwrap().write_new(&s.path("other.key")).unwrap();
+    std::fs::rename(s.path("other.key"), &key).unwrap();
+    chmod(s.dir.path(), 0o755);
+    let file = s.config(&[]);
+    chmod(&file, 0o644);
+    let setpriv = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            binary::BIN,
+            "doctor",
+            "--skip-kernels",
+            "--min-free-disk",
+            "1-mb",
+            "--config",
+        ])
+        .arg(&file)
+        .env_remove("AO_WORKER_CONFIG")
+        .output();
+    match setpriv {
+        Ok(o) if o.status.code().is_some_and(|c| c > 0 && c < 64) => {
+            let out = String::from_utf8(o.stdout).unwrap();
+            assert!(fix_of(&out, "key_file").starts_with("run doctor as root"), "{out}");
+        }
+        other => eprintln!("SKIPPED the unreadable-key case: setpriv did not run doctor ({other:?})"),
+    }
+
     std::fs::remove_file(&key).unwrap();
     let (code, out) = s.doctor(&[], &[], &[]).await;
     expect_failed(code, &out, &["key_file"]);
