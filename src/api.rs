@@ -1,5 +1,6 @@
 //! The worker's HTTP API: the compute unit's `GET /` shape, liveness (`/healthz`),
-//! readiness (`/readyz`, only once the worker is registered), `/metrics`, `/capacity`, and
+//! readiness (`/readyz`, only once the worker is registered), `/metrics`, `/capacity`,
+//! `/status` (what it is doing: [`crate::status`]), and
 //! the compute unit's read API (docs/ao-protocol.md §5) over the journal: `/result/{message}`,
 //! `/results/{process}`, `/state/{process}` and `POST /dry-run`.
 
@@ -45,6 +46,7 @@ pub fn router(state: Arc<WorkerState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/capacity", get(capacity))
+        .route("/status", get(|State(s): State<Arc<WorkerState>>| async move { Json(crate::status::snapshot(&s).await) }))
         .route("/result/{message}", get(result))
         .route("/results/{process}", get(results))
         .route("/state/{process}", get(read_state))
@@ -85,8 +87,15 @@ async fn readyz(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
+/// OpenMetrics when the scraper asks for it (Prometheus does), else the Prometheus text format
+/// (curl, `promtool check metrics`).
+async fn metrics(State(s): State<Arc<WorkerState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if accept.contains("application/openmetrics-text") {
+        ([(header::CONTENT_TYPE, crate::metrics::OPENMETRICS_CONTENT_TYPE)], s.metrics.render())
+    } else {
+        ([(header::CONTENT_TYPE, crate::metrics::TEXT_CONTENT_TYPE)], s.metrics.render_text())
+    }
 }
 
 async fn capacity(State(s): State<Arc<WorkerState>>) -> impl IntoResponse {

@@ -24,6 +24,8 @@ pub const ENV_DATA_DIR: &str = "AO_WORKER_DATA_DIR";
 pub const ENV_KEY_FILE: &str = "AO_WORKER_KEY_FILE";
 pub const ENV_REGISTRY: &str = "AO_WORKER_REGISTRY";
 pub const ENV_LOG: &str = "AO_WORKER_LOG";
+/// Set by systemd's `CacheDirectory=`: where the unit lets the worker keep caches.
+pub const ENV_CACHE_DIR: &str = "CACHE_DIRECTORY";
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +48,8 @@ pub struct WorkerSection {
     pub data_dir: PathBuf,
     /// Absolute, or resolved against `data_dir`.
     pub key_file: PathBuf,
+    /// Compiled modules (`<cache_dir>/modules`); `data_dir` when not configured.
+    pub cache_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -205,12 +209,13 @@ pub struct Overrides {
     pub data_dir: Option<String>,
     pub key_file: Option<String>,
     pub registry: Option<String>,
+    pub cache_dir: Option<String>,
 }
 
 impl Overrides {
     pub fn from_env() -> Self {
         let get = |k| std::env::var(k).ok().filter(|v: &String| !v.is_empty());
-        Self { data_dir: get(ENV_DATA_DIR), key_file: get(ENV_KEY_FILE), registry: get(ENV_REGISTRY) }
+        Self { data_dir: get(ENV_DATA_DIR), key_file: get(ENV_KEY_FILE), registry: get(ENV_REGISTRY), cache_dir: get(ENV_CACHE_DIR) }
     }
 }
 
@@ -237,6 +242,7 @@ impl Config {
         let mut s = v.section(&mut root, "worker");
         let data_dir = v.string(&mut s, "worker", "data_dir", "/var/lib/ao-gpu-worker", overrides.data_dir.as_deref());
         let key_file = v.string(&mut s, "worker", "key_file", "worker.key", overrides.key_file.as_deref());
+        let cache_dir = v.string(&mut s, "worker", "cache_dir", "", overrides.cache_dir.as_deref());
         v.unknown(s, "worker");
         if data_dir.is_empty() {
             v.issue("worker.data_dir", "must not be empty");
@@ -246,6 +252,7 @@ impl Config {
         }
         let data_dir = PathBuf::from(data_dir);
         let key_file = data_dir.join(key_file);
+        let cache_dir = if cache_dir.is_empty() { data_dir.clone() } else { data_dir.join(cache_dir) };
 
         let mut s = v.section(&mut root, "network");
         let scheduler_url = v.url(&mut s, "network", "scheduler_url", "http://127.0.0.1:8700");
@@ -399,7 +406,7 @@ impl Config {
             return Err(fail(v.issues));
         }
         Ok(Config {
-            worker: WorkerSection { data_dir, key_file },
+            worker: WorkerSection { data_dir, key_file, cache_dir },
             network: NetworkSection {
                 scheduler_url,
                 messenger_url,
@@ -815,8 +822,14 @@ mod tests {
 
     #[test]
     fn env_overrides_win() {
-        let o = Overrides { data_dir: Some("/tmp/x".into()), key_file: Some("/etc/k.json".into()), registry: Some("A".repeat(43)) };
-        let c = Config::parse("t", "[worker]\ndata_dir = \"/srv\"\n", &o).unwrap();
+        let o = Overrides {
+            data_dir: Some("/tmp/x".into()),
+            key_file: Some("/etc/k.json".into()),
+            registry: Some("A".repeat(43)),
+            cache_dir: Some("/var/cache/w".into()),
+        };
+        let c = Config::parse("t", "[worker]\ndata_dir = \"/srv\"\ncache_dir = \"c\"\n", &o).unwrap();
+        assert_eq!(c.worker.cache_dir, PathBuf::from("/var/cache/w"), "$CACHE_DIRECTORY (systemd's CacheDirectory=) wins");
         assert_eq!(c.worker.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.worker.key_file, PathBuf::from("/etc/k.json"), "absolute key_file is kept");
         assert_eq!(c.registry.process.as_deref(), Some("A".repeat(43).as_str()));

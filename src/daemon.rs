@@ -181,7 +181,7 @@ impl Clients {
 fn start_runtime(config: &Config, pool: Arc<DevicePool>, gateway: &GatewayClient) -> anyhow::Result<Runtime> {
     Runtime::with_pool(
         RuntimeConfig {
-            cache_dir: config.worker.data_dir.join("modules"),
+            cache_dir: config.worker.cache_dir.join("modules"),
             max_memory: config.limits.max_memory,
             max_compute: config.limits.max_compute,
             deadline: config.limits.deadline,
@@ -299,7 +299,7 @@ async fn open_devices(cfg: &GpuSection, manifest: &CapacityManifest) -> anyhow::
 }
 
 /// What the capacity probe saw of each device: names for `gpu.devices`, memory sizes for placement.
-fn inventory(manifest: &CapacityManifest) -> gpu::pool::Inventory {
+pub fn inventory(manifest: &CapacityManifest) -> gpu::pool::Inventory {
     use gpu::pool::KnownDevice;
     // Ordinals come from the local driver; bounded all the same.
     let cuda = &manifest.gpus.cuda.devices;

@@ -1,15 +1,18 @@
 //! ao-gpu-worker: a compute provider for AO. The README's "Architecture" section is the full code
 //! map; in one breath, floor by floor (each module imports only from floors below it):
 //!
-//! * ground: [`protocol`] (wire types), [`clock`], [`sync`], [`metrics`] (the registry);
+//! * ground: [`protocol`] (wire types), [`clock`], [`sync`], [`metrics`] (the registry),
+//!   [`progress`] (bars or periodic lines);
 //! * [`gpu`]: tensors on CPU / wgpu / CUDA; [`gpu::op`] is the op vocabulary and its checks,
 //!   [`gpu::TensorOps::run`] the one checked dispatch. Knows no Wasm, actor or network;
 //! * [`attest`], [`capacity`], [`journal`], [`httpd`];
 //! * [`runtime`]: the only user of wasmtime; [`runtime::host`] holds one binding per host
 //!   capability (`wasi`, `ao_gpu`), each thin: decode, delegate to `gpu`, map errors;
-//! * [`gguf`], [`advertise`], [`config`], [`bench`]; [`net`] (unit clients), [`logging`];
+//! * [`gguf`], [`advertise`], [`config`], [`bench`]; [`net`] (unit clients), [`logging`],
+//!   [`reload`] (SIGHUP);
 //! * [`jobs`] (the work loop), [`devnet`] (embedded AO units), [`model`] (GGUF publishing);
-//! * the service: [`state`], [`api`], [`daemon`]; then [`demo`] and [`cli`] at the top.
+//! * the service: [`state`], [`status`], [`api`], [`daemon`]; [`doctor`] (the preflight); then
+//!   [`demo`] and [`cli`] at the top.
 
 pub mod admission;
 pub mod advertise;
@@ -23,6 +26,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod devnet;
+pub mod doctor;
 pub mod gguf;
 pub mod gpu;
 pub mod httpd;
@@ -32,7 +36,10 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod progress;
 pub mod protocol;
+pub mod reload;
 pub mod runtime;
 pub mod state;
+pub mod status;
 pub mod sync;

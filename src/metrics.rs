@@ -42,6 +42,62 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+
+    /// The same metrics in the Prometheus text format 0.0.4 (what `promtool check metrics` and
+    /// clients that do not ask for OpenMetrics read): see [`openmetrics_to_text`].
+    pub fn render_text(&self) -> String {
+        openmetrics_to_text(&self.render())
+    }
+}
+
+/// Content type of [`Metrics::render`].
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of [`Metrics::render_text`].
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites an OpenMetrics exposition (as this crate's registry writes it) in the Prometheus text
+/// format: a counter family `x` becomes `x_total` (its samples already are), an info family `x`
+/// becomes the gauge `x_info`, `# UNIT` and `# EOF` lines go, `_created` samples of counters go.
+/// Sample lines are otherwise kept byte for byte.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    let mut counter: Option<String> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gauge" | "histogram" | "summary" => (name.to_owned(), kind),
+                "gaugehistogram" => (name.to_owned(), "histogram"),
+                "stateset" => (name.to_owned(), "gauge"),
+                _ => (name.to_owned(), "untyped"),
+            };
+            counter = (kind == "counter").then(|| name.trim_end_matches("_total").to_owned());
+            if let Some((_, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if let Some(c) = &counter
+            && line.strip_prefix(c.as_str()).is_some_and(|r| r.starts_with("_created"))
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The daemon's own metrics: capacity advertisements and readiness.
@@ -67,5 +123,23 @@ impl DaemonMetrics {
         let ready = Gauge::default();
         registry.register("ready", "1 when the worker is registered and serving", ready.clone());
         Self { advertisements, last_advertisement_seconds, ready }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_infos_get_their_text_format_names() {
+        let mut m = Metrics::new("addr", "cpu");
+        let c = Family::<Result1, Counter>::default();
+        m.registry().register("things", "Things done", c.clone());
+        c.get_or_create(&[("result", "ok")]).inc();
+        let text = m.render_text();
+        assert!(text.contains("# HELP ao_worker_build_info Worker version"), "{text}");
+        assert!(text.contains("# TYPE ao_worker_build_info gauge\nao_worker_build_info{"), "{text}");
+        assert!(text.contains("# TYPE ao_worker_things_total counter\nao_worker_things_total{result=\"ok\"} 1\n"), "{text}");
+        assert!(!text.contains("# EOF") && !text.contains(" info\n"), "{text}");
     }
 }

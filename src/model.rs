@@ -376,14 +376,14 @@ impl ModelFile {
 
 /// Publishes every tensor of the GGUF file at `path` through `gateway`, signed by `signer` (whose
 /// address is `owner`), and returns the manifest. `progress` is called after each item with its
-/// chunk and whether the gateway already held it.
+/// chunk, whether the gateway already held it, and its data's length.
 pub async fn publish(
     path: &Path,
     gateway: &GatewayClient,
     signer: &dyn Signer,
     owner: &str,
     opts: &PublishOptions,
-    progress: &dyn Fn(&Chunk, bool),
+    progress: &dyn Fn(&Chunk, bool, u64),
 ) -> anyhow::Result<(Manifest, PublishReport)> {
     let mut model = ModelFile::open(path)?;
     let mut report = PublishReport { items: 0, uploaded: 0, already_present: 0, bytes: 0 };
@@ -400,7 +400,7 @@ pub async fn publish(
             }
             report.items += 1;
             report.bytes += item.data.len() as u64;
-            progress(chunk, present);
+            progress(chunk, present, item.data.len() as u64);
         }
         tensors.push(entry);
     }

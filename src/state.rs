@@ -38,6 +38,11 @@ impl WorkerMetrics {
     pub fn render(&self) -> String {
         self.registry.render()
     }
+
+    /// Prometheus text format 0.0.4.
+    pub fn render_text(&self) -> String {
+        self.registry.render_text()
+    }
 }
 
 /// State shared by the daemon's tasks and its API.

@@ -119,7 +119,11 @@ impl ScoreSlot {
         let spawned = std::thread::Builder::new().name("startup-bench".to_owned()).spawn(move || {
             let started = Instant::now();
             let opts = Options { backends: vec![kind], determinism, quick: true };
-            let mut report = run(&opts, &manifest, &|line| tracing::debug!(step = line, "startup bench"), &|| cancel.is_cancelled());
+            // Periodic info lines (a bar would tear the daemon's log lines).
+            let progress =
+                crate::progress::Progress::lines("startup bench", None, crate::progress::Unit::Items, crate::progress::Lines::Log);
+            let mut report = run(&opts, &manifest, &|line| progress.inc(1, line), &|| cancel.is_cancelled());
+            progress.finish("done");
             if cancel.is_cancelled() {
                 return;
             }

@@ -5,8 +5,10 @@
 //! The top of the crate: it parses, calls the library and prints; no library module imports it.
 
 pub mod admin;
+pub mod doctor;
 pub mod eval;
 pub mod model;
+pub mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -101,6 +103,14 @@ pub enum Command {
         #[arg(long = "type", value_name = "arweave|ed25519", default_value_t = KeyType::Ed25519)]
         key_type: KeyType,
     },
+    /// Check that this machine can run a worker: configuration, key, directories, clock, the AO
+    /// units, each GPU (driver, device nodes, a known-answer kernel, memory), bench scores, disk
+    /// and ports. One line per check; every failure comes with the one fix. Exit code: the number
+    /// of failed checks (at most 63).
+    Doctor(doctor::DoctorArgs),
+    /// What the running worker is doing (from its API's /status): identity, units, advertisement
+    /// age, devices and their load, served processes with their lag, the outbox.
+    Status(status::StatusArgs),
     /// Validate a configuration file and report every problem at once.
     CheckConfig {
         /// The file to check (default: $AO_WORKER_CONFIG, else the embedded default).
@@ -176,8 +186,15 @@ fn parse_determinism(text: &str) -> Result<crate::gpu::Determinism, String> {
 
 /// Runs a parsed command line.
 pub fn main(cli: Cli) -> ExitCode {
-    match run_command(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match cli.command {
+        Command::Doctor(args) => {
+            crate::logging::init(&config::LogSection { level: "error".into(), format: config::LogFormat::Text });
+            doctor::run_cli(args).map(ExitCode::from)
+        }
+        command => run_command(command).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
         Err(e) => {
             if let Some(c) = e.downcast_ref::<ConfigError>() {
                 eprint!("{c}");
@@ -199,8 +216,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config } => {
-            let config = Config::load(config.as_deref())?;
+        Command::Run { config: path } => {
+            let config = Config::load(path.as_deref())?;
             crate::logging::init(&config.log);
             if config.registry.process.is_none() {
                 return Err(ConfigError {
@@ -218,8 +235,11 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             let key = Keypair::load(&config.worker.key_file)?;
             runtime()?.block_on(async {
                 let signals = Signals::listen();
+                let running = config.clone();
                 let worker = Worker::start(config, key, None).await?;
-                signals.wait(worker.shutdown_token()).await;
+                let jobs = worker.state.jobs.clone();
+                let reload = Reload { path, running, set_authorities: Box::new(move |a| jobs.set_authorities(a)) };
+                signals.wait_reloading(worker.shutdown_token(), Some(reload)).await;
                 worker.shutdown().await;
                 Ok(())
             })
@@ -276,6 +296,8 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Doctor(_) => unreachable!("handled by main"),
+        Command::Status(args) => status::run_cli(args),
         Command::Model { command } => {
             crate::logging::init(&config::LogSection { level: "warn".into(), format: config::LogFormat::Text });
             model::run_cli(command)
@@ -306,7 +328,9 @@ fn bench(
     }
     let manifest = crate::capacity::detect(&crate::capacity::DetectOptions { data_dir: data_dir.clone(), worker_address: None });
     let opts = crate::bench::Options { backends: kinds, determinism: determinism.unwrap_or(config.gpu.determinism), quick };
-    let report = crate::bench::run(&opts, &manifest, &|line| eprintln!("bench: {line}"), &|| false);
+    let progress = crate::progress::Progress::new("bench", None, crate::progress::Unit::Items, crate::progress::Lines::Stderr);
+    let report = crate::bench::run(&opts, &manifest, &|line| progress.inc(1, line), &|| false);
+    progress.finish("measured");
     anyhow::ensure!(!report.backends.is_empty(), "no backend could be measured: {}", report.unavailable.join("; "));
     if json {
         emit!("{}", serde_json::to_string(&report)?);
@@ -318,33 +342,71 @@ fn bench(
     Ok(())
 }
 
-/// SIGTERM and SIGINT, listened for from the moment this is created: a signal that arrives
-/// while the worker is still starting is not lost (and does not kill it uncleanly).
+/// What SIGHUP needs: the configuration file, the configuration in force, and how to hand the
+/// work loop new authorities.
+struct Reload {
+    path: Option<PathBuf>,
+    running: Config,
+    set_authorities: Box<dyn Fn(Vec<String>) + Send>,
+}
+
+/// SIGTERM and SIGINT (and SIGHUP for `run`), listened for from the moment this is created: a
+/// signal that arrives while the worker is still starting is not lost (and does not kill it
+/// uncleanly).
 struct Signals {
     term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
     fn listen() -> Self {
         use tokio::signal::unix::{SignalKind, signal};
         let term = signal(SignalKind::terminate()).map_err(|e| tracing::warn!(error = %e, "cannot watch SIGTERM")).ok();
-        Self { term }
+        let hup = signal(SignalKind::hangup()).map_err(|e| tracing::warn!(error = %e, "cannot watch SIGHUP")).ok();
+        Self { term, hup }
     }
 
     /// Waits for a signal (or for `token`), then cancels `token`.
-    async fn wait(mut self, token: CancellationToken) {
-        let term = async {
-            match self.term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
+    async fn wait(self, token: CancellationToken) {
+        self.wait_reloading(token, None).await
+    }
+
+    /// [`Signals::wait`]; with `reload`, each SIGHUP re-reads the configuration file
+    /// ([`crate::reload`]) instead of being ignored.
+    async fn wait_reloading(mut self, token: CancellationToken, mut reload: Option<Reload>) {
+        loop {
+            let term = async {
+                match self.term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
-                None => std::future::pending::<()>().await,
+            };
+            let hup = async {
+                match self.hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = term => tracing::info!("SIGTERM: shutting down"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+                _ = token.cancelled() => {}
+                _ = hup => {
+                    match reload.as_mut() {
+                        Some(r) => match crate::reload::reload(r.path.as_deref(), &r.running, &*r.set_authorities) {
+                            Ok((now, _)) => r.running = now,
+                            Err(e) => tracing::error!(problems = %e.to_string().trim().replace('\n', ";"), "SIGHUP: the configuration does not load; nothing changed"),
+                        },
+                        None => tracing::info!("SIGHUP: nothing to reload here"),
+                    }
+                    continue;
+                }
             }
-        };
-        tokio::select! {
-            _ = term => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
-            _ = token.cancelled() => {}
+            break;
         }
         token.cancel();
     }

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use crate::gguf::Gguf;
 use crate::model::{DEFAULT_MAX_ITEM_BYTES, Hyperparameters, PublishOptions, publish};
 use crate::net::GatewayClient;
+use crate::progress::{Lines, Progress, Unit};
 
 /// `ao-gpu-worker model ...`: model weights for actors.
 #[derive(Debug, clap::Subcommand)]
@@ -115,7 +116,12 @@ pub fn run_cli(command: ModelCommand) -> anyhow::Result<()> {
             let client = GatewayClient::new(&gateway, crate::net::Policy::default());
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
             let opts = PublishOptions { max_item_bytes };
-            let (manifest, report) = rt.block_on(publish(&file, &client, &key, &key.address(), &opts, &|_, _| {}))?;
+            let total: u64 = Gguf::open(&file).map(|g| g.tensors.iter().filter_map(|t| t.size).sum()).unwrap_or(0);
+            let progress = Progress::new("publish", (total > 0).then_some(total), Unit::Bytes, Lines::Stderr);
+            let (manifest, report) = rt.block_on(publish(&file, &client, &key, &key.address(), &opts, &|chunk, present, bytes| {
+                progress.inc(bytes, if present { "already on the gateway" } else { &chunk.id });
+            }))?;
+            progress.finish(&format!("{} items, {} uploaded", report.items, report.uploaded));
             let summary = serde_json::json!({
                 "model": manifest.name,
                 "owner": manifest.owner,

@@ -58,7 +58,7 @@ pub async fn run(
         let gw = GatewayClient::new(&net.urls.gateway, crate::net::Policy::default());
         let mu = crate::net::MessengerClient::new(&net.urls.messenger, crate::net::Policy::default());
         let started = Instant::now();
-        let (manifest, published) = publish(file, &gw, &key, &key.address(), &PublishOptions::default(), &|_, _| {}).await?;
+        let (manifest, published) = publish(file, &gw, &key, &key.address(), &PublishOptions::default(), &|_, _, _| {}).await?;
         report(&serde_json::json!({"published": manifest.name, "items": published.items, "bytes": published.bytes, "seconds": started.elapsed().as_secs_f64()}))?;
         let module = DataItemBuilder::new().tags(ao::module_tags("smollm2", "64-mb", "1000000000000")).data(ACTOR_WASM.to_vec()).sign(&key)?;
         gw.upload(&module).await?;

@@ -29,7 +29,8 @@ use anyhow::Context as _;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +52,8 @@ pub struct JobMetrics {
     pub evaluations: Family<[(&'static str, &'static str); 1], Counter>,
     /// Fuel consumed by evaluations (the sum of `GasUsed`).
     pub gas_used: Counter,
+    /// Wall-clock time of each evaluation (the wasm run, state restore included), in seconds.
+    pub evaluation_seconds: Histogram,
     /// Items the messenger accepted, by kind (`message`, `spawn`, `attestation`).
     pub posted: Family<[(&'static str, &'static str); 1], Counter>,
     /// Items the messenger refused for good (set aside with the reason).
@@ -72,6 +75,8 @@ impl JobMetrics {
         let m = Self {
             evaluations: Family::default(),
             gas_used: Counter::default(),
+            // 1 ms to ~4.4 min.
+            evaluation_seconds: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
             posted: Family::default(),
             refused: Counter::default(),
             pending: Gauge::default(),
@@ -82,6 +87,7 @@ impl JobMetrics {
         };
         registry.register("evaluations", "Messages evaluated, by result", m.evaluations.clone());
         registry.register("gas_used", "Fuel consumed by evaluations (sum of GasUsed)", m.gas_used.clone());
+        registry.register_with_unit("evaluation", "Wall-clock time of one evaluation", Unit::Seconds, m.evaluation_seconds.clone());
         registry.register("posted", "Items the messenger accepted, by kind", m.posted.clone());
         registry.register("refused", "Items the messenger refused for good", m.refused.clone());
         registry.register("pending_items", "Items committed to the journal and not yet accepted", m.pending.clone());
@@ -121,6 +127,9 @@ pub struct Context {
     pub heartbeats: health::Heartbeats,
     tracked: health::Processes,
     device_watch: health::DeviceWatch,
+    /// The registry authorities in force: `config.authorities` at start, replaced by
+    /// [`Context::set_authorities`] (SIGHUP).
+    authorities: Mutex<Vec<String>>,
 }
 
 impl ProcessSetup {
@@ -222,7 +231,6 @@ impl Context {
         };
         config.metrics.halted.set(halted.len() as i64);
         Arc::new(Self {
-            config,
             address,
             backend,
             devices,
@@ -234,12 +242,25 @@ impl Context {
             heartbeats: health::Heartbeats::default(),
             tracked: health::Processes::default(),
             device_watch: health::DeviceWatch::default(),
+            authorities: Mutex::new(config.authorities.clone()),
+            config,
         })
     }
 
     /// The `Device` of the attestation of an evaluation that ran on device `index` of the pool.
     pub fn attested_device(&self, index: usize) -> String {
         self.devices.get(index).cloned().unwrap_or_else(|| format!("device {index}"))
+    }
+
+    /// The addresses whose registry messages this worker obeys now.
+    pub fn authorities(&self) -> Vec<String> {
+        crate::sync::lock(&self.authorities).clone()
+    }
+
+    /// Replaces the authorities (SIGHUP): registry messages read from now on are judged by them,
+    /// as after a restart (the registry log is never re-read).
+    pub fn set_authorities(&self, authorities: Vec<String>) {
+        *crate::sync::lock(&self.authorities) = authorities;
     }
 
     /// Asks the work loop to poll now instead of at its next interval.
@@ -469,12 +490,33 @@ impl Context {
         let setup = self.setup(process).await?;
         let process_raw = b64::decode_id(process).map_err(|e| JobError::Halted { process: process.into(), reason: e.to_string() })?;
         let mut evaluated = 0;
+        // A long catch-up (more than one page behind) reports its progress: a bar on a terminal,
+        // else info log lines.
+        let mut report: Option<crate::progress::Progress> = None;
+        let done = |report: Option<crate::progress::Progress>, evaluated: usize| {
+            if let Some(r) = report {
+                r.finish("caught up");
+            }
+            Ok(evaluated)
+        };
         loop {
             let progress = self.journal.progress(process)?;
             let range = Range { from: progress.as_ref().map(|p| p.nonce), limit: Some(100), by_nonce: true, ..Range::default() };
             let page = self.scheduler.page(process, &range).await?;
             if page.edges.is_empty() {
-                return Ok(evaluated);
+                return done(report, evaluated);
+            }
+            if report.is_none() && page.page_info.has_next_page {
+                let from = progress.as_ref().map_or(0, |p| p.nonce);
+                let latest =
+                    self.scheduler.latest(process).await.ok().and_then(|n| n.assignment.tag("Nonce").and_then(|t| t.parse::<u64>().ok()));
+                let label = format!("catch-up of {process}");
+                report = Some(crate::progress::Progress::new(
+                    &label,
+                    latest.map(|l| l.saturating_sub(from)),
+                    crate::progress::Unit::Items,
+                    crate::progress::Lines::Log,
+                ));
             }
             let mut prev = progress;
             for edge in page.edges {
@@ -485,9 +527,12 @@ impl Context {
                 let next = self.evaluate(&setup, prev.as_ref(), &edge.node, &slot).await?;
                 prev = Some(next);
                 evaluated += 1;
+                if let Some(r) = &report {
+                    r.inc(1, "");
+                }
             }
             if !page.page_info.has_next_page {
-                return Ok(evaluated);
+                return done(report, evaluated);
             }
         }
     }
@@ -529,6 +574,7 @@ impl Context {
         let (env_json, limits, message_id, msg) = (setup.env_json.clone(), setup.limits, message.id.clone(), msg_json.clone());
         let timestamp = slot.timestamp;
         let (journal, pid) = (self.journal.clone(), process.clone());
+        let started = std::time::Instant::now();
         let evaluation = tokio::task::spawn_blocking(move || {
             // Read only when the runtime holds no live instance in that state (aos), off the
             // async threads: an aos state is ~110 MB.
@@ -580,6 +626,7 @@ impl Context {
         let m = &self.metrics;
         m.evaluations.get_or_create(&[("result", if outcome.is_ok() { "ok" } else { "error" })]).inc();
         m.gas_used.inc_by(evaluation.gas_used);
+        m.evaluation_seconds.observe(started.elapsed().as_secs_f64());
         if let Err(e) = &outcome {
             tracing::info!(
                 %process,

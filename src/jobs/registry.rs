@@ -163,7 +163,7 @@ async fn step(ctx: &Context) -> Result<(), StepError> {
             let nonce = slot.nonce;
             let decision = match &edge.node.message {
                 Some(m) if m.target.as_deref() != Some(ctx.registry.as_str()) => Decision::Ignore("not targeting the registry".into()),
-                Some(m) => decide(m, &ctx.address, &ctx.authorities),
+                Some(m) => decide(m, &ctx.address, &ctx.authorities()),
                 None => Decision::Ignore("assignment without a message".into()),
             };
             let id = edge.node.message.as_ref().map(|m| m.id.clone()).unwrap_or_default();

@@ -79,6 +79,11 @@ fn bench_quick_json_on_the_cpu_prints_a_well_formed_report_and_saves_it() {
     let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "--json prints one object: {stdout}");
     let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    // Progress, without a terminal: plain lines on stderr (no bar, no escape codes), ending with
+    // the finished line.
+    assert!(stderr.lines().any(|l| l.starts_with("bench: 1 in ") && l.contains("cpu: starting the backend")), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("bench: ") && l.ends_with(" measured")), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "{stderr}");
     println!("{}", serde_json::to_string_pretty(&v).unwrap());
 
     assert_eq!(v["schema"], "ao-gpu-worker/bench/1");
