@@ -32,6 +32,14 @@ pub struct Config {
     pub api: ApiSection,
     pub log: LogSection,
     pub gpu: GpuSection,
+    pub testing: TestingSection,
+}
+
+/// Switches for tests only.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TestingSection {
+    /// An injected fault (`runtime::fault`): refused in release builds.
+    pub fault: Option<crate::runtime::fault::Fault>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -362,8 +370,20 @@ impl Config {
             }
         };
 
+        let mut s = v.section(&mut root, "testing");
+        let fault_text = v.string(&mut s, "testing", "fault", "", None);
+        v.unknown(s, "testing");
+        let fault = match fault_text.as_str() {
+            "" => None,
+            _ if !cfg!(debug_assertions) => {
+                v.issue("testing.fault", "fault injection exists only in test and debug builds; remove it");
+                None
+            }
+            text => text.parse().map_err(|e| v.issue("testing.fault", format!("{text:?}: {e}"))).ok(),
+        };
+
         for (name, _) in root {
-            v.issue(&name, "unknown section (known: worker, network, registry, jobs, limits, attestation, api, log, gpu)");
+            v.issue(&name, "unknown section (known: worker, network, registry, jobs, limits, attestation, api, log, gpu, testing)");
         }
         if !v.issues.is_empty() {
             return Err(fail(v.issues));
@@ -387,6 +407,7 @@ impl Config {
             api: ApiSection { listen },
             log: LogSection { level, format },
             gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory, startup_bench },
+            testing: TestingSection { fault },
         })
     }
 }

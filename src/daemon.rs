@@ -188,6 +188,7 @@ fn start_runtime(config: &Config, pool: Arc<DevicePool>, gateway: &GatewayClient
             max_constant_memory: config.gpu.max_constant_memory,
         },
     )
+    .and_then(|rt| rt.with_fault(config.testing.fault.clone()))
     .context("cannot start the wasm runtime")
 }
 

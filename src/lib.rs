@@ -8,7 +8,8 @@
 //! * [`runtime`]: the only user of wasmtime; [`runtime::host`] holds one binding per host
 //!   capability (`wasi`, `ao_gpu`), each thin: decode, delegate to `gpu`, map errors;
 //! * [`gguf`], [`advertise`], [`config`], [`bench`]; [`net`] (unit clients), [`logging`];
-//! * [`jobs`] (the work loop), [`devnet`] (embedded AO units), [`model`] (GGUF publishing);
+//! * [`jobs`] (the work loop), [`devnet`] (embedded AO units), [`model`] (GGUF publishing),
+//!   [`verifier`] (re-execution of attested results);
 //! * the service: [`state`], [`api`], [`daemon`]; then [`demo`] and [`cli`] at the top.
 
 pub mod advertise;
@@ -35,3 +36,4 @@ pub mod protocol;
 pub mod runtime;
 pub mod state;
 pub mod sync;
+pub mod verifier;
