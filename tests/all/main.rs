@@ -34,4 +34,5 @@ mod net_clients;
 mod run_e2e;
 mod sign_once;
 mod smollm2;
+mod verify;
 mod wgpu_matmul;

@@ -66,7 +66,9 @@ pub struct GpuCtx {
     pub(super) memory: Option<wasmtime::Memory>,
     /// One leaf per host call so far.
     pub(super) trace: Vec<Leaf>,
-    /// The fault injected into this evaluation, until it has struck.
+    /// The fault injected into this evaluation, until it has struck (read only in test and debug
+    /// builds).
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     fault: Option<Fault>,
 }
 
