@@ -16,6 +16,7 @@ mod aos;
 mod aos_devnet;
 mod aos_live;
 mod architecture;
+mod attestation_format;
 mod backend_selection;
 mod bench;
 mod cli;

@@ -259,3 +259,31 @@ async fn what_is_missing_is_named_and_the_binary_exits_with_the_verdict() {
     assert_eq!(usage.0, Some(64), "{usage:?}");
     net.shutdown().await;
 }
+
+/// Writes tests/vectors/attestation-v2/ from a real run: the MLP actor's second message on the
+/// devnet, its signed attestation item and the worker's trace. Run by hand
+/// (`cargo test --test all -- verify::regenerate_attestation_vector --ignored`) after a format change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "regenerates the committed test vector"]
+async fn regenerate_attestation_vector() {
+    let mut net = Net::start("mlp", MLP_WASM).await;
+    let data = mlp_data();
+    let m = net.next(&[("Action", "Infer")], &data);
+    let r = net.post_and_wait(&m).await;
+    let (id, att) = net.latest_attestation().await;
+    let item = net.gw.item(&id).await.unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/attestation-v2");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("item.b64"), ao_gpu_worker::protocol::b64::encode(&item.to_bytes())).unwrap();
+    let trace = r.trace.unwrap();
+    let expected = serde_json::json!({
+        "id": id,
+        "signer": item.owner_address(),
+        "target": net.net.urls.registry,
+        "data": serde_json::to_value(&att).unwrap(),
+        "trace_root": trace.root(),
+        "leaves": trace.leaves.iter().map(|l| serde_json::json!({"text": l.text, "hash": l.hash})).collect::<Vec<_>>(),
+    });
+    std::fs::write(dir.join("expected.json"), serde_json::to_string_pretty(&expected).unwrap() + "\n").unwrap();
+    net.shutdown().await;
+}
