@@ -645,6 +645,16 @@ mod tests {
     }
 
     #[test]
+    fn a_test_fault_is_parsed_in_test_builds_and_checked() {
+        assert_eq!(parse("").unwrap().testing.fault, None);
+        let c = parse("[testing]\nfault = \"message=M,call=2\"\n").unwrap();
+        let f = c.testing.fault.unwrap();
+        assert_eq!((f.message.as_str(), f.at), ("M", crate::runtime::fault::FaultAt::Call(2)));
+        let e = parse("[testing]\nfault = \"call=2\"\n").unwrap_err();
+        assert!(e.to_string().contains("testing.fault") && e.to_string().contains("message=<id> is required"), "{e}");
+    }
+
+    #[test]
     fn embedded_default_is_valid_and_matches_documented_defaults() {
         let from_file = parse(DEFAULT_TOML).unwrap();
         let from_nothing = parse("").unwrap();

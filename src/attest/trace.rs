@@ -26,12 +26,11 @@ pub const EMPTY_ROOT: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca4
 /// how far its own output is from the worker's, not only that it differs.
 pub const EVIDENCE_MAX_BYTES: usize = 4096;
 
-/// One leaf: the canonical text, its hash, and up to [`EVIDENCE_MAX_BYTES`] of what it read back.
+/// One leaf: the canonical text and up to [`EVIDENCE_MAX_BYTES`] of what it read back. Its hash,
+/// `sha256(0x00 || text)`, is computed when needed ([`Leaf::hash`]), not while the call runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Leaf {
     pub text: String,
-    /// `sha256(0x00 || text)`, hex.
-    pub hash: String,
     /// The bytes a `read`/`read_f32` wrote into Wasm memory, when at most [`EVIDENCE_MAX_BYTES`].
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex")]
     pub evidence: Option<Vec<u8>>,
@@ -39,8 +38,17 @@ pub struct Leaf {
 
 impl Leaf {
     pub fn new(text: String, evidence: Option<Vec<u8>>) -> Self {
-        let hash = hex::encode(leaf_hash(text.as_bytes()));
-        Self { text, hash, evidence }
+        Self { text, evidence }
+    }
+
+    /// `sha256(0x00 || text)`.
+    pub fn hash(&self) -> [u8; 32] {
+        leaf_hash(self.text.as_bytes())
+    }
+
+    /// [`Leaf::hash`] as hex.
+    pub fn hash_hex(&self) -> String {
+        hex::encode(self.hash())
     }
 
     /// The host call's name: the text up to the first space.
@@ -63,13 +71,13 @@ pub struct Trace {
 impl Trace {
     /// The Merkle root (hex) over the leaves in order.
     pub fn root(&self) -> String {
-        let hashes: Vec<[u8; 32]> = self.leaves.iter().map(|l| leaf_hash(l.text.as_bytes())).collect();
+        let hashes: Vec<[u8; 32]> = self.leaves.iter().map(Leaf::hash).collect();
         hex::encode(root_of(&hashes))
     }
 
-    /// Whether the leaves' own hashes are those of their texts and they hash to `root`.
+    /// Whether the leaves hash to `root`.
     pub fn proves(&self, root: &str) -> bool {
-        self.leaves.iter().all(|l| l.hash == hex::encode(leaf_hash(l.text.as_bytes()))) && self.root() == root
+        self.root() == root
     }
 }
 

@@ -70,7 +70,7 @@ pub fn first_difference(ours: &Trace, theirs: &Trace, fast: bool) -> Option<Call
     for index in 0..n {
         let (o, t) = (ours.leaves.get(index), theirs.leaves.get(index));
         if let (Some(o), Some(t)) = (o, t)
-            && o.hash == t.hash
+            && o.text == t.text
         {
             continue;
         }

@@ -282,7 +282,7 @@ async fn regenerate_attestation_vector() {
         "target": net.net.urls.registry,
         "data": serde_json::to_value(&att).unwrap(),
         "trace_root": trace.root(),
-        "leaves": trace.leaves.iter().map(|l| serde_json::json!({"text": l.text, "hash": l.hash})).collect::<Vec<_>>(),
+        "leaves": trace.leaves.iter().map(|l| serde_json::json!({"text": l.text, "hash": l.hash_hex()})).collect::<Vec<_>>(),
     });
     std::fs::write(dir.join("expected.json"), serde_json::to_string_pretty(&expected).unwrap() + "\n").unwrap();
     net.shutdown().await;

@@ -450,6 +450,21 @@ impl Call<'_> {
     }
 }
 
+/// The `status=` of a trace leaf: the code returned, or how the call ended instead.
+enum Status {
+    Code(i32),
+    Word(&'static str),
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Status::Code(c) => write!(f, "{c}"),
+            Status::Word(w) => f.write_str(w),
+        }
+    }
+}
+
 /// Runs one host call: `GAS_PER_CALL`, then `f`; settles the fuel and turns the outcome into a
 /// status or a trap.
 pub(super) fn host<T: 'static, R: Returned>(
@@ -475,11 +490,11 @@ pub(super) fn host<T: 'static, R: Returned>(
     let result = call.charge(GAS_PER_CALL).and_then(|()| f(&mut call)).map(Returned::code);
     let (charged, waited) = (call.charged, call.waited);
     let status = match &result {
-        Ok(code) => code.to_string(),
-        Err(Fail::Status(s)) => s.code().to_string(),
-        Err(Fail::Trap(_)) => "trap".to_owned(),
-        Err(Fail::OutOfFuel) => "out-of-fuel".to_owned(),
-        Err(Fail::Unavailable(_)) => "unavailable".to_owned(),
+        Ok(code) => Status::Code(*code),
+        Err(Fail::Status(s)) => Status::Code(s.code()),
+        Err(Fail::Trap(_)) => Status::Word("trap"),
+        Err(Fail::OutOfFuel) => Status::Word("out-of-fuel"),
+        Err(Fail::Unavailable(_)) => Status::Word("unavailable"),
     };
     let leaf = std::mem::take(&mut call.leaf).finish(status);
     get(caller.data_mut()).trace.push(leaf);
