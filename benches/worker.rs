@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ao_gpu_worker::attest::Keypair;
-use ao_gpu_worker::attest::attestation::{Attestation, VERSION};
+use ao_gpu_worker::attest::attestation::{Attestation, VERSION_1 as VERSION};
 use ao_gpu_worker::config::{Config, Overrides};
 use ao_gpu_worker::daemon::Worker;
 use ao_gpu_worker::demo::COUNTER_WASM;
@@ -189,6 +189,7 @@ fn prepare(key: &Keypair, process: &str, nonce: u64, image: Vec<u8>) -> Prepared
         backend: "cpu".into(),
         device: "AMD EPYC".into(),
         capacity_advertisement: Some(b64::encode(&[4; 32])),
+        v2: None,
     }
     .sign(key, process)
     .unwrap();
@@ -208,6 +209,7 @@ fn prepare(key: &Keypair, process: &str, nonce: u64, image: Vec<u8>) -> Prepared
         state_hash: Some(state_hash.clone()),
         timestamp: 1_700_000_000_000 + nonce,
         checkpoint: None,
+        attestation: None,
     };
     let result = ResultRecord {
         process: process.to_owned(),
@@ -222,6 +224,7 @@ fn prepare(key: &Keypair, process: &str, nonce: u64, image: Vec<u8>) -> Prepared
         gas_used: 123_456,
         posted: outgoing.iter().map(|o| o.id.clone()).collect(),
         replay: None,
+        trace: None,
     };
     Prepared { progress, result, state: image, outgoing }
 }

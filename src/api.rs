@@ -2,7 +2,8 @@
 //! readiness (`/readyz`, only once the worker is registered), `/metrics`, `/capacity`,
 //! `/status` (what it is doing: [`crate::status`]), and
 //! the compute unit's read API (docs/ao-protocol.md §5) over the journal: `/result/{message}`,
-//! `/results/{process}`, `/state/{process}` and `POST /dry-run`.
+//! `/results/{process}`, `/state/{process}` and `POST /dry-run`; and `/trace/{message}`, the op
+//! trace whose root the message's attestation binds (for `ao-gpu-worker verify`).
 
 mod admin;
 
@@ -50,6 +51,7 @@ pub fn router(state: Arc<WorkerState>) -> Router {
         .route("/result/{message}", get(result))
         .route("/results/{process}", get(results))
         .route("/state/{process}", get(read_state))
+        .route("/trace/{message}", get(trace))
         .route("/dry-run", post(dry_run).layer(DefaultBodyLimit::max(DRY_RUN_MAX_BODY)))
         .route("/processes", get(admin::processes))
         .route("/processes/{process}/resume", post(admin::resume))
@@ -219,6 +221,21 @@ fn lookup(s: &WorkerState, message: &str, process: &str) -> Result<Option<Result
         Some(r) => Err(ApiError::not_found(format!("message {message} was evaluated for process {}, not {process}", r.process))),
         None => Ok(None),
     }
+}
+
+/// `GET /trace/{message}?process-id=P`: `{process, message, nonce, root, trace: {leaves}}` of an
+/// evaluated message (docs/attestation.md); 404 when this worker has no trace of it.
+async fn trace(State(s): State<Arc<WorkerState>>, message: Result<Path<String>, PathRejection>, q: Params) -> Result<Response, ApiError> {
+    let q = params(q)?;
+    let process = process_param(&q)?;
+    let message = path_id(message, "message")?;
+    let Some(r) = lookup(&s, &message, &process)? else {
+        return Err(ApiError::not_found(format!("no result for message {message} of process {process} here")));
+    };
+    let Some(trace) = r.trace else {
+        return Err(ApiError::not_found(format!("message {message} was evaluated before traces were kept")));
+    };
+    Ok(Json(json!({"process": r.process, "message": r.message, "nonce": r.nonce, "root": trace.root(), "trace": trace})).into_response())
 }
 
 /// `GET /result/{message}?process-id=P[&no-busy=1]`: the result object. A message of a served

@@ -41,6 +41,14 @@ pub struct Config {
     pub gpu: GpuSection,
     pub aos: AosSection,
     pub overload: OverloadSection,
+    pub testing: TestingSection,
+}
+
+/// Switches for tests only.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TestingSection {
+    /// An injected fault (`runtime::fault`): refused in release builds.
+    pub fault: Option<crate::runtime::fault::Fault>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -399,8 +407,23 @@ impl Config {
 
         let overload = overload::parse(&mut v, &mut root);
 
+        let mut s = v.section(&mut root, "testing");
+        let fault_text = v.string(&mut s, "testing", "fault", "", None);
+        v.unknown(s, "testing");
+        let fault = match fault_text.as_str() {
+            "" => None,
+            _ if !cfg!(debug_assertions) => {
+                v.issue("testing.fault", "fault injection exists only in test and debug builds; remove it");
+                None
+            }
+            text => text.parse().map_err(|e| v.issue("testing.fault", format!("{text:?}: {e}"))).ok(),
+        };
+
         for (name, _) in root {
-            v.issue(&name, "unknown section (known: worker, network, registry, jobs, limits, aos, attestation, api, log, gpu, overload)");
+            v.issue(
+                &name,
+                "unknown section (known: worker, network, registry, jobs, limits, aos, attestation, api, log, gpu, overload, testing)",
+            );
         }
         if !v.issues.is_empty() {
             return Err(fail(v.issues));
@@ -426,6 +449,7 @@ impl Config {
             gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory, startup_bench },
             aos: AosSection { checkpoint_every, live_processes, rebase_every },
             overload,
+            testing: TestingSection { fault },
         })
     }
 }
@@ -660,6 +684,16 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse("test.toml", text, &Overrides::default())
+    }
+
+    #[test]
+    fn a_test_fault_is_parsed_in_test_builds_and_checked() {
+        assert_eq!(parse("").unwrap().testing.fault, None);
+        let c = parse("[testing]\nfault = \"message=M,call=2\"\n").unwrap();
+        let f = c.testing.fault.unwrap();
+        assert_eq!((f.message.as_str(), f.at), ("M", crate::runtime::fault::FaultAt::Call(2)));
+        let e = parse("[testing]\nfault = \"call=2\"\n").unwrap_err();
+        assert!(e.to_string().contains("testing.fault") && e.to_string().contains("message=<id> is required"), "{e}");
     }
 
     #[test]

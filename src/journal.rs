@@ -95,6 +95,10 @@ pub struct Progress {
     /// replayed to rebuild `state_hash`. `None`: the image of every state is stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// The id of the attestation of that message: the next attestation names it as its
+    /// `Previous-Attestation` (kept here so the chain survives restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<String>,
 }
 
 /// A stored state of a checkpointed process: the image after message `after` (`None`: a fresh
@@ -145,6 +149,10 @@ pub struct ResultRecord {
     /// For a checkpointed process: the message JSON exactly as evaluated, to replay it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay: Option<String>,
+    /// The op trace (one leaf per `ao_gpu` call) whose root the attestation binds; `None` in
+    /// records written before attestation v2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::attest::trace::Trace>,
 }
 
 /// What kind of item the worker posts.
@@ -578,6 +586,7 @@ mod tests {
             gas_used: nonce * 10,
             posted,
             replay: None,
+            trace: None,
         }
     }
 
@@ -602,6 +611,7 @@ mod tests {
             state_hash: state_hash.clone(),
             timestamp: nonce,
             checkpoint: None,
+            attestation: None,
         };
         let result = record(process, nonce, state_hash, items.iter().map(|i| i.id.clone()).collect());
         j.commit(&Commit { progress: &progress, result: &result, state: image, outgoing: items }).unwrap();
@@ -623,6 +633,7 @@ mod tests {
                     state_hash: None,
                     timestamp: 0,
                     checkpoint: None,
+                    attestation: None,
                 },
                 result: &record("p", 1, None, vec![]),
                 state: None,
@@ -678,6 +689,7 @@ mod tests {
                 state_hash: Some(state.to_owned()),
                 timestamp: nonce,
                 checkpoint: Some(checkpoint),
+                attestation: None,
             };
             let result = ResultRecord { replay: Some(format!("msg{nonce}")), ..record("p", nonce, Some(state.to_owned()), vec![]) };
             j.commit(&Commit { progress: &progress, result: &result, state: image, outgoing: &[] }).unwrap();

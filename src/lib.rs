@@ -10,7 +10,8 @@
 //!   capability (`wasi`, `ao_gpu`), each thin: decode, delegate to `gpu`, map errors;
 //! * [`gguf`], [`advertise`], [`config`], [`bench`]; [`net`] (unit clients), [`logging`],
 //!   [`reload`] (SIGHUP);
-//! * [`jobs`] (the work loop), [`devnet`] (embedded AO units), [`model`] (GGUF publishing);
+//! * [`jobs`] (the work loop), [`devnet`] (embedded AO units), [`model`] (GGUF publishing),
+//!   [`verifier`] (re-execution of attested results);
 //! * the service: [`state`], [`status`], [`api`], [`daemon`]; [`doctor`] (the preflight); then
 //!   [`demo`] and [`cli`] at the top.
 
@@ -43,3 +44,4 @@ pub mod runtime;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod verifier;

@@ -5,5 +5,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    ao_gpu_worker::cli::main(ao_gpu_worker::cli::Cli::parse())
+    match ao_gpu_worker::cli::Cli::try_parse() {
+        Ok(cli) => ao_gpu_worker::cli::main(cli),
+        // `verify` reserves 2 for "cannot verify": its usage errors exit 64 (EX_USAGE).
+        Err(e) if e.use_stderr() && std::env::args().nth(1).as_deref() == Some("verify") => {
+            let _ = e.print();
+            ExitCode::from(ao_gpu_worker::cli::verify::EXIT_USAGE)
+        }
+        Err(e) => e.exit(),
+    }
 }

@@ -7,5 +7,6 @@
 pub mod arweave;
 pub mod attestation;
 pub mod keys;
+pub mod trace;
 
 pub use keys::{KeyError, KeyType, Keypair};

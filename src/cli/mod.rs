@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod eval;
 pub mod model;
 pub mod status;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -150,6 +151,11 @@ pub enum Command {
         #[command(subcommand)]
         command: model::ModelCommand,
     },
+    /// Re-execute an attested result (or a range of a process's messages) from the process start
+    /// on a backend of your choice and compare result, state and op-trace hashes; on a mismatch,
+    /// name the first message and host call that differ. Exit 0 agree, 1 disagree, 2 cannot
+    /// verify, 64 usage.
+    Verify(verify::VerifyArgs),
     /// Measure this machine: f32 GEMM, quantized matrix-vector products, upload and read bandwidth
     /// and host calls from Wasm on each tensor backend. Prints a table headed by the hardware (or
     /// one JSON object) and saves <data_dir>/bench.json, whose figures the worker advertises as the
@@ -187,6 +193,13 @@ fn parse_determinism(text: &str) -> Result<crate::gpu::Determinism, String> {
 /// Runs a parsed command line.
 pub fn main(cli: Cli) -> ExitCode {
     let result = match cli.command {
+        // verify's exit codes say agree (0), disagree (1), could not verify (2).
+        Command::Verify(args) => {
+            return verify::run_cli(args).unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            });
+        }
         Command::Doctor(args) => {
             crate::logging::init(&config::LogSection { level: "error".into(), format: config::LogFormat::Text });
             doctor::run_cli(args).map(ExitCode::from)
@@ -305,6 +318,8 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Bench { config, data_dir, backends, determinism, quick, json } => {
             bench(config, data_dir, backends, determinism, quick, json)
         }
+        // `main` runs it for its exit code; here only its errors matter.
+        Command::Verify(args) => verify::run_cli(args).map(drop),
     }
 }
 

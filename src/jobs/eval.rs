@@ -235,6 +235,27 @@ pub fn result_object(outcome: &Result<Value, String>, gas_used: u64) -> Value {
     Value::Object(o)
 }
 
+/// The state hash after an evaluation, as attestations and the journal name it: the runtime's
+/// (aos), else the sha256 of the memory it returned, else (a failure: rolled back) `prev`'s.
+pub fn state_after(evaluation: &crate::runtime::Evaluation, prev: Option<&str>) -> Option<String> {
+    match (&evaluation.state_hash, evaluation.memory.as_deref()) {
+        (Some(h), _) => Some(h.clone()),
+        (None, Some(memory)) => Some(crate::journal::sha256_hex(memory)),
+        (None, None) => prev.map(str::to_owned),
+    }
+}
+
+/// The result object and its sha256 hex (what `Result-SHA256` attests).
+pub fn hashed_result(evaluation: &crate::runtime::Evaluation) -> (Result<Value, String>, Value, String) {
+    let outcome: Result<Value, String> = match &evaluation.outcome {
+        Ok(v) => Ok(v.clone()),
+        Err(e) => Err(e.to_string()),
+    };
+    let response = result_object(&outcome, evaluation.gas_used);
+    let hash = crate::journal::sha256_hex(response.to_string().as_bytes());
+    (outcome, response, hash)
+}
+
 /// Tags the messenger sets itself; an actor's own values for them are dropped (§2.5).
 const RESERVED: [&str; 6] = ["Data-Protocol", "Type", "From-Process", "From-Module", "Assignments", "Variant"];
 

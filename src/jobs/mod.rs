@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::advertise::Advertisement;
 use crate::attest::Keypair;
-use crate::attest::attestation::Attestation;
+use crate::attest::attestation::{self, Attestation};
 use crate::journal::{Checkpoint, Commit, Journal, OutKind, Outgoing, Progress, ResultRecord, StateSource, sha256_hex};
 use crate::net::scheduler::Range;
 use crate::net::{GatewayClient, MessengerClient, NetError, SchedulerClient};
@@ -114,6 +114,8 @@ pub struct Context {
     pub address: String,
     /// The `Backend` of an attestation: the serving backend kind and its determinism mode.
     pub backend: String,
+    /// The `Determinism` of an attestation: `reproducible` or `fast`.
+    pub determinism: String,
     /// The `Device` of an attestation, by the pool index of the device the evaluation ran on.
     pub devices: Vec<String>,
     processes: Mutex<HashMap<String, Arc<ProcessSetup>>>,
@@ -221,6 +223,7 @@ impl Context {
         let info = config.runtime.tensor_backend();
         let backend = format!("{}/{}", info.kind.as_str(), info.determinism.as_str());
         let devices = attested_devices(&info.devices, &config.device);
+        let determinism = info.determinism.as_str().to_owned();
         // Halts are journaled: a process refused before a restart stays refused after it.
         let halted = match config.journal.halts() {
             Ok(h) => h.into_iter().map(|(p, h)| (p, h.reason)).collect(),
@@ -233,6 +236,7 @@ impl Context {
         Arc::new(Self {
             address,
             backend,
+            determinism,
             devices,
             processes: Mutex::new(HashMap::new()),
             scheduler_address: std::sync::OnceLock::new(),
@@ -596,22 +600,17 @@ impl Context {
         }
 
         let mut evaluation = evaluation;
-        let outcome: Result<serde_json::Value, String> = match &evaluation.outcome {
-            Ok(v) => output_limits::check(v, &self.actor_limits).map(|()| v.clone()),
-            Err(e) => Err(e.to_string()),
-        };
-        if outcome.is_err() && evaluation.outcome.is_ok() {
+        if let Ok(v) = &evaluation.outcome
+            && let Err(why) = output_limits::check(v, &self.actor_limits)
+        {
             // Over a limit: rolled back like a trap (a live instance in the refused state no
             // longer matches the journal's state hash, so it is not reused).
+            evaluation.outcome = Err(EvalError::Actor(why));
             evaluation.memory = None;
             evaluation.state_hash = None;
         }
-        let mut response = eval::result_object(&outcome, evaluation.gas_used);
-        let new_state_hash = match (&evaluation.state_hash, evaluation.memory.as_deref()) {
-            (Some(h), _) => Some(h.clone()),
-            (None, Some(memory)) => Some(sha256_hex(memory)),
-            (None, None) => prev.and_then(|p| p.state_hash.clone()),
-        };
+        let (outcome, mut response, result_hash) = eval::hashed_result(&evaluation);
+        let new_state_hash = eval::state_after(&evaluation, prev.and_then(|p| p.state_hash.as_deref()));
         let mut outgoing = Vec::new();
         if outcome.is_ok() {
             // Spawns name the scheduler; look its address up only when there are any.
@@ -637,7 +636,7 @@ impl Context {
                 "evaluation failed; state rolled back"
             );
         }
-        let result_hash = sha256_hex(response.to_string().as_bytes());
+        let trace = evaluation.trace;
         let attestation = Attestation {
             version: crate::attest::attestation::VERSION,
             process: process.clone(),
@@ -653,6 +652,13 @@ impl Context {
             backend: self.backend.clone(),
             device: self.attested_device(evaluation.device),
             capacity_advertisement: self.advertised.borrow().as_ref().map(|a| a.id.clone()),
+            v2: Some(attestation::V2 {
+                determinism: self.determinism.clone(),
+                trace_root: trace.root(),
+                trace_length: trace.leaves.len() as u64,
+                worker_version: attestation::WORKER_VERSION.to_owned(),
+                previous_attestation: prev.and_then(|p| p.attestation.clone()),
+            }),
         };
         let attestation_item = attestation
             .sign(&self.key, &self.attestation_target)
@@ -674,6 +680,7 @@ impl Context {
             state_hash: new_state_hash.clone(),
             timestamp: slot.timestamp,
             checkpoint,
+            attestation: Some(attestation_item.id()),
         };
         let record = ResultRecord {
             process: process.clone(),
@@ -688,6 +695,7 @@ impl Context {
             gas_used: evaluation.gas_used,
             posted: outgoing.iter().map(|o| o.id.clone()).collect(),
             replay: aos.then(|| msg_json.clone()),
+            trace: Some(trace),
         };
         let journal = self.journal.clone();
         let memory = evaluation.memory;
@@ -745,7 +753,7 @@ fn to_outgoing(kind: OutKind, process: &str, nonce: u64, item: &DataItem) -> Out
 }
 
 /// Refuses a schedule entry that does not follow the last one: wrong nonce or broken chain.
-fn check_chain(process: &str, process_raw: &[u8; 32], prev: Option<&Progress>, slot: &Slot) -> Result<(), JobError> {
+pub fn check_chain(process: &str, process_raw: &[u8; 32], prev: Option<&Progress>, slot: &Slot) -> Result<(), JobError> {
     let halt = |reason: String| JobError::Halted { process: process.to_owned(), reason };
     let expected_nonce = prev.map_or(0, |p| p.nonce + 1);
     if slot.nonce != expected_nonce {
@@ -838,7 +846,15 @@ mod tests {
         let hc0 = b64::encode(&next_hash_chain(&pid, None));
         let a0 = b64::encode(&[6; 32]);
         check_chain(&p, &pid, None, &slot(0, hc0.clone(), &a0)).unwrap();
-        let prev = Progress { nonce: 0, hash_chain: hc0.clone(), assignment: a0.clone(), state_hash: None, timestamp: 1, checkpoint: None };
+        let prev = Progress {
+            nonce: 0,
+            hash_chain: hc0.clone(),
+            assignment: a0.clone(),
+            state_hash: None,
+            timestamp: 1,
+            checkpoint: None,
+            attestation: None,
+        };
         let hc1 = b64::encode(&next_hash_chain(&pid, Some((&[6; 32], &b64::decode_id(&hc0).unwrap()))));
         check_chain(&p, &pid, Some(&prev), &slot(1, hc1.clone(), "x")).unwrap();
         let wrong = check_chain(&p, &pid, Some(&prev), &slot(1, hc0.clone(), "x")).unwrap_err();

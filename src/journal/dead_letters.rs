@@ -192,8 +192,15 @@ mod tests {
                 refused: None,
             })
             .collect();
-        let progress =
-            Progress { nonce: 0, hash_chain: "h".into(), assignment: "a".into(), state_hash: None, timestamp: 1, checkpoint: None };
+        let progress = Progress {
+            nonce: 0,
+            hash_chain: "h".into(),
+            assignment: "a".into(),
+            state_hash: None,
+            timestamp: 1,
+            checkpoint: None,
+            attestation: None,
+        };
         let result = ResultRecord {
             process: "P".into(),
             message: "M".into(),
@@ -207,6 +214,7 @@ mod tests {
             gas_used: 0,
             posted: ids.iter().map(|s| (*s).to_owned()).collect(),
             replay: None,
+            trace: None,
         };
         j.commit(&Commit { progress: &progress, result: &result, state: None, outgoing: &outgoing }).unwrap();
     }

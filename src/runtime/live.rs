@@ -108,7 +108,7 @@ fn limits_options(limits: Limits, deadline: Duration) -> InstanceOptions {
 }
 
 fn evaluation(outcome: Result<Value, EvalError>, memory: Option<Vec<u8>>, state_hash: Option<String>, gas_used: u64) -> Evaluation {
-    Evaluation { outcome, memory, state_hash, gas_used, log: String::new(), device: 0 }
+    Evaluation { outcome, memory, state_hash, gas_used, log: String::new(), device: 0, trace: Default::default() }
 }
 
 fn failure(e: EvalError) -> Evaluation {

@@ -36,6 +36,7 @@ mod abi;
 pub mod aos;
 mod cache;
 mod epoch;
+pub mod fault;
 pub mod host;
 pub mod limits;
 mod live;
@@ -64,6 +65,7 @@ pub use host::wasi::LOG_CAP;
 pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
 pub use live::{AosSettings, Restore, StateRef, chained_state};
 
+use crate::attest::trace::Trace;
 pub use crate::gpu::pool::{DeviceInfo, DeviceLoad, DevicePool, SharedDevice};
 use crate::gpu::{Backend, BackendKind, Determinism};
 use crate::protocol::Tag;
@@ -252,6 +254,8 @@ pub struct Evaluation {
     pub log: String,
     /// The pool index of the device `ao_gpu` ran on (see [`Runtime::tensor_backend`]'s `devices`).
     pub device: usize,
+    /// One leaf per `ao_gpu` host call, in order (empty for aos modules, which make none).
+    pub trace: Trace,
 }
 
 /// Which tensor backend `ao_gpu` runs on, for logs and attestations.
@@ -325,6 +329,8 @@ pub struct Runtime {
     aos: std::sync::OnceLock<Result<aos::AosEngine, String>>,
     live: live::LiveProcesses,
     deadline_ticks: u64,
+    /// A test's injected fault (`fault`); always `None` in a release build.
+    fault: Mutex<Option<fault::Fault>>,
     /// Dropping it stops the epoch ticker.
     _ticker: mpsc::Sender<()>,
 }
@@ -444,6 +450,7 @@ impl Runtime {
             aos: std::sync::OnceLock::new(),
             live: live::LiveProcesses::new(AosSettings::default()),
             deadline_ticks,
+            fault: Mutex::new(None),
             _ticker: ticker,
         })
     }
@@ -544,6 +551,40 @@ impl Runtime {
         limits::resolve(module_tags, process_tags, self.max_limits())
     }
 
+    /// The runtime with a test's injected fault (`fault`): refused (an error) in release builds.
+    pub fn with_fault(self, fault: Option<fault::Fault>) -> Result<Self, RuntimeError> {
+        self.inject_fault(fault)?;
+        Ok(self)
+    }
+
+    /// Sets (or with `None` clears) a test's injected fault for the evaluations that start after;
+    /// refused (an error) in release builds.
+    pub fn inject_fault(&self, fault: Option<fault::Fault>) -> Result<(), RuntimeError> {
+        if fault.is_some() && !cfg!(debug_assertions) {
+            return Err(RuntimeError::Setup("fault injection exists only in test and debug builds".into()));
+        }
+        *crate::sync::lock(&self.fault) = fault;
+        Ok(())
+    }
+
+    /// The injected fault that applies to an evaluation of `message` on this runtime's backend.
+    fn fault_for(&self, message: &str) -> Option<fault::Fault> {
+        crate::sync::lock(&self.fault).as_ref().filter(|f| f.applies(message, self.backend_info.kind)).cloned()
+    }
+
+    /// The memory after `message`, with a byte flipped when a test's `state` fault names it.
+    #[cfg(debug_assertions)]
+    fn inject_state_fault(&self, message: &str, mut memory: Vec<u8>) -> Vec<u8> {
+        if self.fault_for(message).is_some_and(|f| f.at == fault::FaultAt::State) {
+            tracing::warn!(message, "injected fault: the state after this message is wrong");
+            let at = memory.len() / 2;
+            if let Some(b) = memory.get_mut(at) {
+                *b ^= 0x01;
+            }
+        }
+        memory
+    }
+
     /// One evaluation of one message against `state` (`None`: the process's first message).
     pub fn evaluate(&self, module: &ActorModule, state: Option<&[u8]>, input: &EvalInput<'_>) -> Evaluation {
         if let ModuleKind::Aos(aos_module) = &module.kind {
@@ -560,7 +601,15 @@ impl Runtime {
         let Some(env) = self.gpu.get(device) else {
             // `build` made one environment per device: unreachable, but never a panic.
             let e = EvalError::Trap(format!("worker bug: tensor device {device} has no environment"));
-            return Evaluation { outcome: Err(e), memory: None, state_hash: None, gas_used: 0, log: String::new(), device };
+            return Evaluation {
+                outcome: Err(e),
+                memory: None,
+                state_hash: None,
+                gas_used: 0,
+                log: String::new(),
+                device,
+                trace: Trace::default(),
+            };
         };
         tracing::debug!(device, kind = %self.backend_info.kind, msg = input.message_id, "evaluation placed");
         let mut store = Store::new(
@@ -568,7 +617,7 @@ impl Runtime {
             HostState {
                 limiter: StoreLimiter::new(limits.memory_bytes),
                 wasi: wasi::WasiCtx::new(input.timestamp_ms, input.message_id),
-                gpu: gpu::GpuCtx::for_evaluation(env, self.cfg.deadline),
+                gpu: gpu::GpuCtx::for_evaluation(env, self.cfg.deadline, self.fault_for(input.message_id)),
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -590,11 +639,16 @@ impl Runtime {
         // Tensors die with the evaluation, whatever its outcome.
         store.data_mut().gpu.release();
         let log = store.data_mut().wasi.take_log();
+        let trace = store.data_mut().gpu.take_trace();
         drop(store);
         drop(lease);
         match outcome {
-            Ok((response, memory)) => Evaluation { outcome: Ok(response), memory: Some(memory), state_hash: None, gas_used, log, device },
-            Err(e) => Evaluation { outcome: Err(e), memory: None, state_hash: None, gas_used, log, device },
+            Ok((response, memory)) => {
+                #[cfg(debug_assertions)]
+                let memory = self.inject_state_fault(input.message_id, memory);
+                Evaluation { outcome: Ok(response), memory: Some(memory), state_hash: None, gas_used, log, device, trace }
+            }
+            Err(e) => Evaluation { outcome: Err(e), memory: None, state_hash: None, gas_used, log, device, trace },
         }
     }
 
@@ -682,7 +736,15 @@ fn check_tags(tags: &[Tag]) -> Result<Option<aos::AosFormat>, RuntimeError> {
 }
 
 fn unavailable(reason: String) -> Evaluation {
-    Evaluation { outcome: Err(EvalError::Unavailable(reason)), memory: None, state_hash: None, gas_used: 0, log: String::new(), device: 0 }
+    Evaluation {
+        outcome: Err(EvalError::Unavailable(reason)),
+        memory: None,
+        state_hash: None,
+        gas_used: 0,
+        log: String::new(),
+        device: 0,
+        trace: Trace::default(),
+    }
 }
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {

@@ -54,6 +54,29 @@ async fn aos_processes_run_on_the_devnet_and_aoconnect_reads_their_results() {
     let memory = r.bytes().await.unwrap();
     assert!(memory.len() > 100_000_000, "aos 2.0's whole memory: {} bytes", memory.len());
 
+    // The latest attestation of aos-a verifies: re-executed from the spawn on a runtime of the
+    // verifier's own, checkpoints and chained state commitments kept as the worker keeps them;
+    // aos makes no ao_gpu call, so its trace is the empty one.
+    let attestation = progress.attestation.clone().expect("v2 progress names its attestation");
+    let gateway = ao_gpu_worker::net::GatewayClient::new(&net.urls.gateway, ao_gpu_worker::net::Policy::default());
+    while !gateway.exists(&attestation).await.unwrap() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let item = gateway.item(&attestation).await.unwrap();
+    assert_eq!(item.tag("Trace-Root"), Some(ao_gpu_worker::attest::trace::EMPTY_ROOT));
+    let report = ao_gpu_worker::verifier::verify(&ao_gpu_worker::verifier::Request {
+        target: ao_gpu_worker::verifier::Target::Attestation { id: attestation, from: None },
+        scheduler: net.urls.scheduler.clone(),
+        gateway: net.urls.gateway.clone(),
+        worker: Some(worker.api_url.clone()),
+        backend: ao_gpu_worker::gpu::BackendKind::Cpu,
+        policy: ao_gpu_worker::net::Policy::default(),
+        checkpoint_every: 32,
+    })
+    .await;
+    assert_eq!(report.verdict, ao_gpu_worker::verifier::Verdict::Agree, "{}", report.human());
+    assert_eq!(report.executed, progress.nonce + 1, "{}", report.human());
+
     // The capacity manifest advertises the aos formats.
     let formats = ao_gpu_worker::runtime::supported_formats();
     assert!(formats.contains(&"wasm32-unknown-emscripten4"), "{formats:?}");

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ao_gpu_worker::attest::Keypair;
-use ao_gpu_worker::attest::attestation::{Attestation, VERSION};
+use ao_gpu_worker::attest::attestation::{Attestation, VERSION_1 as VERSION};
 use ao_gpu_worker::gpu::pool::{DevicePool, DeviceRef, DeviceSelection, Inventory, KnownDevice};
 use ao_gpu_worker::gpu::{Backend, BackendKind, DType, Determinism};
 use ao_gpu_worker::protocol::{Tag, b64};
@@ -151,6 +151,7 @@ fn attestation(device: String) -> Attestation {
         backend: "cpu/reproducible".to_owned(),
         device,
         capacity_advertisement: None,
+        v2: None,
     }
 }
 

@@ -92,7 +92,15 @@ fn commit_unpostable(c: &CounterNet) -> String {
         confirmed: false,
         refused: None,
     };
-    let progress = Progress { nonce: 0, hash_chain: "h".into(), assignment: "a".into(), state_hash: None, timestamp: 1, checkpoint: None };
+    let progress = Progress {
+        nonce: 0,
+        hash_chain: "h".into(),
+        assignment: "a".into(),
+        state_hash: None,
+        timestamp: 1,
+        checkpoint: None,
+        attestation: None,
+    };
     let result = ResultRecord {
         process: "X".into(),
         message: "M".into(),
@@ -106,6 +114,7 @@ fn commit_unpostable(c: &CounterNet) -> String {
         gas_used: 0,
         posted: vec![id.clone()],
         replay: None,
+        trace: None,
     };
     c.worker.state.jobs.journal.commit(&Commit { progress: &progress, result: &result, state: None, outgoing: &[item] }).unwrap();
     id

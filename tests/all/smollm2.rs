@@ -479,6 +479,92 @@ fn smollm2_actor_agrees_with_an_f64_reference_and_across_backends() {
     }
 }
 
+/// `verify` on the language model: a worker whose first `rmsnorm` of one Generate returns a wrong
+/// value (an injected fault, test builds only) is caught by re-executing on the CPU, and the
+/// report names that message and the first host call whose leaf differs: the first read-back
+/// after the faulty op (the op's output itself stays on the device, docs/attestation.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_smollm2_op_is_pinpointed_by_verify() {
+    const TEST: &str = "a_wrong_smollm2_op_is_pinpointed_by_verify";
+    if !cfg!(debug_assertions) {
+        eprintln!("\n*** {TEST} skipped: fault injection is compiled out of release builds ***\n");
+        return;
+    }
+    let Some(path) = model_path(TEST) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (net, worker) = support::inproc::devnet_and_worker(
+        dir.path(),
+        "[gpu]\nbackends = [\"cpu\"]\n[limits]\ndeadline = \"1800s\"\nmax_memory = \"256-mb\"\n",
+    )
+    .await;
+    let publisher = Keypair::generate().unwrap();
+    let key_file = dir.path().join("publisher.key");
+    publisher.write_new(&key_file).unwrap();
+    let manifest_file = dir.path().join("manifest.json");
+    publish_cli(&path, &net.urls.gateway, &key_file, &manifest_file).await;
+    let manifest_text = std::fs::read_to_string(&manifest_file).unwrap();
+    let gw = GatewayClient::new(&net.urls.gateway, Policy::default());
+    let mu = MessengerClient::new(&net.urls.messenger, Policy::default());
+    let module =
+        DataItemBuilder::new().tags(ao::module_tags("smollm2", "64-mb", COMPUTE_LIMIT)).data(ACTOR_WASM.to_vec()).sign(&publisher).unwrap();
+    gw.upload(&module).await.unwrap();
+    let mut tags = ao::base_tags(ItemType::Process);
+    tags.extend([Tag::new("Module", module.id()), Tag::new("Scheduler", &net.scheduler_address), Tag::new("Name", "smollm2")]);
+    let spawn = DataItemBuilder::new().anchor(ao::numeric_anchor(1)).tags(tags).data(manifest_text.into_bytes()).sign(&publisher).unwrap();
+    mu.post_item(&spawn).await.unwrap();
+    let process = spawn.id();
+    let me = worker.state.address.clone();
+    let assign =
+        message(&net.authority, &net.urls.registry, 2, &[("Action", "Assign-Workload"), ("Worker", &me), ("Process", &process)], "")
+            .unwrap();
+    mu.post_item(&assign).await.unwrap();
+    wait_result(&worker, &process).await;
+
+    let prompt = &references()[0].prompt_tokens;
+    let good = message(&publisher, &process, 11, &[("Action", "Generate")], &generate_data(prompt, 1, &[])).unwrap();
+    mu.post_item(&good).await.unwrap();
+    let good_result = wait_result(&worker, &good.id()).await;
+    let bad = message(&publisher, &process, 12, &[("Action", "Generate")], &generate_data(prompt, 1, &[])).unwrap();
+    worker.state.jobs.runtime.inject_fault(Some(format!("message={},op=rmsnorm", bad.id()).parse().unwrap())).unwrap();
+    mu.post_item(&bad).await.unwrap();
+    let bad_result = wait_result(&worker, &bad.id()).await;
+    worker.state.jobs.runtime.inject_fault(None).unwrap();
+    // The same Generate without the fault makes the same calls: the first leaf where the two
+    // traces part is where the fault became visible in Wasm memory.
+    let (bad_trace, good_trace) = (bad_result.trace.as_ref().unwrap(), good_result.trace.as_ref().unwrap());
+    let first_read = bad_trace.leaves.iter().zip(&good_trace.leaves).position(|(b, g)| b.text != g.text).expect("the fault is visible");
+    let at_rmsnorm = bad_trace.leaves.iter().position(|l| l.text.contains("op=rmsnorm")).expect("the model runs rmsnorm");
+    assert!(first_read > at_rmsnorm, "witnessed after the faulty op");
+    assert!(matches!(bad_trace.leaves[first_read].call(), "read" | "read_f32"), "{}", bad_trace.leaves[first_read].text);
+
+    let progress = worker.state.jobs.journal.progress(&process).unwrap().unwrap();
+    let attestation = progress.attestation.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !gw.exists(&attestation).await.unwrap() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let request = ao_gpu_worker::verifier::Request {
+        target: ao_gpu_worker::verifier::Target::Attestation { id: attestation, from: None },
+        scheduler: net.urls.scheduler.clone(),
+        gateway: net.urls.gateway.clone(),
+        worker: Some(worker.api_url.clone()),
+        backend: BackendKind::Cpu,
+        policy: Policy::default(),
+        checkpoint_every: 32,
+    };
+    let report = ao_gpu_worker::verifier::verify(&request).await;
+    eprintln!("{}", report.human());
+    assert_eq!(report.verdict, ao_gpu_worker::verifier::Verdict::Disagree, "{}", report.human());
+    let d = report.divergence.as_ref().unwrap();
+    assert_eq!(d.message, bad.id(), "{}", report.human());
+    let call = d.call.as_ref().unwrap();
+    assert_eq!(call.index, first_read, "{}", report.human());
+    worker.shutdown().await;
+    net.shutdown().await;
+}
+
 /// An independent reference forward pass: weights dequantized here from the GGUF bytes (own
 /// f16 and block decoders), all arithmetic in f64. Returns the logits after the last prompt token.
 mod reference {

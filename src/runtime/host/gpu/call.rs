@@ -12,7 +12,9 @@ use wasmtime::{AsContextMut, Caller, Extern, Trap};
 use super::abi::{self, CMD_F, CMD_I, CMD_IN, CMD_INPUTS, CMD_OP, CMD_OUT, CMD_RESERVED, CMD_SIZE, Fail, GpuStatus, index, invalid, op};
 use super::constants::ConstantKey;
 use super::handles::{GpuCtx, Live, lock_before};
+use super::trace::{MetaText, OpText};
 use super::{GAS_PER_CALL, GAS_PER_COMMAND, MAX_HANDLES, op_gas};
+use crate::attest::trace::LeafText;
 use crate::gpu::{Backend, DType, HostTensor, MAX_RANK, Meta, Op, RawTensor, TensorId, TensorOps, UnaryOp};
 
 /// Commands of an `ao_gpu.run` list recorded before a deferring backend (wgpu) submits them, so
@@ -95,6 +97,8 @@ pub(super) struct Call<'a> {
     charged: u64,
     /// Time spent waiting for constants (excluded from the deadline).
     waited: Duration,
+    /// This call's trace leaf, written as the call proceeds.
+    pub(super) leaf: LeafText,
 }
 
 impl Call<'_> {
@@ -108,6 +112,19 @@ impl Call<'_> {
         match start.checked_add(len) {
             Some(end) if end <= self.mem.len() as u64 => Ok(start as usize..end as usize),
             _ => Err(Fail::Trap(format!("ao_gpu.{}: {what} [{start:#x}, +{len}) is outside memory ({} bytes)", self.name, self.mem.len()))),
+        }
+    }
+
+    /// Records the bytes a read wrote into memory (after a test's fault, if one strikes it).
+    fn read_back(&mut self, written: Range<usize>) {
+        #[cfg(debug_assertions)]
+        if self.ctx.strike(self.name)
+            && let Some(bytes) = self.mem.get_mut(written.clone())
+        {
+            crate::runtime::fault::corrupt(bytes);
+        }
+        if let Some(bytes) = self.mem.get(written) {
+            self.leaf.read_back(bytes);
         }
     }
 
@@ -137,6 +154,8 @@ impl Call<'_> {
         let op = match cmd {
             Command::Free => {
                 let t = self.ctx.remove(inputs[0])?;
+                self.leaf.field("op", "free");
+                self.leaf.field("in", MetaText(&t.meta));
                 if t.pin.is_none() {
                     be.free(t.id)?;
                 }
@@ -146,15 +165,21 @@ impl Call<'_> {
             Command::Op(Op::Append) => return self.append(be, inputs[0], inputs[1]),
             Command::Op(op) => op,
         };
+        self.leaf.field("op", OpText(op));
         let mut ids = [TensorId(0); CMD_INPUTS];
         for (slot, &h) in ids.iter_mut().zip(inputs) {
-            *slot = self.ctx.get(h)?.id;
+            let t = self.ctx.get(h)?;
+            self.leaf.field("in", MetaText(&t.meta));
+            *slot = t.id;
         }
         let (ctx, charged, fuel) = (&mut *self.ctx, &mut self.charged, self.fuel);
         let (id, plan) = be.run_with(op, &ids[..inputs.len()], |plan| {
             ctx.admit(plan.out_bytes)?;
             charge(charged, fuel, op_gas(plan.bytes, plan.flops))
         })?;
+        self.leaf.field("out", MetaText(&plan.out));
+        #[cfg(debug_assertions)]
+        let id = if self.ctx.strike(op.name()) { super::trace::corrupt_tensor(be, id)? } else { id };
         Ok(self.ctx.insert(id, plan.out, plan.out_bytes, None))
     }
 
@@ -165,6 +190,9 @@ impl Call<'_> {
         if c.pin.is_some() {
             return Err(Fail::Status(GpuStatus::ReadOnly));
         }
+        self.leaf.field("op", "append");
+        self.leaf.field("in", MetaText(&c.meta));
+        self.leaf.field("in", MetaText(&r.meta));
         let (ids, old_bytes) = ([c.id, r.id], c.bytes);
         let (used, max) = (self.ctx.used_bytes, self.ctx.max_bytes);
         let (charged, fuel) = (&mut self.charged, self.fuel);
@@ -175,6 +203,7 @@ impl Call<'_> {
             charge(charged, fuel, op_gas(plan.bytes, plan.flops))
         })?;
         self.ctx.used_bytes = self.ctx.used_bytes.saturating_add(plan.out_bytes.saturating_sub(old_bytes));
+        self.leaf.field("out", MetaText(&plan.out));
         if let Some(t) = self.ctx.live.get_mut(&handle) {
             t.meta = plan.out;
             t.bytes = plan.out_bytes;
@@ -208,7 +237,9 @@ impl Call<'_> {
 
     /// The code of a handle's dtype.
     pub(super) fn dtype(&mut self, handle: i32) -> Result<i32, Fail> {
-        Ok(self.ctx.get(handle)?.meta.dtype.code())
+        let meta = &self.ctx.get(handle)?.meta;
+        self.leaf.field("of", MetaText(meta));
+        Ok(meta.dtype.code())
     }
 
     pub(super) fn tensor(&mut self, dtype: i32, data_ptr: i32, byte_len: u64, shape_ptr: i32, rank: i32, out_ptr: i32) -> Result<(), Fail> {
@@ -216,7 +247,10 @@ impl Call<'_> {
         let data_r = self.range(data_ptr, byte_len, "data_ptr")?;
         let out = self.range(out_ptr, 4, "out_handle_ptr")?;
         let dtype = abi::dtype(dtype).ok_or_else(invalid)?;
-        let bytes = Meta::new(shape.clone(), dtype).bytes(self.name)?;
+        let meta = Meta::new(shape.clone(), dtype);
+        self.leaf.field("in", MetaText(&meta));
+        self.leaf.digest("data", &self.mem[data_r.clone()]);
+        let bytes = meta.bytes(self.name)?;
         if bytes != byte_len {
             return Err(Fail::Status(GpuStatus::ShapeMismatch));
         }
@@ -238,6 +272,7 @@ impl Call<'_> {
     pub(super) fn read_f32(&mut self, handle: i32, out_ptr: i32, capacity: i32) -> Result<(), Fail> {
         let out = self.range(out_ptr, capacity as u32 as u64 * 4, "out_ptr")?;
         let t = self.ctx.get(handle)?;
+        self.leaf.field("of", MetaText(&t.meta));
         let (id, n) = (t.id, t.meta.shape.iter().product::<usize>());
         if n > capacity as u32 as usize {
             return Err(Fail::Status(GpuStatus::BufferTooSmall));
@@ -247,9 +282,11 @@ impl Call<'_> {
         if host.data.len() != n {
             return Err(Fail::Status(GpuStatus::DeviceError));
         }
+        let written = out.start..out.start + n * 4;
         for (dst, v) in self.mem[out].chunks_exact_mut(4).zip(&host.data) {
             dst.copy_from_slice(&v.to_le_bytes());
         }
+        self.read_back(written);
         Ok(())
     }
 
@@ -257,6 +294,7 @@ impl Call<'_> {
         let out = self.range(out_ptr, capacity as u32 as u64, "out_ptr")?;
         let len_r = self.range(len_ptr, 4, "out_len_ptr")?;
         let t = self.ctx.get(handle)?;
+        self.leaf.field("of", MetaText(&t.meta));
         let (id, bytes) = (t.id, t.stored());
         self.put_u32(len_r, u32::try_from(bytes).unwrap_or(u32::MAX));
         if bytes > out.len() as u64 {
@@ -269,6 +307,7 @@ impl Call<'_> {
             return Err(Fail::Status(GpuStatus::DeviceError));
         }
         dst.copy_from_slice(&raw.bytes);
+        self.read_back(out.start..out.start + raw.bytes.len());
         Ok(())
     }
 
@@ -276,6 +315,7 @@ impl Call<'_> {
         let shape_r = self.range(shape_ptr, MAX_RANK as u64 * 4, "out_shape_ptr")?;
         let rank_r = self.range(rank_ptr, 4, "out_rank_ptr")?;
         let t = self.ctx.get(handle)?;
+        self.leaf.field("of", MetaText(&t.meta));
         let mut dims = [0u8; MAX_RANK * 4];
         for (dst, d) in dims.chunks_exact_mut(4).zip(&t.meta.shape) {
             dst.copy_from_slice(&(*d as u32).to_le_bytes());
@@ -296,6 +336,9 @@ impl Call<'_> {
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(&self.mem[sha_r]);
         let dtype = abi::dtype(dtype).ok_or_else(invalid)?;
+        self.leaf.field("id", crate::protocol::b64::encode(&id));
+        self.leaf.field("sha256", hex::encode(sha256));
+        self.leaf.field("out", MetaText(&Meta { shape: shape.clone(), dtype }));
         let bytes = Meta::new(shape.clone(), dtype).bytes(self.name)?;
         let cache = self.ctx.constants.clone().ok_or(Fail::Status(GpuStatus::Unsupported))?;
         let key = ConstantKey { id, sha256, dtype, shape };
@@ -317,6 +360,7 @@ impl Call<'_> {
         let n = n as u32 as usize;
         let cmds = self.range(cmds_ptr, n as u64 * CMD_SIZE as u64, "cmds_ptr")?;
         let done = self.range(done_ptr, 4, "out_done_ptr")?;
+        self.leaf.field("n", n);
         let backend = self.ctx.backend.clone();
         let mut freed = Vec::new();
         let mut outs: Vec<u32> = Vec::with_capacity(n);
@@ -360,6 +404,7 @@ impl Call<'_> {
         };
         drop(freed);
         self.put_u32(done, outs.len() as u32);
+        self.leaf.field("done", outs.len());
         result?;
         end?;
         Ok(())
@@ -422,6 +467,21 @@ impl Call<'_> {
     }
 }
 
+/// The `status=` of a trace leaf: the code returned, or how the call ended instead.
+enum Status {
+    Code(i32),
+    Word(&'static str),
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Status::Code(c) => write!(f, "{c}"),
+            Status::Word(w) => f.write_str(w),
+        }
+    }
+}
+
 /// Runs one host call: `GAS_PER_CALL`, then `f`; settles the fuel and turns the outcome into a
 /// status or a trap.
 pub(super) fn host<T: 'static, R: Returned>(
@@ -443,9 +503,20 @@ pub(super) fn host<T: 'static, R: Returned>(
         }
     };
     let (mem, data) = memory.data_and_store_mut(&mut *caller);
-    let mut call = Call { name, mem, ctx: get(data), fuel, charged: 0, waited: Duration::ZERO };
-    let result = if call.ctx.expired() { Err(Fail::Deadline) } else { call.charge(GAS_PER_CALL).and_then(|()| f(&mut call)) };
+    let mut call = Call { name, mem, ctx: get(data), fuel, charged: 0, waited: Duration::ZERO, leaf: LeafText::new(name) };
+    let result =
+        if call.ctx.expired() { Err(Fail::Deadline) } else { call.charge(GAS_PER_CALL).and_then(|()| f(&mut call)).map(Returned::code) };
     let (charged, waited) = (call.charged, call.waited);
+    let status = match &result {
+        Ok(code) => Status::Code(*code),
+        Err(Fail::Status(s)) => Status::Code(s.code()),
+        Err(Fail::Trap(_)) => Status::Word("trap"),
+        Err(Fail::OutOfFuel) => Status::Word("out-of-fuel"),
+        Err(Fail::Unavailable(_)) => Status::Word("unavailable"),
+        Err(Fail::Deadline) => Status::Word("deadline"),
+    };
+    let leaf = std::mem::take(&mut call.leaf).finish(status);
+    get(caller.data_mut()).trace.push(leaf);
     if !waited.is_zero() {
         // Time spent fetching constants is not the actor's: move the deadline by it.
         let ctx = get(caller.data_mut());
@@ -457,7 +528,7 @@ pub(super) fn host<T: 'static, R: Returned>(
     // `charged <= fuel` always (`Call::charge`), and out of fuel leaves none.
     caller.set_fuel(if matches!(result, Err(Fail::OutOfFuel)) { 0 } else { fuel - charged })?;
     match result {
-        Ok(value) => Ok(value.code()),
+        Ok(code) => Ok(code),
         Err(Fail::Status(s)) => Ok(s.code()),
         Err(Fail::Trap(msg)) => Err(wasmtime::format_err!("{msg}")),
         Err(Fail::OutOfFuel) => Err(wasmtime::Error::new(Trap::OutOfFuel)),

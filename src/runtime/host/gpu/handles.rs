@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use super::MAX_HANDLES;
 use super::abi::{Fail, GpuStatus};
 use super::constants::{ConstantCache, ConstantKey, Pin};
+use crate::attest::trace::{Leaf, Trace};
 use crate::gpu::pool::{SharedDevice, lock};
 use crate::gpu::{Backend, Meta, TensorId};
+use crate::runtime::fault::Fault;
 
 /// One live handle of an evaluation.
 #[derive(Debug)]
@@ -62,6 +64,12 @@ pub struct GpuCtx {
     pub(super) excluded: Duration,
     /// The instance's memory 0, once a call has looked it up.
     pub(super) memory: Option<wasmtime::Memory>,
+    /// One leaf per host call so far.
+    pub(super) trace: Vec<Leaf>,
+    /// The fault injected into this evaluation, until it has struck (read only in test and debug
+    /// builds).
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
+    fault: Option<Fault>,
 }
 
 impl std::fmt::Debug for GpuCtx {
@@ -86,15 +94,37 @@ impl GpuCtx {
             deadline: None,
             excluded: Duration::ZERO,
             memory: None,
+            trace: Vec::new(),
+            fault: None,
         }
     }
 
     /// A context for one evaluation of a runtime whose deadline is `deadline`.
-    pub(crate) fn for_evaluation(env: &GpuEnv, deadline: Duration) -> Self {
+    /// `fault`: a test's injected fault for this evaluation (`runtime::fault`).
+    pub(crate) fn for_evaluation(env: &GpuEnv, deadline: Duration, fault: Option<Fault>) -> Self {
         let mut ctx = Self::new(env.backend.clone(), env.max_device_memory);
         ctx.constants = env.constants.clone();
         ctx.deadline = Some(deadline);
+        ctx.fault = fault;
         ctx
+    }
+
+    /// The trace of the calls so far (taken: the context keeps none).
+    pub fn take_trace(&mut self) -> Trace {
+        Trace { leaves: std::mem::take(&mut self.trace) }
+    }
+
+    /// Whether the injected fault strikes the current call (the next leaf), running `op`; it
+    /// strikes once.
+    #[cfg(debug_assertions)]
+    pub(super) fn strike(&mut self, op: &str) -> bool {
+        let index = self.trace.len();
+        if self.fault.as_ref().is_some_and(|f| f.strikes(index, op)) {
+            tracing::warn!(index, op, "injected fault: this call returns a wrong value");
+            self.fault = None;
+            return true;
+        }
+        false
     }
 
     /// Set when a call could not complete for a reason outside the actor (a constant's source is

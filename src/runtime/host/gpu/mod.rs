@@ -38,6 +38,7 @@ pub mod abi;
 mod call;
 pub mod constants;
 mod handles;
+mod trace;
 
 use std::sync::Arc;
 
