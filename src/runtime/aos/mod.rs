@@ -38,6 +38,7 @@ mod instance;
 pub mod json;
 pub mod metering;
 mod process;
+mod snapshot;
 mod state;
 
 #[cfg(test)]
