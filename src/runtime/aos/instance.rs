@@ -9,11 +9,11 @@ use sha2::{Digest, Sha256};
 use wasmtime::{Engine, Func, Instance, InstancePre, Store, StoreLimitsBuilder, Trap, Val};
 
 use super::AosError;
-use super::snapshot;
 use super::engine::export_name;
 use super::format::{Glue, Profile};
 use super::imports::control::grow_heap;
 use super::imports::weave::current_gas;
+use super::snapshot;
 use super::state::{AsyncState, EnvVars, Exports, GAS_LIMIT_GLOBAL, GAS_USED_GLOBAL, Host, HostTrap, call_ptr, pval, read_cstr, write};
 use crate::protocol::Tag;
 use crate::runtime::epoch::EPOCH_TICK;

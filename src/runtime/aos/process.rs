@@ -18,8 +18,8 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::AosError;
-use super::snapshot;
 use super::instance::{AosInstance, AosModule, HandleOutcome, HostSnapshot, InstanceOptions};
+use super::snapshot;
 
 /// The CU treats an Output ending in this as an error.
 pub const NOT_ENOUGH_MEMORY: &str = "not enough memory for buffer allocation";
