@@ -8,8 +8,10 @@
 //!
 //! - `aos_msgs/FORMAT/replay`, `aos_msgs/FORMAT/copy`: one message of the sequence on a warm
 //!   `AosProcess` (CU error semantics), with the default rollback (replay from a base moved every
-//!   32 messages) and with `Rollback::Copy` (the memory copied before every message); the
+//!   256 messages) and with `Rollback::Copy` (the base updated before every message); the
 //!   process carries on across samples, so the sequence simply continues;
+//! - `aos_msgs/w64/replay_no_spectre`: the same on W64 compiled with
+//!   `AosEngineOptions { heap_spectre_mitigation: false }` (the operator trade-off);
 //! - `aos_first_message/FORMAT`: a fresh process: boot, `count = 0` and its result;
 //! - `aos_compile/FORMAT/cold`, `aos_compile/FORMAT/disk_cache`: `AosEngine::load` on a new engine
 //!   without a cache (wasmtime compile, plus the metering pass for `…-metering`) and from a warm
@@ -23,7 +25,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ao_gpu_worker::bench::aos::{run_messages, started};
-use ao_gpu_worker::runtime::aos::{AosEngine, AosFormat, Rollback};
+use ao_gpu_worker::runtime::aos::{AosEngine, AosEngineOptions, AosFormat, Rollback};
 use criterion::{Criterion, Throughput};
 
 const MODULES: [(&str, AosFormat); 5] = [
@@ -84,6 +86,21 @@ fn main() {
             let (mut process, _) = started(&module, rollback).unwrap_or_else(|e| panic!("{name} as {format}: {e}"));
             let mut next = 1;
             g.bench_function(rl, |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    run_messages(&mut process, next, iters as usize).unwrap_or_else(|e| panic!("{name} as {format}: {e}"));
+                    next += iters as usize;
+                    t.elapsed()
+                })
+            });
+        }
+        if format == AosFormat::Wasm64 {
+            let options = AosEngineOptions { heap_spectre_mitigation: false };
+            let engine = AosEngine::with_options(None, options).expect("aos engine");
+            let module = engine.load(&wasm, format).unwrap_or_else(|e| panic!("{name} as {format}: {e}"));
+            let (mut process, _) = started(&module, Rollback::default()).unwrap_or_else(|e| panic!("{name} as {format}: {e}"));
+            let mut next = 1;
+            g.bench_function("replay_no_spectre", |b| {
                 b.iter_custom(|iters| {
                     let t = Instant::now();
                     run_messages(&mut process, next, iters as usize).unwrap_or_else(|e| panic!("{name} as {format}: {e}"));

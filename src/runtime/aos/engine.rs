@@ -1,6 +1,13 @@
 //! The aos engine: its own wasmtime `Engine` (memory64 on, NaN canonicalization off so `0/0`
 //! prints `-nan` as on V8/x86-64, no fuel: gas is instrumented; epoch interruption for the
 //! wall-clock deadline), the compiled-module cache (memory and disk), and `load`.
+//!
+//! Memory profile: wasmtime 48's defaults on 64-bit hosts, kept on purpose (docs/aos.md
+//! "Performance"). A 4 GiB reservation plus 32 MiB of guard pages lets Cranelift drop every bounds
+//! check of a wasm32 memory (E1–E4); a memory64 memory (W64) whose maximum fits the reservation
+//! cannot move, so its bounds checks compare against a constant instead of loading the length.
+//! Those checks carry a Spectre guard (a conditional move) unless
+//! [`AosEngineOptions::heap_spectre_mitigation`] is turned off.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,6 +25,23 @@ use crate::runtime::cache::DiskCache;
 /// Loaded modules by (sha256 of the wasm, format).
 type ModuleMap = HashMap<([u8; 32], AosFormat), Arc<AosModule>>;
 
+/// Operator choices for the aos engine. [`Default`] is the safe profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AosEngineOptions {
+    /// Spectre hardening of the bounds-checked memory accesses (Cranelift's
+    /// `enable_heap_access_spectre_mitigation`). Only memory64 modules (W64) have such checks;
+    /// wasm32 modules rely on guard pages and compile the same either way. Default on: a worker
+    /// runs code from many tenants in one process. Off saves ~9% of the instructions of a W64
+    /// message (measured with callgrind, docs/aos.md) at the cost of that isolation.
+    pub heap_spectre_mitigation: bool,
+}
+
+impl Default for AosEngineOptions {
+    fn default() -> Self {
+        Self { heap_spectre_mitigation: true }
+    }
+}
+
 /// Compiles and caches aos modules. Cheap to share; one per worker.
 pub struct AosEngine {
     engine: Engine,
@@ -33,8 +57,15 @@ impl std::fmt::Debug for AosEngine {
 }
 
 impl AosEngine {
-    /// A new engine; `cache_dir` keeps compiled modules across restarts (created when missing).
+    /// A new engine with the default options; `cache_dir` keeps compiled modules across restarts
+    /// (created when missing).
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, AosError> {
+        Self::with_options(cache_dir, AosEngineOptions::default())
+    }
+
+    /// A new engine with `options`. Compiles cached on disk are kept apart per option set (the
+    /// file name carries the engine's compatibility hash).
+    pub fn with_options(cache_dir: Option<PathBuf>, options: AosEngineOptions) -> Result<Self, AosError> {
         let mut config = Config::new();
         config
             .wasm_memory64(true)
@@ -42,6 +73,14 @@ impl AosEngine {
             .consume_fuel(false)
             .epoch_interruption(true)
             .wasm_multi_memory(false);
+        if !options.heap_spectre_mitigation {
+            // SAFETY: a Cranelift setting wasmtime 48 knows (`Engine::new` rejects unknown or
+            // mistyped flags); turning it off only removes the conditional move that guards
+            // speculative out-of-bounds loads, bounds checks still trap.
+            unsafe {
+                config.cranelift_flag_set("enable_heap_access_spectre_mitigation", "false");
+            }
+        }
         let engine = Engine::new(&config).map_err(|e| AosError::Setup(format!("engine: {e:#}")))?;
         let disk = match cache_dir {
             Some(dir) => Some(DiskCache::open(&dir, &engine).map_err(|e| AosError::Cache(e.to_string()))?),

@@ -2,6 +2,7 @@
 //! glue's `ccall` convention and the Asyncify loop (§4.4, §4.5).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -12,6 +13,7 @@ use super::engine::export_name;
 use super::format::{Glue, Profile};
 use super::imports::control::grow_heap;
 use super::imports::weave::current_gas;
+use super::snapshot;
 use super::state::{AsyncState, EnvVars, Exports, GAS_LIMIT_GLOBAL, GAS_USED_GLOBAL, Host, HostTrap, call_ptr, pval, read_cstr, write};
 use crate::protocol::Tag;
 use crate::runtime::epoch::EPOCH_TICK;
@@ -148,8 +150,8 @@ impl AosModule {
             opts.deadline.map_or(NO_DEADLINE, |d| (d.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).saturating_add(1).min(NO_DEADLINE));
         store.set_epoch_deadline(deadline_ticks);
         let instance = self.pre.instantiate(&mut store).map_err(|e| classify(e, opts.gas_limit))?;
-        let ex = exports_of(&mut store, &instance, self.profile.glue)?;
-        store.data_mut().exports = Some(ex.clone());
+        let ex = Arc::new(exports_of(&mut store, &instance, self.profile.glue)?);
+        store.data_mut().exports = Some(Arc::clone(&ex));
         if let Some(counter) = instance.get_global(&mut store, GAS_USED_GLOBAL) {
             store.data_mut().gas.counter = Some(counter);
             if let Some(limit) = instance.get_global(&mut store, GAS_LIMIT_GLOBAL) {
@@ -241,7 +243,7 @@ pub(super) fn classify(e: wasmtime::Error, gas_limit: u64) -> AosError {
 pub struct AosInstance {
     store: Store<Host>,
     instance: Instance,
-    ex: Exports,
+    ex: Arc<Exports>,
     profile: Profile,
     deadline_ticks: u64,
     gas_limit: u64,
@@ -345,7 +347,7 @@ impl AosInstance {
         if pages > 0 && mem.grow(&mut self.store, pages).is_err() {
             return Err(AosError::Restore(format!("cannot grow memory to the {} bytes of the snapshot", memory.len())));
         }
-        mem.data_mut(&mut self.store)[..memory.len()].copy_from_slice(memory);
+        snapshot::sync(&mut mem.data_mut(&mut self.store)[..memory.len()], memory);
         let h = self.store.data_mut();
         (h.now, h.tz_done, h.temp_ret0) = (host.now, host.tz_done, host.temp_ret0);
         Ok(())
@@ -361,7 +363,7 @@ impl AosInstance {
                 memory.len()
             )));
         }
-        mem.data_mut(&mut self.store)[..memory.len()].copy_from_slice(memory);
+        snapshot::sync(&mut mem.data_mut(&mut self.store)[..memory.len()], memory);
         Ok(())
     }
 
@@ -379,7 +381,7 @@ impl AosInstance {
             let zero = if counter.ty(&self.store).content().is_i64() { Val::I64(0) } else { Val::I32(0) };
             counter.set(&mut self.store, zero).map_err(|e| AosError::Trap(format!("cannot reset the gas counter: {e}")))?;
         }
-        let ex = self.ex.clone();
+        let ex = Arc::clone(&self.ex);
         let sp0 = self.call(&ex.stack_save, &[])?;
         let mut ptrs = [0u64; 2];
         for (slot, text) in ptrs.iter_mut().zip([msg_json, env_json]) {
@@ -436,21 +438,23 @@ impl AosInstance {
     }
 }
 
-fn list(response: &serde_json::Value, key: &str) -> Vec<serde_json::Value> {
-    match response.get(key) {
-        Some(serde_json::Value::Array(items)) => items.clone(),
+/// Takes the array at `key` out of `response` (empty when absent or not an array).
+fn take_list(response: &mut serde_json::Value, key: &str) -> Vec<serde_json::Value> {
+    match response.get_mut(key) {
+        Some(serde_json::Value::Array(items)) => std::mem::take(items),
         _ => Vec::new(),
     }
 }
 
 /// Parses `{"ok":bool,"response":{…}}`; `ok:false` is the loader's throw.
 fn parse_result(raw: String, gas_used: u64) -> Result<HandleOutcome, AosError> {
-    let value: serde_json::Value =
+    let mut value: serde_json::Value =
         serde_json::from_str(&raw).map_err(|e| AosError::BadResult(format!("handle returned invalid JSON ({e}): {}", preview(&raw))))?;
-    let Some(response) = value.get("response") else {
+    let ok = value.get("ok") == Some(&serde_json::Value::Bool(true));
+    let Some(response) = value.get_mut("response") else {
         return Err(AosError::BadResult(format!("handle's result has no `response`: {}", preview(&raw))));
     };
-    if value.get("ok") != Some(&serde_json::Value::Bool(true)) {
+    if !ok {
         return Err(AosError::Evaluation(match response {
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
@@ -462,12 +466,12 @@ fn parse_result(raw: String, gas_used: u64) -> Result<HandleOutcome, AosError> {
         Some(other) => Some(other.to_string()),
     };
     Ok(HandleOutcome {
-        output: response.get("Output").cloned().unwrap_or(serde_json::Value::Null),
+        output: response.get_mut("Output").map(serde_json::Value::take).unwrap_or(serde_json::Value::Null),
         error,
-        messages: list(response, "Messages"),
-        spawns: list(response, "Spawns"),
-        assignments: list(response, "Assignments"),
-        patches: list(response, "Patches"),
+        messages: take_list(response, "Messages"),
+        spawns: take_list(response, "Spawns"),
+        assignments: take_list(response, "Assignments"),
+        patches: take_list(response, "Patches"),
         gas_used,
         raw_json: raw,
     })

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! AosEngine::new(cache_dir: Option<PathBuf>) -> Result<AosEngine, AosError>
+//! AosEngine::with_options(cache_dir, AosEngineOptions { heap_spectre_mitigation }) -> Result<AosEngine, AosError>
 //! AosEngine::load(&self, wasm: &[u8], format: AosFormat) -> Result<Arc<AosModule>, AosError>
 //! AosModule::instantiate(&self, memory: Option<&[u8]>, opts: &InstanceOptions) -> Result<AosInstance, AosError>
 //! AosInstance::handle(&mut self, msg_json: &str, env_json: &str) -> Result<HandleOutcome, AosError>
@@ -38,12 +39,13 @@ mod instance;
 pub mod json;
 pub mod metering;
 mod process;
+mod snapshot;
 mod state;
 
 #[cfg(test)]
 mod tests;
 
-pub use engine::AosEngine;
+pub use engine::{AosEngine, AosEngineOptions};
 pub use format::{AosFormat, DateMode, Glue, Profile, StackAllocRule};
 pub use imports::control::heap_growth_candidates;
 pub use instance::{AosInstance, AosModule, DEFAULT_GAS_LIMIT, HandleOutcome, InstanceOptions};

@@ -8,8 +8,10 @@
 //! state of the instance it came from, or "fresh boot") and the messages evaluated since. On a
 //! failure it boots a fresh instance, makes it equal to the base (exact memory size, host state)
 //! and replays those messages — evaluation is deterministic, so this rebuilds the pre-message
-//! memory bit for bit. Every `rebase_every` messages the base moves up (one memory copy).
-//! [`Rollback::Copy`] copies the memory before every message instead (~10 ms per 110 MB).
+//! memory bit for bit. Every `rebase_every` messages the base moves up: the base is updated page
+//! by page, writing only the pages that changed ([`super::snapshot`]; ~4 ms for aos 2.0's 110 MB
+//! memory, of which ~2 MB is not zero, instead of ~14 ms for a full copy). [`Rollback::Copy`]
+//! does that before every message instead.
 
 use std::sync::Arc;
 
@@ -17,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::AosError;
 use super::instance::{AosInstance, AosModule, HandleOutcome, HostSnapshot, InstanceOptions};
+use super::snapshot;
 
 /// The CU treats an Output ending in this as an error.
 pub const NOT_ENOUGH_MEMORY: &str = "not enough memory for buffer allocation";
@@ -174,16 +177,17 @@ impl AosProcess {
         };
         // CU semantics: keep the memory from before the message, continue on a fresh instance.
         drop(instance);
-        let memory = self.live()?.memory().to_vec();
+        let memory = snapshot::sparse_copy(self.live()?.memory());
         self.base = Base { memory: Some(memory), host: None, log: Vec::new() };
         Ok(failed)
     }
 
     /// Moves the base up to the live instance's current state.
     fn rebase(&mut self, instance: &AosInstance) {
-        let memory = self.base.memory.get_or_insert_with(Vec::new);
-        memory.clear();
-        memory.extend_from_slice(instance.memory());
+        match &mut self.base.memory {
+            Some(memory) => snapshot::rebase_into(memory, instance.memory()),
+            None => self.base.memory = Some(snapshot::sparse_copy(instance.memory())),
+        }
         self.base.host = Some(instance.host_snapshot());
         self.base.log.clear();
     }
@@ -205,7 +209,7 @@ impl AosProcess {
     /// state), as a CU cold start.
     pub fn evict(&mut self) {
         if let Some(i) = self.instance.take() {
-            self.base = Base { memory: Some(i.memory().to_vec()), host: None, log: Vec::new() };
+            self.base = Base { memory: Some(snapshot::sparse_copy(i.memory())), host: None, log: Vec::new() };
         }
     }
 }

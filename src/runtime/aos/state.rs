@@ -4,6 +4,7 @@
 //! timezone flag, the tempRet0 register, the Asyncify state and the gas counters.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use wasmtime::{AsContext, AsContextMut, Caller, Func, Global, Memory, StoreLimits, Table, Val};
 
@@ -86,7 +87,8 @@ pub struct Host {
     pub async_state: AsyncState,
     pub async_data: u64,
     pub async_ret: i32,
-    pub exports: Option<Exports>,
+    /// Shared with the instance: imports take a reference count, not a copy of the maps.
+    pub exports: Option<Arc<Exports>>,
     pub limits: StoreLimits,
     /// Bytes written to stdout/stderr (the loader mutes them; we count and discard).
     pub stdout_bytes: u64,
@@ -136,9 +138,9 @@ pub fn trap<T>(msg: impl Into<String>) -> HostResult<T> {
     Err(wasmtime::Error::new(HostTrap::Message(msg.into())))
 }
 
-pub fn exports(caller: &Caller<'_, Host>) -> HostResult<Exports> {
+pub fn exports(caller: &Caller<'_, Host>) -> HostResult<Arc<Exports>> {
     match &caller.data().exports {
-        Some(e) => Ok(e.clone()),
+        Some(e) => Ok(Arc::clone(e)),
         None => trap("an import was called before the instance was set up"),
     }
 }
@@ -168,12 +170,22 @@ pub fn pval(wasm64: bool, v: u64) -> Val {
 
 /// Calls an export whose parameters are all pointers; returns its first result as a pointer.
 pub fn call_ptr(mut ctx: impl AsContextMut<Data = Host>, f: &Func, args: &[u64]) -> HostResult<u64> {
+    const MAX_ARGS: usize = 4;
     let wasm64 = ctx.as_context().data().profile.wasm64;
-    let args: Vec<Val> = args.iter().map(|a| pval(wasm64, *a)).collect();
+    if args.len() > MAX_ARGS {
+        return trap(format!("call_ptr takes at most {MAX_ARGS} arguments, not {}", args.len()));
+    }
+    let mut vals = [Val::I32(0); MAX_ARGS];
+    for (slot, a) in vals.iter_mut().zip(args) {
+        *slot = pval(wasm64, *a);
+    }
     let n = f.ty(&ctx).results().len();
-    let mut out = vec![Val::I32(0); n];
-    f.call(&mut ctx, &args, &mut out)?;
-    Ok(out.first().map(ptr).unwrap_or(0))
+    let mut out = [Val::I32(0); 1];
+    if n > out.len() {
+        return trap(format!("call_ptr expects at most one result, the export has {n}"));
+    }
+    f.call(&mut ctx, &vals[..args.len()], &mut out[..n])?;
+    Ok(if n == 0 { 0 } else { ptr(&out[0]) })
 }
 
 fn range(len: usize, at: u64, n: u64) -> HostResult<std::ops::Range<usize>> {

@@ -6,6 +6,7 @@
 
 mod acceptance;
 mod cli;
+mod engine_options;
 mod goldens;
 mod metering;
 mod parity;

@@ -31,10 +31,18 @@ pub(super) fn invoke(caller: &mut Caller<'_, Host>, sig: &str, args: &[Val], res
         }
     } else {
         let Some(f) = ex.dyncalls.get(sig) else { return trap(format!("module imports invoke_{sig} but exports no dynCall_{sig}")) };
-        let mut call_args = Vec::with_capacity(args.len());
-        call_args.push(Val::I32(index as i32));
-        call_args.extend_from_slice(&args[1..]);
-        f.call(&mut *caller, &call_args, results)
+        // `dynCall_<sig>(index, args…)`: the invoke's own arguments with the index as an i32.
+        let mut small = [Val::I32(0); 8];
+        let mut large = Vec::new();
+        let call_args: &mut [Val] = if args.len() <= small.len() {
+            &mut small[..args.len()]
+        } else {
+            large.resize(args.len(), Val::I32(0));
+            &mut large
+        };
+        call_args[0] = Val::I32(index as i32);
+        call_args[1..].copy_from_slice(&args[1..]);
+        f.call(&mut *caller, call_args, results)
     };
     match outcome {
         Ok(()) => Ok(()),
