@@ -106,6 +106,8 @@ pub struct AosSection {
     pub live_processes: usize,
     /// Messages between two moves of a live process's rollback base (one memory copy).
     pub rebase_every: usize,
+    /// Spectre hardening of memory64 (wasm64) modules' bounds checks.
+    pub heap_spectre_mitigation: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -326,6 +328,7 @@ impl Config {
         let checkpoint_every = v.integer(&mut s, "aos", "checkpoint_every", 32, 1, 1_000_000) as u64;
         let live_processes = v.integer(&mut s, "aos", "live_processes", 4, 1, 4096) as usize;
         let rebase_every = v.integer(&mut s, "aos", "rebase_every", 256, 1, 1_000_000) as usize;
+        let heap_spectre_mitigation = v.boolean(&mut s, "aos", "heap_spectre_mitigation", true);
         v.unknown(s, "aos");
 
         let mut s = v.section(&mut root, "attestation");
@@ -447,7 +450,7 @@ impl Config {
             api: ApiSection { listen },
             log: LogSection { level, format },
             gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory, startup_bench },
-            aos: AosSection { checkpoint_every, live_processes, rebase_every },
+            aos: AosSection { checkpoint_every, live_processes, rebase_every, heap_spectre_mitigation },
             overload,
             testing: TestingSection { fault },
         })
@@ -661,6 +664,17 @@ impl Validator {
         }
     }
 
+    fn boolean(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str, default: bool) -> bool {
+        match s.remove(key) {
+            None => default,
+            Some(toml::Value::Boolean(b)) => b,
+            Some(other) => {
+                self.issue(&format!("{section}.{key}"), format!("expected true or false, found {}", other.type_str()));
+                default
+            }
+        }
+    }
+
     fn integer(&mut self, s: &mut BTreeMap<String, toml::Value>, section: &str, key: &str, default: i64, min: i64, max: i64) -> i64 {
         let v = match s.remove(key) {
             None => return default,
@@ -711,16 +725,24 @@ mod tests {
         assert_eq!(from_file.gpu.max_constant_memory, crate::runtime::DEFAULT_MAX_CONSTANT_MEMORY);
         let aos = crate::runtime::AosSettings::default();
         assert_eq!((from_file.aos.live_processes, from_file.aos.rebase_every), (aos.live_processes, aos.rebase_every));
+        assert_eq!(from_file.aos.heap_spectre_mitigation, aos.heap_spectre_mitigation);
         assert_eq!(from_file.aos.checkpoint_every, 32);
     }
 
     #[test]
     fn aos_section() {
         let c = parse("[aos]\ncheckpoint_every = 8\nlive_processes = 16\nrebase_every = 64\n").unwrap();
-        assert_eq!(c.aos, AosSection { checkpoint_every: 8, live_processes: 16, rebase_every: 64 });
-        let e = parse("[aos]\ncheckpoint_every = 0\nlive_processes = 0\nrebase = 3\n").unwrap_err();
+        assert_eq!(c.aos, AosSection { checkpoint_every: 8, live_processes: 16, rebase_every: 64, heap_spectre_mitigation: true });
+        assert!(!parse("[aos]\nheap_spectre_mitigation = false\n").unwrap().aos.heap_spectre_mitigation);
+        let e = parse("[aos]\ncheckpoint_every = 0\nlive_processes = 0\nrebase = 3\nheap_spectre_mitigation = 1\n").unwrap_err();
         let paths: Vec<&str> = e.issues.iter().map(|i| i.path.as_str()).collect();
-        assert!(paths.contains(&"aos.checkpoint_every") && paths.contains(&"aos.live_processes") && paths.contains(&"aos.rebase"), "{e}");
+        assert!(
+            paths.contains(&"aos.checkpoint_every")
+                && paths.contains(&"aos.live_processes")
+                && paths.contains(&"aos.rebase")
+                && paths.contains(&"aos.heap_spectre_mitigation"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -195,7 +195,13 @@ fn start_runtime(config: &Config, pool: Arc<DevicePool>, gateway: &GatewayClient
             max_constant_memory: config.gpu.max_constant_memory,
         },
     )
-    .map(|rt| rt.with_aos_settings(AosSettings { live_processes: config.aos.live_processes, rebase_every: config.aos.rebase_every }))
+    .map(|rt| {
+        rt.with_aos_settings(AosSettings {
+            live_processes: config.aos.live_processes,
+            rebase_every: config.aos.rebase_every,
+            heap_spectre_mitigation: config.aos.heap_spectre_mitigation,
+        })
+    })
     .and_then(|rt| rt.with_fault(config.testing.fault.clone()))
     .context("cannot start the wasm runtime")
 }

@@ -34,11 +34,13 @@ pub struct AosSettings {
     /// A live process's rollback base moves up every this many messages (one memory copy); a
     /// failed message replays at most this many messages on the base. At least 1.
     pub rebase_every: usize,
+    /// Spectre hardening of memory64 modules' bounds checks ([`super::aos::AosEngineOptions`]).
+    pub heap_spectre_mitigation: bool,
 }
 
 impl Default for AosSettings {
     fn default() -> Self {
-        AosSettings { live_processes: 4, rebase_every: 256 }
+        AosSettings { live_processes: 4, rebase_every: 256, heap_spectre_mitigation: true }
     }
 }
 

@@ -328,6 +328,7 @@ pub struct Runtime {
     /// The engine of aos modules, made on the first one loaded.
     aos: std::sync::OnceLock<Result<aos::AosEngine, String>>,
     live: live::LiveProcesses,
+    aos_settings: AosSettings,
     deadline_ticks: u64,
     /// A test's injected fault (`fault`); always `None` in a release build.
     fault: Mutex<Option<fault::Fault>>,
@@ -449,6 +450,7 @@ impl Runtime {
             modules: Mutex::new(HashMap::new()),
             aos: std::sync::OnceLock::new(),
             live: live::LiveProcesses::new(AosSettings::default()),
+            aos_settings: AosSettings::default(),
             deadline_ticks,
             fault: Mutex::new(None),
             _ticker: ticker,
@@ -463,6 +465,7 @@ impl Runtime {
     /// Set it before the first evaluation: live instances made earlier are dropped.
     pub fn with_aos_settings(mut self, settings: AosSettings) -> Self {
         self.live = live::LiveProcesses::new(settings);
+        self.aos_settings = settings;
         self
     }
 
@@ -532,7 +535,10 @@ impl Runtime {
     fn load_aos(&self, module_bytes: &[u8], format: aos::AosFormat, sha256: [u8; 32]) -> Result<ActorModule, RuntimeError> {
         let engine = self
             .aos
-            .get_or_init(|| aos::AosEngine::new(Some(self.cfg.cache_dir.clone())).map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                let options = aos::AosEngineOptions { heap_spectre_mitigation: self.aos_settings.heap_spectre_mitigation };
+                aos::AosEngine::with_options(Some(self.cfg.cache_dir.clone()), options).map_err(|e| e.to_string())
+            })
             .as_ref()
             .map_err(|e| RuntimeError::Setup(format!("aos engine: {e}")))?;
         let module = engine.load(module_bytes, format).map_err(|e| match e {

@@ -147,7 +147,7 @@ fn the_aos_settings_bound_live_instances_and_move_the_rollback_base() {
     let mut kept = Kept::default();
     let reference: Vec<Step> = msgs.iter().enumerate().map(|(i, m)| step(&rt, &module, &mut kept, m, checkpoint(i))).collect();
 
-    let small = runtime(dir.path()).with_aos_settings(AosSettings { live_processes: 1, rebase_every: 2 });
+    let small = runtime(dir.path()).with_aos_settings(AosSettings { live_processes: 1, rebase_every: 2, ..AosSettings::default() });
     let module = small.load(&wasm, &tags).unwrap();
     let (mut p, mut q) = (Kept::default(), Kept::default());
     for (i, m) in msgs.iter().enumerate() {
