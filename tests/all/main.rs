@@ -30,6 +30,7 @@ mod interop_aoconnect;
 mod interop_arbundles;
 mod jobs;
 mod kernels_registered;
+mod llm_tokenizer;
 mod net_clients;
 mod run_e2e;
 mod sign_once;
