@@ -33,6 +33,8 @@ pub struct Config {
     pub log: LogSection,
     pub gpu: GpuSection,
     pub aos: AosSection,
+    /// `[models]`: models `wasi_ephemeral_nn`'s `load_by_name` serves, by name.
+    pub models: crate::runtime::ModelRegistry,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -304,6 +306,23 @@ impl Config {
         let rebase_every = v.integer(&mut s, "aos", "rebase_every", 256, 1, 1_000_000) as usize;
         v.unknown(s, "aos");
 
+        // [models] NAME = { path = "...", sha256 = "..." }: relative paths under data_dir.
+        let mut models = crate::runtime::ModelRegistry::default();
+        for (name, value) in v.section(&mut root, "models") {
+            let at = format!("models.{name}");
+            let entry = value.as_table().and_then(|t| {
+                let path = t.get("path")?.as_str()?;
+                let sha256 = t.get("sha256")?.as_str()?;
+                Some((path.to_owned(), sha256.to_ascii_lowercase()))
+            });
+            match entry {
+                Some((path, sha256)) if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) && !path.is_empty() => {
+                    models.models.insert(name, crate::runtime::ModelEntry { path: data_dir.join(path), sha256 });
+                }
+                _ => v.issue(&at, "must be a table { path = \"FILE.gguf\", sha256 = \"<64 hex digits>\" }"),
+            }
+        }
+
         let mut s = v.section(&mut root, "attestation");
         let target = v.string(&mut s, "attestation", "target", "", None);
         v.unknown(s, "attestation");
@@ -407,6 +426,7 @@ impl Config {
             log: LogSection { level, format },
             gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory, startup_bench },
             aos: AosSection { checkpoint_every, live_processes, rebase_every },
+            models,
         })
     }
 }
@@ -659,6 +679,16 @@ mod tests {
         let aos = crate::runtime::AosSettings::default();
         assert_eq!((from_file.aos.live_processes, from_file.aos.rebase_every), (aos.live_processes, aos.rebase_every));
         assert_eq!(from_file.aos.checkpoint_every, 32);
+    }
+
+    #[test]
+    fn models_section() {
+        let sha = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+        let c = parse(&format!("[worker]\ndata_dir = \"/d\"\n[models]\nsmollm2 = {{ path = \"m.gguf\", sha256 = \"{sha}\" }}\n")).unwrap();
+        let e = &c.models.models["smollm2"];
+        assert_eq!((e.path.as_path(), e.sha256.as_str()), (std::path::Path::new("/d/m.gguf"), sha));
+        let err = parse("[models]\nbad = { path = \"m.gguf\", sha256 = \"xyz\" }\n").unwrap_err();
+        assert!(err.to_string().contains("models.bad"), "{err}");
     }
 
     #[test]

@@ -190,6 +190,7 @@ fn start_runtime(config: &Config, pool: Arc<DevicePool>, gateway: &GatewayClient
         },
     )
     .map(|rt| rt.with_aos_settings(AosSettings { live_processes: config.aos.live_processes, rebase_every: config.aos.rebase_every }))
+    .map(|rt| rt.with_models(config.models.clone()))
     .context("cannot start the wasm runtime")
 }
 

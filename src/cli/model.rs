@@ -61,6 +61,43 @@ pub enum ModelCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Generate text from a prompt with the worker's own engine (the one actors reach through
+    /// `wasi_ephemeral_nn`): prints one JSON object with prompt_tokens, tokens, text and the
+    /// prompt and decode speeds. Greedy unless --temp is above 0.
+    Run {
+        /// The .gguf file (llama architecture, byte-level BPE tokenizer).
+        file: PathBuf,
+        /// The prompt text; special tokens such as `<|im_start|>` are parsed as such.
+        #[arg(long)]
+        prompt: String,
+        /// Apply the GGUF's chat template to the prompt as one user message.
+        #[arg(long)]
+        chat: bool,
+        /// Most tokens to generate (stops earlier at an end-of-generation token).
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Positions the context holds (prompt plus generated tokens).
+        #[arg(long, default_value_t = 512)]
+        ctx_size: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temp: f32,
+        /// Nucleus sampling threshold.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed of the sampler (deterministic for a given seed).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Tensor backend: cpu, wgpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// The backend's determinism mode: reproducible or fast.
+        #[arg(long, default_value = "reproducible")]
+        determinism: String,
+        /// Print the JSON object (the only output format; accepted for scripts).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn print_json(v: &serde_json::Value, pretty: bool) -> anyhow::Result<()> {
@@ -158,6 +195,48 @@ pub fn run_cli(command: ModelCommand) -> anyhow::Result<()> {
             };
             let report = |v: &serde_json::Value| print_json(v, false);
             rt.block_on(crate::demo::smollm2::run(&file, &prompts, max_new_tokens, kind, determinism, &dir, &report))
+        }
+        ModelCommand::Run { file, prompt, chat, max_new_tokens, ctx_size, temp, top_p, seed, backend, determinism, json: _ } => {
+            use crate::llm::engine::{Count, Sampling};
+            use crate::llm::generate::{LoadedModel, Options, generate};
+            let kind = crate::gpu::BackendKind::parse(&backend).with_context(|| format!("--backend {backend:?}: cpu, wgpu or cuda"))?;
+            let determinism = crate::gpu::Determinism::parse(&determinism)
+                .with_context(|| format!("--determinism {determinism:?}: reproducible or fast"))?;
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let mut be = crate::gpu::Backend::new(kind, determinism)?;
+            let model = LoadedModel::load(&mut be, &bytes)?;
+            drop(bytes);
+            let prompt = if chat {
+                let template = model.chat.as_ref().context("the GGUF has no chat template this worker renders: drop --chat")?;
+                template.render(&[crate::llm::chat::Message { role: "user".into(), content: prompt }], true)
+            } else {
+                prompt
+            };
+            let options = Options {
+                n_predict: max_new_tokens,
+                ctx_size,
+                sampling: Sampling { temperature: temp, top_p, seed, ..Sampling::default() },
+            };
+            let mut meter = Count::default();
+            let out = generate(&model, &mut be, &prompt, &options, &mut meter)?;
+            let per_second = |n: usize, t: std::time::Duration| if t.is_zero() { 0.0 } else { n as f64 / t.as_secs_f64() };
+            print_json(
+                &serde_json::json!({
+                    "model": model.name,
+                    "sha256": model.sha256,
+                    "backend": be.describe(),
+                    "determinism": determinism.as_str(),
+                    "prompt_tokens": out.prompt_tokens,
+                    "tokens": out.tokens,
+                    "text": out.text,
+                    "ended": out.ended,
+                    "prompt_tokens_per_second": per_second(out.prompt_tokens.len(), out.prompt_time),
+                    "decode_tokens_per_second": per_second(out.tokens.len(), out.decode_time),
+                    "flops": meter.flops,
+                    "bytes": meter.bytes,
+                }),
+                false,
+            )
         }
     }
 }

@@ -13,9 +13,9 @@
 
 use std::fmt;
 
+use super::params::LlamaParams;
 use crate::gguf::Gguf;
 use crate::gpu::{Backend, BinaryOp, DType, GpuError, HostTensor, Op, Plan, RawTensor, RopeMode, TensorId, TensorOps, UnaryOp};
-use crate::model::Hyperparameters;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -68,7 +68,7 @@ struct Block {
 
 /// A llama-architecture model's weights on a backend.
 pub struct Llama {
-    pub hyper: Hyperparameters,
+    pub hyper: LlamaParams,
     embd: TensorId,
     blocks: Vec<Block>,
     out_norm: TensorId,
@@ -96,10 +96,7 @@ pub struct KvCache {
 impl Llama {
     /// Uploads the weights of a llama GGUF (`file` is the whole file's bytes) to `backend`.
     pub fn load(backend: &mut Backend, g: &Gguf, file: &[u8]) -> Result<Self, EngineError> {
-        let hyper = Hyperparameters::from_gguf(g).map_err(|e| EngineError::Model(format!("{e:#}")))?;
-        if hyper.rope_mode != "interleaved" {
-            return Err(EngineError::Model(format!("rope mode {} is not supported (interleaved is)", hyper.rope_mode)));
-        }
+        let hyper = LlamaParams::from_gguf(g).map_err(EngineError::Model)?;
         let mut weight_bytes = 0u64;
         let mut upload = |backend: &mut Backend, name: &str| -> Result<TensorId, EngineError> {
             let t = g.tensor(name).ok_or_else(|| EngineError::Model(format!("the GGUF has no tensor {name}")))?;
@@ -338,7 +335,7 @@ impl Sampler {
                 }
             }
         }
-        if !(p.temperature > 0.0) {
+        if p.temperature.is_nan() || p.temperature <= 0.0 {
             return Llama::argmax(&l);
         }
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);

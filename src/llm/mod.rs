@@ -6,6 +6,8 @@
 
 pub mod chat;
 pub mod engine;
+pub mod generate;
+pub mod params;
 pub mod pretokenize;
 pub mod tokenizer;
 

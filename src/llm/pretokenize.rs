@@ -71,18 +71,17 @@ impl Ranges {
 
     fn contains(&self, c: char) -> bool {
         let c = u32::from(c);
-        match self.0.binary_search_by(|&(lo, hi)| {
-            if hi < c {
-                std::cmp::Ordering::Less
-            } else if lo > c {
-                std::cmp::Ordering::Greater
-            } else {
-                std::cmp::Ordering::Equal
-            }
-        }) {
-            Ok(_) => true,
-            Err(_) => false,
-        }
+        self.0
+            .binary_search_by(|&(lo, hi)| {
+                if hi < c {
+                    std::cmp::Ordering::Less
+                } else if lo > c {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .is_ok()
     }
 }
 
@@ -156,19 +155,16 @@ fn gpt2<'a>(text: &'a str, out: &mut Vec<&'a str>) {
         }
         // The class after an optional leading space.
         let lead = if c == ' ' { kind_at(pos + 1) } else { Some(kind(c)) };
-        match lead {
-            Some(k @ (Kind::Letter | Kind::Number | Kind::Other)) => {
-                // ` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+`
-                if c == ' ' {
-                    pos += 1;
-                }
-                while kind_at(pos) == Some(k) {
-                    pos += 1;
-                }
-                out.push(&text[byte(start)..byte(pos)]);
-                continue;
+        if let Some(k @ (Kind::Letter | Kind::Number | Kind::Other)) = lead {
+            // ` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+`
+            if c == ' ' {
+                pos += 1;
             }
-            _ => {}
+            while kind_at(pos) == Some(k) {
+                pos += 1;
+            }
+            out.push(&text[byte(start)..byte(pos)]);
+            continue;
         }
         let mut spaces = 0;
         while kind_at(pos + spaces) == Some(Kind::Space) {

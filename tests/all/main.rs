@@ -32,6 +32,7 @@ mod jobs;
 mod kernels_registered;
 mod llm_tokenizer;
 mod net_clients;
+mod nn_chat;
 mod run_e2e;
 mod sign_once;
 mod smollm2;
