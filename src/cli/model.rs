@@ -48,6 +48,10 @@ pub enum ModelCommand {
         /// permanent storage network Arweave" in SmolLM2's vocabulary.
         #[arg(long = "tokens")]
         prompts: Vec<String>,
+        /// A prompt as text, tokenized with the GGUF's own tokenizer (special tokens such as
+        /// `<|im_start|>` parsed); repeat for several, after any --tokens prompts.
+        #[arg(long = "prompt")]
+        texts: Vec<String>,
         /// Tokens to generate per prompt.
         #[arg(long, default_value_t = 32)]
         max_new_tokens: u32,
@@ -171,9 +175,9 @@ pub fn run_cli(command: ModelCommand) -> anyhow::Result<()> {
                 None => print_json(&serde_json::to_value(&manifest)?, true),
             }
         }
-        ModelCommand::Demo { file, prompts, max_new_tokens, backend, determinism, data_dir } => {
-            let prompts = if prompts.is_empty() { vec![crate::demo::smollm2::DEMO_PROMPT.to_owned()] } else { prompts };
-            let prompts = prompts
+        ModelCommand::Demo { file, prompts, texts, max_new_tokens, backend, determinism, data_dir } => {
+            let prompts = if prompts.is_empty() && texts.is_empty() { vec![crate::demo::smollm2::DEMO_PROMPT.to_owned()] } else { prompts };
+            let mut prompts = prompts
                 .iter()
                 .map(|p| {
                     p.split(',')
@@ -181,6 +185,14 @@ pub fn run_cli(command: ModelCommand) -> anyhow::Result<()> {
                         .collect()
                 })
                 .collect::<anyhow::Result<Vec<Vec<u32>>>>()?;
+            if !texts.is_empty() {
+                let tokenizer = crate::llm::Tokenizer::from_gguf(&Gguf::open(&file)?)?;
+                for text in &texts {
+                    let ids = tokenizer.encode(text, true);
+                    anyhow::ensure!(!ids.is_empty(), "--prompt {text:?} has no tokens");
+                    prompts.push(ids);
+                }
+            }
             let kind = crate::gpu::BackendKind::parse(&backend).with_context(|| format!("--backend {backend:?}: cpu, wgpu or cuda"))?;
             let determinism = crate::gpu::Determinism::parse(&determinism)
                 .with_context(|| format!("--determinism {determinism:?}: reproducible or fast"))?;

@@ -140,3 +140,34 @@ fn chat_actor_errors_follow_the_abi() {
         other => panic!("expected out of fuel, got {other:?}"),
     }
 }
+
+/// `ao-gpu-worker model run FILE --prompt TEXT --json`: the same engine from the command line.
+#[test]
+fn model_run_prints_llama_cpps_greedy_tokens_and_text() {
+    let Some(path) = crate::smollm2::model_path("model_run_prints_llama_cpps_greedy_tokens_and_text") else { return };
+    let refs: Value = serde_json::from_str(REFERENCE).unwrap();
+    let r = &refs[2];
+    let n = tokens_per_prompt().min(AGREE[2]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ao-gpu-worker"))
+        .env("AO_WORKER_LOG", "warn")
+        .args(["model", "run"])
+        .arg(&path)
+        .args(["--prompt", r["prompt"].as_str().unwrap(), "--max-new-tokens", &n.to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids(&v["prompt_tokens"]), ids(&r["prompt_tokens"]));
+    let greedy = ids(&r["greedy_tokens"]);
+    assert_eq!(ids(&v["tokens"]), greedy[..n]);
+    assert!(r["text"].as_str().unwrap().starts_with(v["text"].as_str().unwrap()) && !v["text"].as_str().unwrap().is_empty(), "{v}");
+    assert!(v["prompt_tokens_per_second"].as_f64().unwrap() > 0.0 && v["decode_tokens_per_second"].as_f64().unwrap() > 0.0, "{v}");
+    // A bad backend name is refused with a message, not a panic.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_ao-gpu-worker"))
+        .args(["model", "run"])
+        .arg(&path)
+        .args(["--prompt", "x", "--backend", "tpu"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--backend"), "{bad:?}");
+}
