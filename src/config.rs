@@ -313,13 +313,18 @@ impl Config {
             let entry = value.as_table().and_then(|t| {
                 let path = t.get("path")?.as_str()?;
                 let sha256 = t.get("sha256")?.as_str()?;
-                Some((path.to_owned(), sha256.to_ascii_lowercase()))
+                let processes = match t.get("processes") {
+                    None => None,
+                    Some(list) => Some(list.as_array()?.iter().map(|p| p.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>()?),
+                };
+                let known = t.keys().all(|k| matches!(k.as_str(), "path" | "sha256" | "processes"));
+                known.then(|| (path.to_owned(), sha256.to_ascii_lowercase(), processes))
             });
             match entry {
-                Some((path, sha256)) if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) && !path.is_empty() => {
-                    models.models.insert(name, crate::runtime::ModelEntry { path: data_dir.join(path), sha256 });
+                Some((path, sha256, processes)) if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) && !path.is_empty() => {
+                    models.models.insert(name, crate::runtime::ModelEntry { path: data_dir.join(path), sha256, processes });
                 }
-                _ => v.issue(&at, "must be a table { path = \"FILE.gguf\", sha256 = \"<64 hex digits>\" }"),
+                _ => v.issue(&at, "must be a table { path = \"FILE.gguf\", sha256 = \"<64 hex digits>\", processes = [\"<process id>\", ...] (optional) }"),
             }
         }
 
@@ -686,7 +691,9 @@ mod tests {
         let sha = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
         let c = parse(&format!("[worker]\ndata_dir = \"/d\"\n[models]\nsmollm2 = {{ path = \"m.gguf\", sha256 = \"{sha}\" }}\n")).unwrap();
         let e = &c.models.models["smollm2"];
-        assert_eq!((e.path.as_path(), e.sha256.as_str()), (std::path::Path::new("/d/m.gguf"), sha));
+        assert_eq!((e.path.as_path(), e.sha256.as_str(), e.processes.as_ref()), (std::path::Path::new("/d/m.gguf"), sha, None));
+        let c = parse(&format!("[models]\nm = {{ path = \"m.gguf\", sha256 = \"{sha}\", processes = [\"p1\"] }}\n")).unwrap();
+        assert_eq!(c.models.models["m"].processes, Some(vec!["p1".to_owned()]));
         let err = parse("[models]\nbad = { path = \"m.gguf\", sha256 = \"xyz\" }\n").unwrap_err();
         assert!(err.to_string().contains("models.bad"), "{err}");
     }

@@ -572,7 +572,7 @@ impl Runtime {
                 limiter: StoreLimiter::new(limits.memory_bytes),
                 wasi: wasi::WasiCtx::new(input.timestamp_ms, input.message_id),
                 gpu: gpu::GpuCtx::for_evaluation(env, self.cfg.deadline),
-                nn: nn::NnCtx::for_evaluation(self.nn.clone(), env.backend.clone(), device, self.cfg.deadline),
+                nn: nn::NnCtx::for_evaluation(self.nn.clone(), env.backend.clone(), device, self.cfg.deadline, input.env_json),
             },
         );
         store.limiter(|s| &mut s.limiter);

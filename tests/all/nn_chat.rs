@@ -52,7 +52,7 @@ impl Actor {
         };
         let backend = Backend::new(BackendKind::Cpu, Determinism::Reproducible).unwrap();
         let gpu = GpuConfig { backend: Some(Arc::new(std::sync::Mutex::new(backend))), ..GpuConfig::default() };
-        let entry = ModelEntry { path: model.to_owned(), sha256: MODEL_SHA256.to_owned() };
+        let entry = ModelEntry { path: model.to_owned(), sha256: MODEL_SHA256.to_owned(), processes: None };
         let registry = ModelRegistry { models: HashMap::from([("smollm2".to_owned(), entry)]) };
         let rt = Runtime::with_gpu(cfg, gpu).unwrap().with_models(registry);
         let module = rt.load(ACTOR_WASM, &ao::module_tags("chat", "16-mb", "1000000000000")).unwrap();

@@ -125,10 +125,10 @@ fn by_name(call: &mut Call<'_>, name: i32, name_len: i32, config: Option<(i32, i
             Errno::InvalidArgument
         })?;
     }
-    let model = call.ctx.env.by_name(&name, call.ctx.device, &call.ctx.backend).map_err(|e| {
+    let model = call.ctx.env.by_name(&name, call.ctx.process.as_deref(), call.ctx.device, &call.ctx.backend).map_err(|e| {
         tracing::info!(error = %e, "wasi-nn load_by_name refused");
         match e {
-            super::models::ModelError::NotFound(_) => Errno::ModelNotFound,
+            super::models::ModelError::NotFound(_) | super::models::ModelError::NotAllowed { .. } => Errno::ModelNotFound,
             _ => Errno::RuntimeError,
         }
     })?;

@@ -1,7 +1,8 @@
 //! The `wasi_ephemeral_nn` host module with GGML (llama.cpp) semantics, as WasmEdge's and WAMR's
 //! GGML backends expose it (docs/wasi-nn.md has the facts and their sources;
 //! include/wasi_ephemeral_nn.h the C declarations): text in, text out, on the worker's own engine
-//! (`crate::llm`) over the evaluation's tensor device.
+//! (`crate::llm`) over the evaluation's tensor device. A model registered with an allow-list of
+//! processes is `model_not_found` (103) to any other process (the worker logs why).
 //!
 //! A thin binding, like `ao_gpu`: decode the guest's arguments, delegate to `crate::llm`, map the
 //! outcome to an errno. Rooms: [`models`] (the named-model registry and the per-device cache of
@@ -109,6 +110,8 @@ pub struct NnCtx {
     pub(super) env: Arc<NnEnv>,
     pub(super) backend: SharedDevice,
     pub(super) device: usize,
+    /// The evaluated process's id (the environment's `Process.Id`), for the models' allow-lists.
+    pub(super) process: Option<String>,
     pub(super) graphs: BTreeMap<u32, Graph>,
     pub(super) contexts: BTreeMap<u32, Context>,
     pub(super) next: u32,
@@ -127,11 +130,19 @@ impl std::fmt::Debug for NnCtx {
 }
 
 impl NnCtx {
-    pub(crate) fn for_evaluation(env: Arc<NnEnv>, backend: SharedDevice, device: usize, deadline: Duration) -> Self {
+    pub(crate) fn for_evaluation(env: Arc<NnEnv>, backend: SharedDevice, device: usize, deadline: Duration, env_json: &str) -> Self {
+        // Only when a registered model has an allow-list does the process id matter.
+        let restricted = env.registry.models.values().any(|m| m.processes.is_some());
+        let process = if restricted {
+            serde_json::from_str::<serde_json::Value>(env_json).ok().and_then(|v| v["Process"]["Id"].as_str().map(str::to_owned))
+        } else {
+            None
+        };
         Self {
             env,
             backend,
             device,
+            process,
             graphs: BTreeMap::new(),
             contexts: BTreeMap::new(),
             next: 1,

@@ -15,6 +15,8 @@ pub struct ModelEntry {
     pub path: PathBuf,
     /// Hex sha256 of the file; a file that does not match is refused.
     pub sha256: String,
+    /// The processes that may load it (`None`: every process).
+    pub processes: Option<Vec<String>>,
 }
 
 /// Models by name (config `[models]`).
@@ -28,6 +30,8 @@ pub struct ModelRegistry {
 pub enum ModelError {
     #[error("no model named {0:?} is registered with this worker (config [models])")]
     NotFound(String),
+    #[error("process {process:?} may not use model {name:?} (config [models] {name}.processes)")]
+    NotAllowed { name: String, process: String },
     #[error("model {name:?}: cannot read {path}: {message}")]
     Read { name: String, path: String, message: String },
     #[error("model {name:?}: {path} has sha256 {got}, the registry expects {want}")]
@@ -51,8 +55,19 @@ impl NnEnv {
 
     /// The model registered as `name`, loaded on `device` (read, checked and uploaded the first
     /// time; the same `Arc` afterwards).
-    pub fn by_name(&self, name: &str, device: usize, backend: &SharedDevice) -> Result<Arc<LoadedModel>, ModelError> {
+    pub fn by_name(
+        &self,
+        name: &str,
+        process: Option<&str>,
+        device: usize,
+        backend: &SharedDevice,
+    ) -> Result<Arc<LoadedModel>, ModelError> {
         let entry = self.registry.models.get(name).ok_or_else(|| ModelError::NotFound(name.to_owned()))?;
+        if let Some(allowed) = &entry.processes
+            && !process.is_some_and(|p| allowed.iter().any(|a| a == p))
+        {
+            return Err(ModelError::NotAllowed { name: name.to_owned(), process: process.unwrap_or("(unknown)").to_owned() });
+        }
         let key = (device, entry.sha256.clone());
         // One load at a time: two evaluations asking for the same model load it once.
         let mut loaded = crate::sync::lock(&self.loaded);

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::protocol::ao;
-use crate::runtime::{EvalError, EvalInput, Limits, Runtime, RuntimeConfig};
+use crate::runtime::{EvalError, EvalInput, Limits, ModelEntry, ModelRegistry, Runtime, RuntimeConfig};
 
 const ERRNOS: usize = 2048;
 
@@ -39,14 +39,18 @@ fn actor(body: &[&str]) -> Vec<u8> {
 }
 
 fn run(body: &[&str]) -> (Result<Vec<i32>, EvalError>, usize) {
+    run_with(body, ModelRegistry::default(), "{}")
+}
+
+fn run_with(body: &[&str], models: ModelRegistry, env_json: &str) -> (Result<Vec<i32>, EvalError>, usize) {
     let dir = tempfile::tempdir().unwrap();
     let cfg =
         RuntimeConfig { cache_dir: dir.path().join("m"), max_memory: 1 << 24, max_compute: 1 << 30, deadline: Duration::from_secs(10) };
-    let rt = Runtime::new(cfg).unwrap();
+    let rt = Runtime::new(cfg).unwrap().with_models(models);
     let module = rt.load(&actor(body), &ao::module_tags("nn", "1-mb", "100000000")).unwrap();
     let input = EvalInput {
         msg_json: "{}",
-        env_json: "{}",
+        env_json,
         timestamp_ms: 1,
         message_id: "m",
         limits: Limits { memory_bytes: 1 << 24, compute: 1 << 27 },
@@ -83,4 +87,16 @@ fn a_pointer_outside_memory_traps() {
         Err(EvalError::Trap(msg)) => assert!(msg.contains("outside memory"), "{msg}"),
         other => panic!("expected a trap, got {other:?}"),
     }
+}
+
+#[test]
+fn a_model_with_an_allow_list_is_not_found_by_other_processes() {
+    // "nope" registered for process p1 only, at a path that does not exist.
+    let entry = ModelEntry { path: "/nonexistent/model.gguf".into(), sha256: "0".repeat(64), processes: Some(vec!["p1".into()]) };
+    let models = ModelRegistry { models: [("nope".to_owned(), entry)].into() };
+    let call = ["(call $by_name (i32.const 1200) (i32.const 4) (i32.const 3000))"];
+    let (other, _) = run_with(&call, models.clone(), r#"{"Process":{"Id":"p2"}}"#);
+    assert_eq!(other.unwrap(), [103], "another process: model_not_found");
+    let (allowed, _) = run_with(&call, models, r#"{"Process":{"Id":"p1"}}"#);
+    assert_eq!(allowed.unwrap(), [5], "the allowed process gets past the check (then the file is missing: runtime_error)");
 }
