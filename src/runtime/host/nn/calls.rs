@@ -19,13 +19,14 @@ struct CallMeter<'a> {
     charged: &'a mut u64,
     fuel: u64,
     started: Instant,
+    excluded: Duration,
     deadline: Option<Duration>,
     stop: Option<Fail>,
 }
 
 impl Meter for CallMeter<'_> {
     fn admit(&mut self, plan: &Plan) -> Result<(), String> {
-        if self.deadline.is_some_and(|d| self.started.elapsed() > d) {
+        if self.deadline.is_some_and(|d| self.started.elapsed().saturating_sub(self.excluded) > d) {
             self.stop = Some(Fail::Deadline);
             return Err("the evaluation's deadline passed".into());
         }
@@ -46,8 +47,14 @@ fn with_engine<R>(
     f: impl FnOnce(&mut crate::gpu::Backend, &mut dyn Meter, &mut super::NnCtx) -> Result<R, EngineError>,
 ) -> Result<R, Fail> {
     let backend = call.ctx.backend.clone();
-    let mut meter =
-        CallMeter { charged: &mut call.charged, fuel: call.fuel, started: call.ctx.started, deadline: call.ctx.deadline, stop: None };
+    let mut meter = CallMeter {
+        charged: &mut call.charged,
+        fuel: call.fuel,
+        started: call.ctx.started,
+        excluded: call.ctx.excluded,
+        deadline: call.ctx.deadline,
+        stop: None,
+    };
     let result = f(&mut lock(&backend), &mut meter, call.ctx);
     match result {
         Ok(r) => Ok(r),
@@ -125,7 +132,10 @@ fn by_name(call: &mut Call<'_>, name: i32, name_len: i32, config: Option<(i32, i
             Errno::InvalidArgument
         })?;
     }
-    let model = call.ctx.env.by_name(&name, call.ctx.process.as_deref(), call.ctx.device, &call.ctx.backend).map_err(|e| {
+    let loading = Instant::now();
+    let model = call.ctx.env.by_name(&name, call.ctx.process.as_deref(), call.ctx.device, &call.ctx.backend);
+    call.ctx.excluded += loading.elapsed();
+    let model = model.map_err(|e| {
         tracing::info!(error = %e, "wasi-nn load_by_name refused");
         match e {
             super::models::ModelError::NotFound(_) | super::models::ModelError::NotAllowed { .. } => Errno::ModelNotFound,

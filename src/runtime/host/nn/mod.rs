@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasmtime::{Caller, Extern, Linker, Trap};
+use wasmtime::{AsContextMut, Caller, Extern, Linker, Trap};
 
 use self::models::NnEnv;
 use crate::gpu::pool::{SharedDevice, lock};
@@ -120,6 +120,9 @@ pub struct NnCtx {
     pub(super) orphans: Vec<Arc<LoadedModel>>,
     pub(super) started: Instant,
     pub(super) deadline: Option<Duration>,
+    /// Time spent reading and uploading models by name: the worker's, not the actor's, so it
+    /// does not count against the deadline.
+    pub(super) excluded: Duration,
     memory: Option<wasmtime::Memory>,
 }
 
@@ -149,6 +152,7 @@ impl NnCtx {
             orphans: Vec::new(),
             started: Instant::now(),
             deadline: Some(deadline),
+            excluded: Duration::ZERO,
             memory: None,
         }
     }
@@ -173,6 +177,12 @@ impl NnCtx {
                 model.llama.free(&mut be);
             }
         }
+    }
+
+    /// The epoch ticks left before the deadline, for the store after a call that waited.
+    fn ticks_left(&self) -> Option<u64> {
+        let left = self.deadline?.saturating_sub(self.started.elapsed().saturating_sub(self.excluded));
+        Some(left.as_nanos().div_ceil(crate::runtime::EPOCH_TICK.as_nanos()) as u64 + 1)
     }
 
     pub(super) fn handle(&mut self) -> Result<u32, Fail> {
@@ -293,9 +303,17 @@ fn host<T: 'static>(
         }
     };
     let (mem, data) = memory.data_and_store_mut(&mut *caller);
+    let excluded_before = get(data).excluded;
     let mut call = Call { name, mem, ctx: get(data), fuel, charged: 0 };
     let result = call.charge(GAS_PER_CALL).and_then(|()| f(&mut call));
     let charged = call.charged;
+    let ctx = get(caller.data_mut());
+    if ctx.excluded != excluded_before
+        && let Some(ticks) = ctx.ticks_left()
+    {
+        // A model was loaded: move the store's epoch deadline by the time that took.
+        caller.as_context_mut().set_epoch_deadline(ticks);
+    }
     caller.set_fuel(if matches!(result, Err(Fail::OutOfFuel)) { 0 } else { fuel - charged })?;
     match result {
         Ok(()) => Ok(Errno::Success as i32),
