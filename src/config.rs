@@ -41,6 +41,8 @@ pub struct Config {
     pub gpu: GpuSection,
     pub aos: AosSection,
     pub overload: OverloadSection,
+    /// `[models]`: models `wasi_ephemeral_nn`'s `load_by_name` serves, by name.
+    pub models: crate::runtime::ModelRegistry,
     pub testing: TestingSection,
 }
 
@@ -331,6 +333,28 @@ impl Config {
         let heap_spectre_mitigation = v.boolean(&mut s, "aos", "heap_spectre_mitigation", true);
         v.unknown(s, "aos");
 
+        // [models] NAME = { path = "...", sha256 = "..." }: relative paths under data_dir.
+        let mut models = crate::runtime::ModelRegistry::default();
+        for (name, value) in v.section(&mut root, "models") {
+            let at = format!("models.{name}");
+            let entry = value.as_table().and_then(|t| {
+                let path = t.get("path")?.as_str()?;
+                let sha256 = t.get("sha256")?.as_str()?;
+                let processes = match t.get("processes") {
+                    None => None,
+                    Some(list) => Some(list.as_array()?.iter().map(|p| p.as_str().map(str::to_owned)).collect::<Option<Vec<_>>>()?),
+                };
+                let known = t.keys().all(|k| matches!(k.as_str(), "path" | "sha256" | "processes"));
+                known.then(|| (path.to_owned(), sha256.to_ascii_lowercase(), processes))
+            });
+            match entry {
+                Some((path, sha256, processes)) if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) && !path.is_empty() => {
+                    models.models.insert(name, crate::runtime::ModelEntry { path: data_dir.join(path), sha256, processes });
+                }
+                _ => v.issue(&at, "must be a table { path = \"FILE.gguf\", sha256 = \"<64 hex digits>\", processes = [\"<process id>\", ...] (optional) }"),
+            }
+        }
+
         let mut s = v.section(&mut root, "attestation");
         let target = v.string(&mut s, "attestation", "target", "", None);
         v.unknown(s, "attestation");
@@ -425,7 +449,7 @@ impl Config {
         for (name, _) in root {
             v.issue(
                 &name,
-                "unknown section (known: worker, network, registry, jobs, limits, aos, attestation, api, log, gpu, overload, testing)",
+                "unknown section (known: worker, network, registry, jobs, limits, aos, attestation, api, log, gpu, overload, models, testing)",
             );
         }
         if !v.issues.is_empty() {
@@ -452,6 +476,7 @@ impl Config {
             gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory, startup_bench },
             aos: AosSection { checkpoint_every, live_processes, rebase_every, heap_spectre_mitigation },
             overload,
+            models,
             testing: TestingSection { fault },
         })
     }
@@ -727,6 +752,18 @@ mod tests {
         assert_eq!((from_file.aos.live_processes, from_file.aos.rebase_every), (aos.live_processes, aos.rebase_every));
         assert_eq!(from_file.aos.heap_spectre_mitigation, aos.heap_spectre_mitigation);
         assert_eq!(from_file.aos.checkpoint_every, 32);
+    }
+
+    #[test]
+    fn models_section() {
+        let sha = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+        let c = parse(&format!("[worker]\ndata_dir = \"/d\"\n[models]\nsmollm2 = {{ path = \"m.gguf\", sha256 = \"{sha}\" }}\n")).unwrap();
+        let e = &c.models.models["smollm2"];
+        assert_eq!((e.path.as_path(), e.sha256.as_str(), e.processes.as_ref()), (std::path::Path::new("/d/m.gguf"), sha, None));
+        let c = parse(&format!("[models]\nm = {{ path = \"m.gguf\", sha256 = \"{sha}\", processes = [\"p1\"] }}\n")).unwrap();
+        assert_eq!(c.models.models["m"].processes, Some(vec!["p1".to_owned()]));
+        let err = parse("[models]\nbad = { path = \"m.gguf\", sha256 = \"xyz\" }\n").unwrap_err();
+        assert!(err.to_string().contains("models.bad"), "{err}");
     }
 
     #[test]

@@ -203,6 +203,7 @@ fn start_runtime(config: &Config, pool: Arc<DevicePool>, gateway: &GatewayClient
         })
     })
     .and_then(|rt| rt.with_fault(config.testing.fault.clone()))
+    .map(|rt| rt.with_models(config.models.clone()))
     .context("cannot start the wasm runtime")
 }
 

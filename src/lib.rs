@@ -33,6 +33,7 @@ pub mod gpu;
 pub mod httpd;
 pub mod jobs;
 pub mod journal;
+pub mod llm;
 pub mod logging;
 pub mod metrics;
 pub mod model;

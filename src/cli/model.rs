@@ -49,6 +49,10 @@ pub enum ModelCommand {
         /// permanent storage network Arweave" in SmolLM2's vocabulary.
         #[arg(long = "tokens")]
         prompts: Vec<String>,
+        /// A prompt as text, tokenized with the GGUF's own tokenizer (special tokens such as
+        /// `<|im_start|>` parsed); repeat for several, after any --tokens prompts.
+        #[arg(long = "prompt")]
+        texts: Vec<String>,
         /// Tokens to generate per prompt.
         #[arg(long, default_value_t = 32)]
         max_new_tokens: u32,
@@ -61,6 +65,43 @@ pub enum ModelCommand {
         /// Devnet and worker data (default: a temporary directory, removed at the end).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+    /// Generate text from a prompt with the worker's own engine (the one actors reach through
+    /// `wasi_ephemeral_nn`): prints one JSON object with prompt_tokens, tokens, text and the
+    /// prompt and decode speeds. Greedy unless --temp is above 0.
+    Run {
+        /// The .gguf file (llama architecture, byte-level BPE tokenizer).
+        file: PathBuf,
+        /// The prompt text; special tokens such as `<|im_start|>` are parsed as such.
+        #[arg(long)]
+        prompt: String,
+        /// Apply the GGUF's chat template to the prompt as one user message.
+        #[arg(long)]
+        chat: bool,
+        /// Most tokens to generate (stops earlier at an end-of-generation token).
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Positions the context holds (prompt plus generated tokens).
+        #[arg(long, default_value_t = 512)]
+        ctx_size: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temp: f32,
+        /// Nucleus sampling threshold.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed of the sampler (deterministic for a given seed).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Tensor backend: cpu, wgpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// The backend's determinism mode: reproducible or fast.
+        #[arg(long, default_value = "reproducible")]
+        determinism: String,
+        /// Print the JSON object (the only output format; accepted for scripts).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -140,9 +181,9 @@ pub fn run_cli(command: ModelCommand) -> anyhow::Result<()> {
                 None => print_json(&serde_json::to_value(&manifest)?, true),
             }
         }
-        ModelCommand::Demo { file, prompts, max_new_tokens, backend, determinism, data_dir } => {
-            let prompts = if prompts.is_empty() { vec![crate::demo::smollm2::DEMO_PROMPT.to_owned()] } else { prompts };
-            let prompts = prompts
+        ModelCommand::Demo { file, prompts, texts, max_new_tokens, backend, determinism, data_dir } => {
+            let prompts = if prompts.is_empty() && texts.is_empty() { vec![crate::demo::smollm2::DEMO_PROMPT.to_owned()] } else { prompts };
+            let mut prompts = prompts
                 .iter()
                 .map(|p| {
                     p.split(',')
@@ -150,6 +191,14 @@ pub fn run_cli(command: ModelCommand) -> anyhow::Result<()> {
                         .collect()
                 })
                 .collect::<anyhow::Result<Vec<Vec<u32>>>>()?;
+            if !texts.is_empty() {
+                let tokenizer = crate::llm::Tokenizer::from_gguf(&Gguf::open(&file)?)?;
+                for text in &texts {
+                    let ids = tokenizer.encode(text, true);
+                    anyhow::ensure!(!ids.is_empty(), "--prompt {text:?} has no tokens");
+                    prompts.push(ids);
+                }
+            }
             let kind = crate::gpu::BackendKind::parse(&backend).with_context(|| format!("--backend {backend:?}: cpu, wgpu or cuda"))?;
             let determinism = crate::gpu::Determinism::parse(&determinism)
                 .with_context(|| format!("--determinism {determinism:?}: reproducible or fast"))?;
@@ -164,6 +213,48 @@ pub fn run_cli(command: ModelCommand) -> anyhow::Result<()> {
             };
             let report = |v: &serde_json::Value| print_json(v, false);
             rt.block_on(crate::demo::smollm2::run(&file, &prompts, max_new_tokens, kind, determinism, &dir, &report))
+        }
+        ModelCommand::Run { file, prompt, chat, max_new_tokens, ctx_size, temp, top_p, seed, backend, determinism, json: _ } => {
+            use crate::llm::engine::{Count, Sampling};
+            use crate::llm::generate::{LoadedModel, Options, generate};
+            let kind = crate::gpu::BackendKind::parse(&backend).with_context(|| format!("--backend {backend:?}: cpu, wgpu or cuda"))?;
+            let determinism = crate::gpu::Determinism::parse(&determinism)
+                .with_context(|| format!("--determinism {determinism:?}: reproducible or fast"))?;
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let mut be = crate::gpu::Backend::new(kind, determinism)?;
+            let model = LoadedModel::load(&mut be, &bytes)?;
+            drop(bytes);
+            let prompt = if chat {
+                let template = model.chat.as_ref().context("the GGUF has no chat template this worker renders: drop --chat")?;
+                template.render(&[crate::llm::chat::Message { role: "user".into(), content: prompt }], true)
+            } else {
+                prompt
+            };
+            let options = Options {
+                n_predict: max_new_tokens,
+                ctx_size,
+                sampling: Sampling { temperature: temp, top_p, seed, ..Sampling::default() },
+            };
+            let mut meter = Count::default();
+            let out = generate(&model, &mut be, &prompt, &options, &mut meter)?;
+            let per_second = |n: usize, t: std::time::Duration| if t.is_zero() { 0.0 } else { n as f64 / t.as_secs_f64() };
+            print_json(
+                &serde_json::json!({
+                    "model": model.name,
+                    "sha256": model.sha256,
+                    "backend": be.describe(),
+                    "determinism": determinism.as_str(),
+                    "prompt_tokens": out.prompt_tokens,
+                    "tokens": out.tokens,
+                    "text": out.text,
+                    "ended": out.ended,
+                    "prompt_tokens_per_second": per_second(out.prompt_tokens.len(), out.prompt_time),
+                    "decode_tokens_per_second": per_second(out.tokens.len(), out.decode_time),
+                    "flops": meter.flops,
+                    "bytes": meter.bytes,
+                }),
+                false,
+            )
         }
     }
 }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use wasmtime::{AsContext, ExternType, FuncType, Memory, Module, Store, Trap, TypedFunc};
 
 use super::host::wasi::{self, ProcExit};
-use super::host::{HostState, gpu};
+use super::host::{HostState, gpu, nn};
 use super::{ActorModule, EvalError, EvalInput, Limits, RuntimeError};
 
 /// Error and `ok:false` texts from the guest are cut to this many bytes.
@@ -65,6 +65,7 @@ pub(super) fn check_imports(module: &Module) -> Result<(), RuntimeError> {
         let table = match import.module() {
             wasi::MODULE => wasi::FUNCTIONS,
             gpu::MODULE => gpu::FUNCTIONS,
+            nn::MODULE => nn::FUNCTIONS,
             _ => &[],
         };
         let linked = table.iter().find(|(n, _)| *n == import.name());

@@ -61,6 +61,7 @@ pub use host::gpu::{
     DEFAULT_MAX_DEVICE_MEMORY, FLOPS_PER_GAS, FUNCTIONS as GPU_FUNCTIONS, GAS_PER_CALL, GAS_PER_COMMAND, GpuConfig, GpuStatus, MAX_HANDLES,
     gas as gpu_gas, op as gpu_op,
 };
+pub use host::nn::models::{ModelEntry, ModelError, ModelRegistry};
 pub use host::wasi::LOG_CAP;
 pub use limits::{COMPUTE_LIMIT_TAG, Limits, MEMORY_LIMIT_TAG, parse_compute_limit, parse_memory_limit};
 pub use live::{AosSettings, Restore, StateRef, chained_state};
@@ -71,7 +72,7 @@ use crate::gpu::{Backend, BackendKind, Determinism};
 use crate::protocol::Tag;
 use cache::DiskCache;
 use host::HostState;
-use host::{gpu, wasi};
+use host::{gpu, nn, wasi};
 use limits::StoreLimiter;
 
 /// The only module format the runtime runs.
@@ -332,6 +333,8 @@ pub struct Runtime {
     deadline_ticks: u64,
     /// A test's injected fault (`fault`); always `None` in a release build.
     fault: Mutex<Option<fault::Fault>>,
+    /// `wasi_ephemeral_nn`: the named models and those loaded on each device.
+    nn: Arc<nn::models::NnEnv>,
     /// Dropping it stops the epoch ticker.
     _ticker: mpsc::Sender<()>,
 }
@@ -453,8 +456,16 @@ impl Runtime {
             aos_settings: AosSettings::default(),
             deadline_ticks,
             fault: Mutex::new(None),
+            nn: Arc::new(nn::models::NnEnv::default()),
             _ticker: ticker,
         })
+    }
+
+    /// The models `wasi_ephemeral_nn`'s `load_by_name` serves (config `[models]`); none until
+    /// set. Set it before the first evaluation.
+    pub fn with_models(mut self, registry: ModelRegistry) -> Self {
+        self.nn = Arc::new(nn::models::NnEnv::new(registry));
+        self
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -624,6 +635,7 @@ impl Runtime {
                 limiter: StoreLimiter::new(limits.memory_bytes),
                 wasi: wasi::WasiCtx::new(input.timestamp_ms, input.message_id),
                 gpu: gpu::GpuCtx::for_evaluation(env, self.cfg.deadline, self.fault_for(input.message_id)),
+                nn: nn::NnCtx::for_evaluation(self.nn.clone(), env.backend.clone(), device, self.cfg.deadline, input.env_json),
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -644,6 +656,7 @@ impl Runtime {
         };
         // Tensors die with the evaluation, whatever its outcome.
         store.data_mut().gpu.release();
+        store.data_mut().nn.release();
         let log = store.data_mut().wasi.take_log();
         let trace = store.data_mut().gpu.take_trace();
         drop(store);

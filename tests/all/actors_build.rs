@@ -1,4 +1,4 @@
-//! The C example actors (examples/actors/{counter,ledger,mlp,smollm2}.c, built by scripts/build-actors): the
+//! The C example actors (examples/actors/{counter,ledger,mlp,smollm2,chat}.c, built by scripts/build-actors): the
 //! committed `.wasm` files follow the actor ABI of docs/abi.md (exports with their types, only
 //! the listed WASI and `ao_gpu` imports), checked by parsing the modules here with no toolchain; and, where
 //! `clang-16` is installed, a fresh build gives exactly the committed bytes.
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The actors scripts/build-actors builds, by file stem.
-const ACTORS: &[&str] = &["counter", "ledger", "mlp", "smollm2"];
+const ACTORS: &[&str] = &["counter", "ledger", "mlp", "smollm2", "chat"];
 
 const I32: u8 = 0x7f;
 const KIND_FUNC: u8 = 0;
@@ -33,7 +33,7 @@ fn allowed_imports() -> Vec<(String, String)> {
     let path = root().join("docs").join("abi.md");
     let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut allowed = Vec::new();
-    for module in ["wasi_snapshot_preview1", "ao_gpu"] {
+    for module in ["wasi_snapshot_preview1", "ao_gpu", "wasi_ephemeral_nn"] {
         allowed.extend(table_names(&doc, module).into_iter().map(|name| (module.to_owned(), name)));
     }
     let has = |m: &str, n: &str| allowed.iter().any(|(am, an)| am == m && an == n);

@@ -80,7 +80,7 @@ fn cached_model() -> PathBuf {
 
 /// The model file: `AO_SMOLLM2_GGUF`, else scripts/fetch-model's cache. Skips (or fails, when
 /// required) when it is missing or not the expected file (size and sha256).
-fn model_path(test: &str) -> Option<PathBuf> {
+pub(crate) fn model_path(test: &str) -> Option<PathBuf> {
     let path = std::env::var_os("AO_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(cached_model);
     let problem = match std::fs::metadata(&path) {
         Err(e) => Some(format!("{} is missing ({e})", path.display())),
