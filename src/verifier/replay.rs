@@ -18,6 +18,7 @@ use crate::jobs::{ProcessSetup, check_chain, verify};
 use crate::journal::{Progress, sha256_hex};
 use crate::net::NetError;
 use crate::net::scheduler::Range;
+use crate::progress::{Lines, Progress as Bar, Unit};
 use crate::protocol::su::ItemJson;
 use crate::protocol::{DataItem, b64};
 use crate::runtime::{EvalError, EvalInput, PoolConfig, Restore, Runtime, RuntimeConfig, StateRef};
@@ -95,7 +96,11 @@ impl Replayer {
         let range = Range { to: Some(claims.to), limit: Some(100), by_nonce: true, ..Range::default() };
         let nodes = units.scheduler.all(&process, range).await.map_err(|e| net_missing(&format!("the schedule of {process}"), &e))?;
         let mut state = State::default();
+        // A bar on a terminal, else a plain line every few seconds; always on stderr (the report
+        // may be JSON on stdout).
+        let progress = Bar::new(&format!("verify {process}"), Some(nodes.len() as u64), Unit::Items, Lines::Stderr);
         for node in &nodes {
+            progress.inc(1, &format!("nonce {}", report.executed));
             verify::schedule_entry(node, &process, &self.setup.scheduler).map_err(refused)?;
             let slot = Slot::from_assignment(&node.assignment).map_err(Missing::new)?;
             if slot.nonce > claims.to {
@@ -116,6 +121,7 @@ impl Replayer {
                 return Ok(());
             }
         }
+        progress.finish(&format!("{} re-executed", report.executed));
         let reached = state.prev.as_ref().map(|p| p.nonce);
         if reached != Some(claims.to) {
             return Err(Missing::new(format!(
