@@ -12,8 +12,10 @@ use std::time::Duration;
 
 mod actor_limits;
 mod overload;
+mod retention;
 pub use actor_limits::ActorLimits;
 pub use overload::{OverloadSection, RecoveryConfig};
+pub use retention::RetentionSection;
 
 /// The reference configuration, also the default when no file is given.
 pub const DEFAULT_TOML: &str = include_str!("../config/worker.toml");
@@ -41,6 +43,8 @@ pub struct Config {
     pub gpu: GpuSection,
     pub aos: AosSection,
     pub overload: OverloadSection,
+    /// `[retention]`: what the journal keeps, and how often it is compacted.
+    pub retention: RetentionSection,
     /// `[models]`: models `wasi_ephemeral_nn`'s `load_by_name` serves, by name.
     pub models: crate::runtime::ModelRegistry,
     pub testing: TestingSection,
@@ -433,6 +437,7 @@ impl Config {
         };
 
         let overload = overload::parse(&mut v, &mut root);
+        let retention = retention::parse(&mut v, &mut root);
 
         let mut s = v.section(&mut root, "testing");
         let fault_text = v.string(&mut s, "testing", "fault", "", None);
@@ -449,7 +454,7 @@ impl Config {
         for (name, _) in root {
             v.issue(
                 &name,
-                "unknown section (known: worker, network, registry, jobs, limits, aos, attestation, api, log, gpu, overload, models, testing)",
+                "unknown section (known: worker, network, registry, jobs, limits, aos, attestation, api, log, gpu, overload, retention, models, testing)",
             );
         }
         if !v.issues.is_empty() {
@@ -476,6 +481,7 @@ impl Config {
             gpu: GpuSection { backends, devices, determinism, max_device_memory, max_constant_memory, startup_bench },
             aos: AosSection { checkpoint_every, live_processes, rebase_every, heap_spectre_mitigation },
             overload,
+            retention,
             models,
             testing: TestingSection { fault },
         })

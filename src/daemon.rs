@@ -55,7 +55,10 @@ impl Worker {
         let admission = Arc::new(crate::admission::Admission::new(config.overload.api.clone()));
         admission.metrics.register(metrics.registry.registry());
         let (advertised, advertised_rx) = watch::channel(None);
-        let journal = Journal::open(&data_dir.join("journal.redb")).context("cannot open the journal")?;
+        let journal_path = data_dir.join("journal.redb");
+        let journal = Journal::open(&journal_path).context("cannot open the journal")?;
+        let compaction_metrics = crate::compaction::CompactionMetrics::register(metrics.registry.registry());
+        let compactor = (journal.clone(), journal_path, config.retention.clone(), compaction_metrics);
         let key = Arc::new(key);
         let jobs = jobs::Context::new(JobsConfig {
             journal,
@@ -99,6 +102,8 @@ impl Worker {
         tasks.push(tokio::spawn(heartbeat.run(shutdown.clone())));
         let jobs_for_watchdog = jobs.clone();
         tasks.push(spawn_work_loop(jobs, config.jobs.processes.clone(), shutdown.clone()));
+        let (journal, journal_path, retention, compaction_metrics) = compactor;
+        tasks.push(crate::compaction::spawn(journal, journal_path, retention, compaction_metrics, shutdown.clone()));
         if let Some(period) = sd_notify::watchdog_enabled() {
             tasks.push(tokio::spawn(watchdog(period / 2, jobs_for_watchdog, shutdown.clone())));
         }

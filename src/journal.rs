@@ -21,8 +21,10 @@ use crate::protocol::su::page_bounds;
 
 mod dead_letters;
 mod halts;
+mod retention;
 pub use dead_letters::{DeadLetter, DeadLetterOutcome};
 pub use halts::{Halt, RegistryLink};
+pub use retention::{CompactStats, RetentionPolicy};
 
 /// Process id → JSON [`Served`].
 const SERVED: TableDefinition<&str, &[u8]> = TableDefinition::new("served");

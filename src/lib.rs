@@ -12,7 +12,7 @@
 //!   [`reload`] (SIGHUP);
 //! * [`jobs`] (the work loop), [`devnet`] (embedded AO units), [`model`] (GGUF publishing),
 //!   [`verifier`] (re-execution of attested results);
-//! * the service: [`state`], [`status`], [`api`], [`daemon`]; [`doctor`] (the preflight); then
+//! * the service: [`state`], [`status`], [`api`], [`compaction`] (journal retention), [`daemon`]; [`doctor`] (the preflight); then
 //!   [`demo`] and [`cli`] at the top.
 
 pub mod admission;
@@ -23,6 +23,7 @@ pub mod bench;
 pub mod capacity;
 pub mod cli;
 pub mod clock;
+pub mod compaction;
 pub mod config;
 pub mod daemon;
 pub mod demo;

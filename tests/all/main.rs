@@ -39,6 +39,7 @@ mod nn_chat;
 mod overload;
 mod recovery;
 mod reload;
+mod retention;
 mod run_e2e;
 mod sign_once;
 mod smollm2;
