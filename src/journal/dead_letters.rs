@@ -108,28 +108,22 @@ impl Journal {
         let tx = self.db.begin_write().map_err(st)?;
         let outcome = {
             let mut letters = tx.open_table(DEAD_LETTERS).map_err(st)?;
-            let letter = letters.get(id).map_err(st)?.map(|v| v.value().to_vec());
-            match letter {
-                None => DeadLetterOutcome::NotFound,
-                Some(bytes) => {
-                    let letter: DeadLetter = serde_json::from_slice(&bytes).map_err(corrupt)?;
-                    if letter.dropped_at_ms.is_some() {
-                        DeadLetterOutcome::AlreadyDropped
-                    } else {
-                        letters.remove(id).map_err(st)?;
-                        let mut outgoing = tx.open_table(OUTGOING).map_err(st)?;
-                        let body = outgoing.get(id).map_err(st)?.map(|v| v.value().to_vec());
-                        let Some(body) = body else { return Err(corrupt(format!("dead letter {id} has no body"))) };
-                        let mut item: Outgoing = serde_json::from_slice(&body).map_err(corrupt)?;
-                        item.refused = None;
-                        outgoing.insert(id, serde_json::to_vec(&item).map_err(corrupt)?.as_slice()).map_err(st)?;
-                        let mut meta = tx.open_table(META).map_err(st)?;
-                        let seq = meta.get(NEXT_SEQ).map_err(st)?.map(|v| v.value()).unwrap_or(0);
-                        tx.open_table(PENDING).map_err(st)?.insert(seq, id).map_err(st)?;
-                        tx.open_table(PENDING_KEY).map_err(st)?.insert(id, seq).map_err(st)?;
-                        meta.insert(NEXT_SEQ, seq + 1).map_err(st)?;
-                        DeadLetterOutcome::Done
-                    }
+            match live_letter(&letters, id)? {
+                Err(outcome) => outcome,
+                Ok(_) => {
+                    letters.remove(id).map_err(st)?;
+                    let mut outgoing = tx.open_table(OUTGOING).map_err(st)?;
+                    let body = outgoing.get(id).map_err(st)?.map(|v| v.value().to_vec());
+                    let Some(body) = body else { return Err(corrupt(format!("dead letter {id} has no body"))) };
+                    let mut item: Outgoing = serde_json::from_slice(&body).map_err(corrupt)?;
+                    item.refused = None;
+                    outgoing.insert(id, serde_json::to_vec(&item).map_err(corrupt)?.as_slice()).map_err(st)?;
+                    let mut meta = tx.open_table(META).map_err(st)?;
+                    let seq = meta.get(NEXT_SEQ).map_err(st)?.map(|v| v.value()).unwrap_or(0);
+                    tx.open_table(PENDING).map_err(st)?.insert(seq, id).map_err(st)?;
+                    tx.open_table(PENDING_KEY).map_err(st)?.insert(id, seq).map_err(st)?;
+                    meta.insert(NEXT_SEQ, seq + 1).map_err(st)?;
+                    DeadLetterOutcome::Done
                 }
             }
         };
@@ -142,18 +136,12 @@ impl Journal {
         let tx = self.db.begin_write().map_err(st)?;
         let outcome = {
             let mut letters = tx.open_table(DEAD_LETTERS).map_err(st)?;
-            let letter = letters.get(id).map_err(st)?.map(|v| v.value().to_vec());
-            match letter {
-                None => DeadLetterOutcome::NotFound,
-                Some(bytes) => {
-                    let mut letter: DeadLetter = serde_json::from_slice(&bytes).map_err(corrupt)?;
-                    if letter.dropped_at_ms.is_some() {
-                        DeadLetterOutcome::AlreadyDropped
-                    } else {
-                        letter.dropped_at_ms = Some(crate::clock::now_ms());
-                        letters.insert(id, serde_json::to_vec(&letter).map_err(corrupt)?.as_slice()).map_err(st)?;
-                        DeadLetterOutcome::Done
-                    }
+            match live_letter(&letters, id)? {
+                Err(outcome) => outcome,
+                Ok(mut letter) => {
+                    letter.dropped_at_ms = Some(crate::clock::now_ms());
+                    letters.insert(id, serde_json::to_vec(&letter).map_err(corrupt)?.as_slice()).map_err(st)?;
+                    DeadLetterOutcome::Done
                 }
             }
         };
@@ -172,6 +160,13 @@ impl Journal {
         }
         Ok(out)
     }
+}
+
+/// The dead letter `id` when it is live (not dropped); otherwise the outcome to answer.
+fn live_letter(letters: &redb::Table<&str, &[u8]>, id: &str) -> Result<Result<DeadLetter, DeadLetterOutcome>, JournalError> {
+    let Some(bytes) = letters.get(id).map_err(st)?.map(|v| v.value().to_vec()) else { return Ok(Err(DeadLetterOutcome::NotFound)) };
+    let letter: DeadLetter = serde_json::from_slice(&bytes).map_err(corrupt)?;
+    Ok(if letter.dropped_at_ms.is_some() { Err(DeadLetterOutcome::AlreadyDropped) } else { Ok(letter) })
 }
 
 #[cfg(test)]
